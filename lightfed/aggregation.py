@@ -1,0 +1,65 @@
+"""Aggregators: where client contributions go during a round.
+
+:class:`StreamingSum` keeps running weighted sums (O(model) memory, whatever the cohort size);
+:class:`CollectAll` keeps every update for strategies that need them (robust aggregation). A secure
+aggregation plugin provides its own :class:`Aggregator` that only ever reveals the sums.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightfed.messages import ClientUpdate, RoundAggregate
+
+
+class Aggregator:
+    """Receives ``(update, weight)`` pairs one at a time; produces the round's sums."""
+
+    def add(self, update: ClientUpdate, weight: float) -> None:
+        raise NotImplementedError
+
+    def result(self) -> RoundAggregate | None:
+        """The round's sums, or ``None`` when nothing (or not enough) was received."""
+        raise NotImplementedError
+
+
+class StreamingSum(Aggregator):
+    """Running ``sum_k w_k x_k`` and ``sum_k w_k`` for the delta and each extra."""
+
+    def __init__(self) -> None:
+        self.delta_sum: Tensor | None = None
+        self.extras_sum: dict[str, Tensor] = {}
+        self.weight_sum = 0.0
+        self.num_clients = 0
+
+    def add(self, update: ClientUpdate, weight: float) -> None:
+        if self.delta_sum is None:
+            self.delta_sum = torch.zeros_like(update.delta)
+        self.delta_sum.add_(update.delta, alpha=weight)
+        for name, value in update.extras.items():
+            acc = self.extras_sum.get(name)
+            if acc is None:
+                acc = self.extras_sum[name] = torch.zeros_like(value)
+            acc.add_(value, alpha=weight)
+        self.weight_sum += weight
+        self.num_clients += 1
+
+    def result(self) -> RoundAggregate | None:
+        if self.delta_sum is None:
+            return None
+        return RoundAggregate(self.delta_sum, self.weight_sum, self.num_clients, self.extras_sum)
+
+
+class CollectAll(StreamingSum):
+    """Keeps every update (and the sums), for strategies with ``needs_all_updates``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.updates: list[ClientUpdate] = []
+        self.weights: list[float] = []
+
+    def add(self, update: ClientUpdate, weight: float) -> None:
+        super().add(update, weight)
+        self.updates.append(update)
+        self.weights.append(weight)

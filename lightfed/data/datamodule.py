@@ -1,0 +1,155 @@
+"""The federated datamodule: per-client train/val data and a central test set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightfed.data.client_data import ClientData, Partition
+from lightfed.data.partition import Partitioner
+from lightfed.seeding import make_generator
+
+
+@dataclass
+class FederatedArrays:
+    """What a dataset loader returns: pooled training tensors, test tensors, labels and optional groups.
+
+    ``labels`` drives label-based partitioners; ``groups`` (one integer key per training example: writer,
+    speaker, hospital) drives natural partitions.
+    """
+
+    train: tuple[Tensor, ...]
+    test: tuple[Tensor, ...]
+    labels: Tensor
+    groups: Tensor | None = None
+    num_classes: int | None = None
+
+
+class FederatedDataModule(L.LightningDataModule):
+    """A LightningDataModule that also yields per-client data.
+
+    Subclasses implement :meth:`load`. After :meth:`setup`, :meth:`client_train` / :meth:`client_val`
+    give a client's splits and :meth:`test_data` the central held-out set; the ordinary
+    ``train_dataloader`` / ``val_dataloader`` / ``test_dataloader`` serve pooled, centralised training
+    (the baseline of a federated study, or the pre-training step of pretrain-then-federate).
+
+    Args:
+        partitioner: How the pooled training set is split into clients.
+        val_fraction: Fraction of each client's examples held out as its own validation split (for
+            federated evaluation); a client keeps at least one training example.
+        batch_size: Batch size of the centralised dataloaders.
+        seed: Seed of the partition and the validation splits.
+    """
+
+    def __init__(
+        self, partitioner: Partitioner, val_fraction: float = 0.2, batch_size: int = 64, seed: int = 0
+    ) -> None:
+        super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}.")
+        self.partitioner = partitioner
+        self.val_fraction = val_fraction
+        self.batch_size = batch_size
+        self.seed = seed
+        self.arrays: FederatedArrays | None = None
+        self.partition: Partition | None = None
+        self.train_part: Partition | None = None
+        self.val_part: Partition | None = None
+
+    def load(self) -> FederatedArrays:
+        """Load the pooled data (subclasses)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.arrays is not None:
+            return
+        arrays = self.load()
+        partition = self.partitioner.partition(arrays.labels, self.seed, arrays.groups)
+        sizes = partition.sizes()
+        if partition.num_clients == 0 or bool((sizes == 0).any()):
+            empty = torch.nonzero(sizes == 0).flatten().tolist()[:10]
+            raise ValueError(
+                f"the partition leaves clients {empty} empty; lower the number of clients or raise the "
+                f"partitioner's min_size / alpha."
+            )
+        self.arrays = arrays
+        self.partition = partition
+        self.train_part, self.val_part = self._split_val(partition)
+
+    def _split_val(self, partition: Partition) -> tuple[Partition, Partition]:
+        train, val = [], []
+        gen = make_generator(self.seed, "val_split")
+        for i in range(partition.num_clients):
+            idx = partition.client(i)
+            n_val = min(int(self.val_fraction * len(idx)), len(idx) - 1)
+            perm = idx[torch.randperm(len(idx), generator=gen)]
+            val.append(perm[:n_val].sort().values)
+            train.append(perm[n_val:].sort().values)
+        return Partition.from_lists(train), Partition.from_lists(val)
+
+    # ------------------------------------------------------------------ federated access
+    def _require_setup(self) -> FederatedArrays:
+        if self.arrays is None:
+            self.setup()
+        assert self.arrays is not None
+        return self.arrays
+
+    @property
+    def num_clients(self) -> int:
+        self._require_setup()
+        assert self.partition is not None
+        return self.partition.num_clients
+
+    def client_train(self, client_id: int) -> ClientData:
+        arrays = self._require_setup()
+        assert self.train_part is not None
+        return ClientData(arrays.train, self.train_part.client(client_id))
+
+    def client_val(self, client_id: int) -> ClientData:
+        arrays = self._require_setup()
+        assert self.val_part is not None
+        return ClientData(arrays.train, self.val_part.client(client_id))
+
+    def client_num_examples(self) -> Tensor:
+        """Training examples per client."""
+        self._require_setup()
+        assert self.train_part is not None
+        return self.train_part.sizes()
+
+    def test_data(self) -> ClientData:
+        arrays = self._require_setup()
+        n = len(arrays.test[0])
+        return ClientData(arrays.test, torch.arange(n, device=arrays.test[0].device))
+
+    def to(self, device: torch.device | str) -> FederatedDataModule:
+        """Move the pooled tensors (and index vectors) to ``device`` once."""
+        arrays = self._require_setup()
+        assert self.train_part is not None and self.val_part is not None
+        arrays.train = tuple(t.to(device) for t in arrays.train)
+        arrays.test = tuple(t.to(device) for t in arrays.test)
+        self.train_part = Partition(self.train_part.indices.to(device), self.train_part.offsets)
+        self.val_part = Partition(self.val_part.indices.to(device), self.val_part.offsets)
+        return self
+
+    # ------------------------------------------------------------------ centralised training
+    def train_dataloader(self) -> DataLoader:
+        arrays = self._require_setup()
+        assert self.train_part is not None
+        idx = self.train_part.indices.cpu()
+        ds = TensorDataset(*(t.cpu()[idx] for t in arrays.train))
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=True,
+                          generator=make_generator(self.seed, "central_loader"))
+
+    def val_dataloader(self) -> DataLoader:
+        arrays = self._require_setup()
+        assert self.val_part is not None
+        idx = self.val_part.indices.cpu()
+        return DataLoader(TensorDataset(*(t.cpu()[idx] for t in arrays.train)), batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        arrays = self._require_setup()
+        return DataLoader(TensorDataset(*(t.cpu() for t in arrays.test)), batch_size=self.batch_size)

@@ -1,0 +1,86 @@
+"""Small typed messages passed between the pieces of a federated round."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends back after local training.
+
+    Attributes:
+        client_id: Index of the client in the population.
+        delta: Flat vector ``local - global`` over the payload (trainable parameters, see
+            :class:`~lightfed.params.ParamSpec`), float32.
+        num_examples: Training examples the client holds (FedAvg's weight).
+        num_steps: Optimizer steps the client ran (FedNova and friends need it).
+        metrics: Scalar training metrics (mean over the client's batches).
+        extras: Further flat tensors a strategy sends alongside ``delta`` (SCAFFOLD's control-variate
+            delta, q-FedAvg's ``h``); linear aggregation sums each with the same weight as ``delta``.
+    """
+
+    client_id: int
+    delta: Tensor
+    num_examples: int
+    num_steps: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def is_finite(self) -> bool:
+        """False if the delta or any extra holds NaN or Inf (such an update must never be aggregated)."""
+        tensors = [self.delta, *self.extras.values()]
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+@dataclass
+class RoundAggregate:
+    """The associative sums a linear strategy consumes: ``sum_k w_k x_k`` and ``sum_k w_k``.
+
+    Everything a linear strategy learns about a round is in here, which is what lets the sums be
+    streamed (O(model) memory), sharded over processes and all-reduced, noised for differential
+    privacy, or computed under secure aggregation.
+
+    Attributes:
+        delta_sum: ``sum_k w_k * delta_k``.
+        weight_sum: ``sum_k w_k``.
+        num_clients: Clients that contributed.
+        extras_sum: ``sum_k w_k * extras_k[name]`` for each extra.
+        denominator: What the mean divides by. ``None`` means ``weight_sum``; client-level DP sets a
+            fixed expected value so the mean's sensitivity does not depend on the realised cohort.
+    """
+
+    delta_sum: Tensor
+    weight_sum: float
+    num_clients: int
+    extras_sum: dict[str, Tensor] = field(default_factory=dict)
+    denominator: float | None = None
+
+    def _denominator(self) -> float:
+        den = self.weight_sum if self.denominator is None else self.denominator
+        if den <= 0:
+            raise ValueError("RoundAggregate has no weight: no client contributed to this round.")
+        return den
+
+    def mean_delta(self) -> Tensor:
+        """The (weighted) mean update ``delta_sum / denominator``."""
+        return self.delta_sum / self._denominator()
+
+    def mean_extra(self, name: str) -> Tensor:
+        """The (weighted) mean of the extra ``name``."""
+        return self.extras_sum[name] / self._denominator()
+
+
+@dataclass
+class RoundResult:
+    """What a round produced, for logging and callbacks."""
+
+    round_idx: int
+    cohort: list[int]
+    num_updates: int
+    rejected: list[int] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False

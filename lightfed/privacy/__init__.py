@@ -1,0 +1,5 @@
+"""Differential privacy for federated learning."""
+
+from lightfed.privacy.base import PrivacyMechanism
+
+__all__ = ["PrivacyMechanism"]

@@ -1,0 +1,57 @@
+"""The privacy-mechanism contract: post-processing of client updates and of the round's sums.
+
+A mechanism wraps the aggregation of any strategy whose aggregate is a mean: it may change each
+client's update on the client (clipping, local noise), choose the weights, and change the round's sums
+on the server (central noise, a fixed denominator); an accountant tracks the privacy spent. Every hook
+defaults to "do nothing", so a mechanism implements only what it changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightfed.client import LocalTrainer
+from lightfed.messages import ClientUpdate, RoundAggregate
+from lightfed.sampling import ClientSampler
+from lightfed.strategy import Strategy
+
+
+class PrivacyMechanism:
+    """Base class of ``privacy:`` plugins (registry group ``lightfed.privacy``)."""
+
+    def setup(self, *, num_clients: int, sampler: ClientSampler, rounds: int, strategy: Strategy, seed: int) -> None:
+        """Validate the combination (refuse robust strategies), calibrate noise, print the plan."""
+
+    def client_update(self, update: ClientUpdate, round_idx: int) -> ClientUpdate:
+        """On the client, before the update leaves it (client-side clipping, local DP noise)."""
+        return update
+
+    def client_weight(self, update: ClientUpdate, strategy_weight: float) -> float:
+        """The update's weight in the round's sums (DP: uniform or capped, never raw example counts)."""
+        return strategy_weight
+
+    def server_update(self, update: ClientUpdate, round_idx: int) -> ClientUpdate:
+        """On the server, before summation (server-side clipping)."""
+        return update
+
+    def process_aggregate(self, aggregate: RoundAggregate, round_idx: int) -> RoundAggregate:
+        """On the server, after summation (central noise, fixed denominator)."""
+        return aggregate
+
+    def can_run_round(self, round_idx: int) -> bool:
+        """``False`` stops training cleanly before ``round_idx`` (budget ``max_epsilon`` would be exceeded)."""
+        return True
+
+    def after_round(self, round_idx: int, num_sampled: int) -> dict[str, float]:
+        """Account for the round; return metrics to log under ``privacy/``."""
+        return {}
+
+    def wrap_local_trainer(self, local: LocalTrainer) -> LocalTrainer:
+        """Return the local trainer clients use (sample-level DP-SGD returns its own subclass)."""
+        return local
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""

@@ -1,0 +1,142 @@
+"""Small registries of plugins, filled by decorators and by Python entry points.
+
+A plugin reaches lightfed in one of three ways:
+
+1. ``@STRATEGIES.register()`` on the class, in a module that gets imported;
+2. an entry point in its package's metadata, group ``lightfed.strategies`` (or ``lightfed.privacy``,
+   ``lightfed.secure_aggregation``), whose value is a module or a class; loading it is enough, the
+   decorator inside does the registration (a class that is not yet registered is registered under its
+   own name);
+3. a dotted ``class_path`` in a YAML config, which jsonargparse imports directly.
+
+lightfed's own ``plugins/`` package takes route 2, exactly as a third-party package does.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T", bound=type)
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    cls: type
+    description: str
+    origin: str
+
+
+class Registry(Generic[T]):
+    """A name -> class mapping with entry-point discovery.
+
+    Names are matched case-insensitively, so ``fedprox``, ``FedProx`` and ``FEDPROX`` select the same
+    class; registering a second class under an existing name raises unless ``override=True``.
+    """
+
+    def __init__(self, kind: str, group: str) -> None:
+        self.kind = kind
+        self.group = group
+        self._entries: dict[str, RegistryEntry] = {}
+        self._loaded_entry_points = False
+
+    def register(
+        self, name: str | None = None, *, description: str | None = None, override: bool = False
+    ) -> Callable[[T], T]:
+        """Class decorator: register under ``name`` (default: the class name)."""
+
+        def decorator(cls: T) -> T:
+            self.add(cls, name=name, description=description, override=override)
+            return cls
+
+        return decorator
+
+    def add(
+        self,
+        cls: type,
+        name: str | None = None,
+        description: str | None = None,
+        override: bool = False,
+        origin: str | None = None,
+    ) -> None:
+        """Register ``cls`` (the non-decorator form)."""
+        key = (name or cls.__name__).lower()
+        existing = self._entries.get(key)
+        if existing is not None and existing.cls is not cls and not override:
+            raise ValueError(
+                f"{self.kind} name {key!r} is already registered by {existing.cls.__module__}."
+                f"{existing.cls.__qualname__}; pass override=True to replace it."
+            )
+        doc = inspect.getdoc(cls) or ""
+        self._entries[key] = RegistryEntry(
+            name=name or cls.__name__,
+            cls=cls,
+            description=description or (doc.splitlines()[0] if doc else ""),
+            origin=origin or cls.__module__,
+        )
+
+    def load_entry_points(self) -> None:
+        """Import every entry point of :attr:`group` once (idempotent)."""
+        if self._loaded_entry_points:
+            return
+        self._loaded_entry_points = True
+        for ep in importlib.metadata.entry_points(group=self.group):
+            try:
+                obj = ep.load()
+            except Exception as err:  # noqa: BLE001 - one broken plugin must not break the others
+                warnings.warn(f"could not load {self.kind} plugin {ep.name!r} ({ep.value}): {err}", RuntimeWarning, stacklevel=2)
+                continue
+            if inspect.isclass(obj) and not any(e.cls is obj for e in self._entries.values()):
+                self.add(obj, name=ep.name, origin=f"entry point {ep.value}")
+            dist = getattr(ep, "dist", None)
+            where = f"{dist.name} (entry point {ep.name})" if dist is not None else f"entry point {ep.name}"
+            for key, entry in list(self._entries.items()):
+                if entry.cls.__module__ == getattr(obj, "__module__", None) or entry.cls.__module__ == getattr(
+                    obj, "__name__", None
+                ):
+                    if not entry.origin.startswith(where):
+                        self._entries[key] = RegistryEntry(entry.name, entry.cls, entry.description, where)
+
+    def get(self, name: str) -> type:
+        """The class registered as ``name``; lists the known names if there is none."""
+        self.load_entry_points()
+        entry = self._entries.get(name.lower())
+        if entry is None:
+            raise KeyError(
+                f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or '(none)'}. "
+                f"Use one of these names, or a dotted class_path to your own class."
+            )
+        return entry.cls
+
+    def create(self, name: str, **kwargs: Any) -> Any:
+        """Instantiate the class registered as ``name``."""
+        return self.get(name)(**kwargs)
+
+    def names(self) -> list[str]:
+        self.load_entry_points()
+        return sorted(e.name for e in self._entries.values())
+
+    def entries(self) -> list[RegistryEntry]:
+        self.load_entry_points()
+        return sorted(self._entries.values(), key=lambda e: e.name.lower())
+
+    def __contains__(self, name: str) -> bool:
+        self.load_entry_points()
+        return name.lower() in self._entries
+
+
+STRATEGIES: Registry = Registry("strategy", "lightfed.strategies")
+PRIVACY: Registry = Registry("privacy mechanism", "lightfed.privacy")
+SECURE_AGGREGATION: Registry = Registry("secure aggregation protocol", "lightfed.secure_aggregation")
+EXECUTORS: Registry = Registry("executor", "lightfed.executors")
+
+
+def load_all_plugins() -> None:
+    """Import every installed plugin, so jsonargparse can resolve their class names too."""
+    for registry in (STRATEGIES, PRIVACY, SECURE_AGGREGATION, EXECUTORS):
+        registry.load_entry_points()

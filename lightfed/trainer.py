@@ -1,0 +1,540 @@
+"""The federated round loop: sample, train clients, aggregate, evaluate, log, checkpoint.
+
+:class:`FederatedTrainer` plays the role ``lightning.Trainer`` plays for centralised training, and is
+what ``lightfed fit`` builds from the ``trainer:`` section of a config. A round is:
+
+1. sample a cohort (the strategy may override the sampler), deterministically from (seed, round);
+2. train each client from the current global weights (the executor; no Trainer per client);
+3. drop updates with NaN/Inf (warn with the client id), apply privacy post-processing, feed the rest
+   to the aggregator (running weighted sums, or every update for robust strategies);
+4. let the strategy turn the sums into the new global weights;
+5. evaluate centrally / federatedly every ``eval_every`` rounds, log to TensorBoard, checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from torch import Tensor, nn
+
+from lightfed import checkpoint as ckpt_io
+from lightfed.aggregation import Aggregator, CollectAll, StreamingSum
+from lightfed.client import LocalTrainer
+from lightfed.data.datamodule import FederatedDataModule
+from lightfed.executor import Executor, SequentialExecutor
+from lightfed.messages import ClientUpdate, RoundResult
+from lightfed.params import ParamSpec
+from lightfed.privacy.base import PrivacyMechanism
+from lightfed.registry import EXECUTORS, STRATEGIES
+from lightfed.sampling import ClientSampler, UniformSampler, worst_fraction_mean
+from lightfed.secagg.base import SecureAggregation
+from lightfed.seeding import make_generator
+from lightfed.strategy import FedAvg, Strategy
+
+log = logging.getLogger("lightfed")
+
+
+class FederatedTrainer:
+    """Runs federated rounds of a LightningModule over a :class:`FederatedDataModule`.
+
+    Args:
+        rounds: Number of federated rounds (total, including rounds done before a resume).
+        clients_per_round: Cohort size (``int``) or fraction (``float``) for the default uniform sampler.
+        sampler: A :class:`ClientSampler` (``PoissonSampler`` for DP); overrides ``clients_per_round``.
+        strategy: Aggregation strategy (instance, or registered name such as ``"FedProx"``).
+        privacy: A :class:`PrivacyMechanism` (client-level DP, DP-SGD), or ``None``.
+        secure_aggregation: A :class:`SecureAggregation` protocol, or ``None``.
+        local_epochs: Local epochs per client visit.
+        local_steps: If set, exactly this many local optimizer steps per visit (overrides epochs).
+        batch_size: Local batch size.
+        trainable: ``fnmatch`` patterns of the parameters to train and send; others are frozen.
+        aggregate_buffers: Send floating buffers (BatchNorm statistics) with the parameters.
+        init_checkpoint: Start the global model from this ``.ckpt`` / state dict / ``.safetensors``.
+        init_ignore: Key patterns of ``init_checkpoint`` to skip (a new head).
+        eval_every: Evaluate every this many rounds (and after the last).
+        eval_batch_size: Batch size of evaluation.
+        fed_eval_fraction: Fraction of clients whose own validation split is evaluated (0 disables).
+        fed_eval_metric: Logged metric (or its suffix, e.g. ``acc`` matches ``val_acc``) used for the
+            federated evaluation mean and worst-10% figure.
+        checkpoint_every: Save a checkpoint every this many rounds (and after the last); 0: only last.
+        default_root_dir: Where logs, checkpoints and the exported model go.
+        logger: ``True`` for TensorBoard under ``default_root_dir/lightning_logs``, ``False`` for none,
+            or any Lightning logger.
+        enable_progress_bar: A progress bar over rounds.
+        accelerator: Lightning accelerator (``cpu``, ``gpu``, ``auto``).
+        devices: Lightning devices.
+        precision: Lightning precision (``32-true``, ``bf16-mixed``, ``16-mixed``, ...).
+        num_nodes: Number of nodes for multi-process runs.
+        fabric_strategy: Lightning Fabric strategy for multi-process runs (``auto``, ``ddp``).
+        executor: How a process trains its clients (``sequential`` or an :class:`Executor`).
+        seed: Seed of every random choice of the run (sampling, batch order, dropout, noise).
+        stop_on_failed_round: Stop training (with a checkpoint) when a round produces no aggregate.
+    """
+
+    def __init__(
+        self,
+        rounds: int = 10,
+        clients_per_round: int | float = 10,
+        sampler: ClientSampler | None = None,
+        strategy: Strategy | str | None = None,
+        privacy: PrivacyMechanism | None = None,
+        secure_aggregation: SecureAggregation | None = None,
+        local_epochs: int = 1,
+        local_steps: int | None = None,
+        batch_size: int = 16,
+        trainable: list[str] | None = None,
+        aggregate_buffers: bool = True,
+        init_checkpoint: str | None = None,
+        init_ignore: list[str] | None = None,
+        eval_every: int = 1,
+        eval_batch_size: int = 512,
+        fed_eval_fraction: float = 0.2,
+        fed_eval_metric: str = "acc",
+        checkpoint_every: int = 5,
+        default_root_dir: str = ".",
+        logger: Logger | bool = True,
+        enable_progress_bar: bool = True,
+        accelerator: str = "cpu",
+        devices: int | str | list[int] = 1,
+        precision: str | int = "32-true",
+        num_nodes: int = 1,
+        fabric_strategy: str = "auto",
+        executor: Executor | str = "sequential",
+        seed: int = 0,
+        stop_on_failed_round: bool = False,
+    ) -> None:
+        _check(rounds >= 1, f"trainer.rounds must be >= 1, got {rounds}.")
+        _check(local_epochs >= 1, f"trainer.local_epochs must be >= 1, got {local_epochs}.")
+        _check(local_steps is None or local_steps >= 1, f"trainer.local_steps must be >= 1 or null, got {local_steps}.")
+        _check(batch_size >= 1, f"trainer.batch_size must be >= 1, got {batch_size}.")
+        _check(eval_every >= 1, f"trainer.eval_every must be >= 1, got {eval_every}.")
+        _check(checkpoint_every >= 0, f"trainer.checkpoint_every must be >= 0, got {checkpoint_every}.")
+        _check(0 <= fed_eval_fraction <= 1, f"trainer.fed_eval_fraction must be in [0, 1], got {fed_eval_fraction}.")
+        self.rounds = rounds
+        self.sampler = sampler if sampler is not None else UniformSampler(clients_per_round)
+        self.strategy = _resolve_strategy(strategy)
+        self.privacy = privacy
+        self.secure_aggregation = secure_aggregation
+        self.local_epochs = local_epochs
+        self.local_steps = local_steps
+        self.batch_size = batch_size
+        self.trainable = trainable
+        self.aggregate_buffers = aggregate_buffers
+        self.init_checkpoint = init_checkpoint
+        self.init_ignore = list(init_ignore or [])
+        self.eval_every = eval_every
+        self.eval_batch_size = eval_batch_size
+        self.fed_eval_fraction = fed_eval_fraction
+        self.fed_eval_metric = fed_eval_metric
+        self.checkpoint_every = checkpoint_every
+        self.default_root_dir = default_root_dir
+        self.enable_progress_bar = enable_progress_bar
+        self.seed = seed
+        self.stop_on_failed_round = stop_on_failed_round
+        self.executor = _resolve_executor(executor)
+        self.fabric = Fabric(
+            accelerator=accelerator, devices=devices, precision=precision, num_nodes=num_nodes,
+            strategy=fabric_strategy,
+        )
+        if logger is True:
+            logger = TensorBoardLogger(save_dir=default_root_dir, name="lightning_logs")
+        self.logger: Logger | None = logger or None
+        #: The resolved config of a CLI run; saved in checkpoints and next to the logs.
+        self.config_yaml: str | None = None
+        self.history: list[dict[str, float]] = []
+        self.round_idx = 0
+        self.global_params: Tensor | None = None
+        self.client_states: dict[int, dict[str, Tensor]] = {}
+        self._pending_states: dict[int, dict[str, Tensor]] = {}
+        self.spec: ParamSpec | None = None
+        self.module: nn.Module | None = None
+        self.datamodule: FederatedDataModule | None = None
+        self.last_checkpoint: Path | None = None
+        self.exported_model: Path | None = None
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def log_dir(self) -> Path:
+        if self.logger is not None and getattr(self.logger, "log_dir", None):
+            return Path(self.logger.log_dir)
+        return Path(self.default_root_dir)
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.fabric.is_global_zero
+
+    def _setup(self, model: nn.Module, datamodule: FederatedDataModule) -> None:
+        if not isinstance(datamodule, FederatedDataModule):
+            raise TypeError(f"data must be a lightfed FederatedDataModule, got {type(datamodule).__name__}.")
+        datamodule.setup("fit")
+        num_clients = datamodule.num_clients
+        self.sampler.validate(num_clients)
+        if self.init_checkpoint:
+            state = ckpt_io.load_state_dict_file(self.init_checkpoint)
+            ckpt_io.load_into(model, state, self.init_ignore, source=f"init_checkpoint {self.init_checkpoint!r}")
+        self.spec = ParamSpec.from_module(model, self.trainable, self.aggregate_buffers)
+        device = self.fabric.device
+        model = self.fabric.strategy.precision.convert_module(model).to(device)
+        datamodule.to(device)
+        self.module, self.datamodule = model, datamodule
+        self.global_params = self.spec.flatten(self.spec.tensors(model)).to(device)
+        self.num_clients = num_clients
+        self.strategy.setup(self.spec, num_clients, self.global_params)
+        if self.privacy is not None:
+            self.privacy.setup(
+                num_clients=num_clients, sampler=self.sampler, rounds=self.rounds, strategy=self.strategy, seed=self.seed
+            )
+        if self.secure_aggregation is not None:
+            self.secure_aggregation.setup(
+                strategy=self.strategy, privacy=self.privacy, numel=self.spec.numel, seed=self.seed
+            )
+        self.local = LocalTrainer(
+            model, self.spec, self.strategy, self.fabric.strategy.precision, self.local_epochs,
+            self.local_steps, self.batch_size, self.seed,
+        )
+        if self.privacy is not None:
+            self.local = self.privacy.wrap_local_trainer(self.local)
+        self.executor.setup(self.local)
+
+    # ------------------------------------------------------------------ public entry points
+    def fit(self, model: nn.Module, datamodule: FederatedDataModule, ckpt_path: str | None = None) -> list[dict[str, float]]:
+        """Run the federated rounds; resume from ``ckpt_path`` if given.
+
+        Returns:
+            The per-round metrics (also written to the logger).
+        """
+        self._setup(model, datamodule)
+        if ckpt_path:
+            self._restore(ckpt_path)
+        elif self.logger is not None and self.is_global_zero and self.config_yaml is None:
+            self.logger.log_hyperparams({"rounds": self.rounds, "strategy": type(self.strategy).__name__})
+        self._write_config()
+        bar = self._progress_bar()
+        while self.round_idx < self.rounds:
+            r = self.round_idx
+            if self.privacy is not None and not self.privacy.can_run_round(r):
+                log.warning("round %d would exceed the privacy budget: stopping before it.", r)
+                break
+            result = self.run_round(r)
+            self.round_idx = r + 1
+            last = self.round_idx == self.rounds
+            if (self.round_idx % self.eval_every == 0) or last:
+                result.metrics.update(self.evaluate_round(r))
+            self._log(result)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(_postfix(result.metrics), refresh=False)
+            if self.checkpoint_every and self.round_idx % self.checkpoint_every == 0 and not last:
+                self.save_checkpoint()
+            if result.skipped and self.stop_on_failed_round:
+                log.warning("round %d failed and stop_on_failed_round is set: stopping.", r)
+                break
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint()
+        self.exported_model = self.export(self.log_dir / "global_model.safetensors")
+        if self.logger is not None:
+            self.logger.finalize("success")
+        return self.history
+
+    def test(self, model: nn.Module, datamodule: FederatedDataModule, ckpt_path: str | None = None) -> dict[str, float]:
+        """Evaluate the global model (from ``ckpt_path`` if given) on the central test set."""
+        self._setup(model, datamodule)
+        if ckpt_path:
+            self._restore(ckpt_path)
+        metrics = self.evaluate_central()
+        for k, v in metrics.items():
+            print(f"{k}: {v:.4f}")
+        return metrics
+
+    # ------------------------------------------------------------------ one round
+    def sample(self, round_idx: int) -> list[int]:
+        cohort = self.strategy.sample_clients(round_idx, self.num_clients, self.seed)
+        return cohort if cohort is not None else self.sampler.sample(round_idx, self.num_clients, self.seed)
+
+    def _new_aggregator(self, round_idx: int, cohort: list[int]) -> Aggregator:
+        if self.secure_aggregation is not None:
+            return self.secure_aggregation.aggregator(round_idx, cohort)
+        return CollectAll() if self.strategy.needs_all_updates else StreamingSum()
+
+    def run_round(self, round_idx: int) -> RoundResult:
+        """Train the round's cohort and update the global model."""
+        assert self.global_params is not None and self.datamodule is not None and self.spec is not None
+        start = time.perf_counter()
+        cohort = self.sample(round_idx)
+        payload = self.strategy.client_payload(round_idx)
+        aggregator = self._new_aggregator(round_idx, cohort)
+        result = RoundResult(round_idx=round_idx, cohort=cohort, num_updates=0)
+        client_metrics: list[dict[str, float]] = []
+        updates = self.executor.run(
+            round_idx, cohort, self.datamodule.client_train, self.global_params, payload, self._client_state
+        )
+        for update in updates:
+            if self.privacy is not None:
+                update = self.privacy.client_update(update, round_idx)
+            if not update.is_finite():
+                warnings.warn(
+                    f"round {round_idx}: client {update.client_id} sent an update with NaN/Inf; it is excluded "
+                    f"from the aggregate (the global model is not changed by it).",
+                    RuntimeWarning, stacklevel=2,
+                )
+                result.rejected.append(update.client_id)
+                continue
+            self._commit_client_state(update.client_id)
+            weight = self.strategy.client_weight(update)
+            if self.privacy is not None:
+                weight = self.privacy.client_weight(update, weight)
+                update = self.privacy.server_update(update, round_idx)
+            aggregator.add(update, weight)
+            client_metrics.append(update.metrics)
+            result.num_updates += 1
+        self._pending_states.clear()
+        new_params = self._aggregate(aggregator, round_idx)
+        if new_params is None:
+            result.skipped = True
+            log.warning("round %d produced no aggregate: the global model is unchanged.", round_idx)
+        else:
+            result.metrics["round/update_norm"] = float((new_params - self.global_params).norm())
+            self.global_params = new_params
+        if self.privacy is not None:
+            result.metrics.update({f"privacy/{k}": v for k, v in self.privacy.after_round(round_idx, len(cohort)).items()})
+        if self.secure_aggregation is not None:
+            result.metrics.update({f"secagg/{k}": v for k, v in self.secure_aggregation.round_metrics().items()})
+        result.metrics.update(self._round_metrics(result, client_metrics, payload, time.perf_counter() - start))
+        return result
+
+    def _aggregate(self, aggregator: Aggregator, round_idx: int) -> Tensor | None:
+        assert self.global_params is not None
+        aggregate = aggregator.result()
+        if aggregate is None:
+            return None
+        if self.privacy is not None:
+            aggregate = self.privacy.process_aggregate(aggregate, round_idx)
+        if self.strategy.needs_all_updates:
+            assert isinstance(aggregator, CollectAll)
+            new = self.strategy.aggregate_updates(self.global_params, aggregator.updates, aggregator.weights, round_idx)
+        else:
+            new = self.strategy.aggregate(self.global_params, aggregate, round_idx)
+        if not bool(torch.isfinite(new).all()):
+            raise FloatingPointError(
+                f"round {round_idx}: {type(self.strategy).__name__} produced a non-finite global model from finite "
+                f"updates; the last checkpoint is intact. Lower the learning rates or check the strategy."
+            )
+        return new
+
+    def _client_state(self, client_id: int) -> dict[str, Tensor]:
+        """A working copy of the client's persistent state; committed only if its update is accepted."""
+        if not self.strategy.uses_client_state:
+            return {}
+        state = self._pending_states[client_id] = dict(self.client_states.get(client_id, {}))
+        return state
+
+    def _commit_client_state(self, client_id: int) -> None:
+        if client_id in self._pending_states:
+            self.client_states[client_id] = self._pending_states.pop(client_id)
+
+    def _round_metrics(
+        self, result: RoundResult, client_metrics: list[dict[str, float]], payload: dict[str, Any], seconds: float
+    ) -> dict[str, float]:
+        assert self.spec is not None
+        out = {
+            "round/clients": float(len(result.cohort)),
+            "round/updates": float(result.num_updates),
+            "round/rejected": float(len(result.rejected)),
+            "round/seconds": seconds,
+            "round/bytes_down_per_client": float(self.spec.num_bytes + _payload_bytes(payload)),
+            "round/bytes_up_per_client": float(self.spec.num_bytes),
+        }
+        keys = sorted({k for m in client_metrics for k in m})
+        for k in keys:
+            vals = torch.tensor([m[k] for m in client_metrics if k in m], dtype=torch.float64)
+            out[f"client/{k}_mean"] = float(vals.mean())
+            out[f"client/{k}_std"] = float(vals.std()) if len(vals) > 1 else 0.0
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_central(self) -> dict[str, float]:
+        """The global model on the central test set (the module's ``test_step``)."""
+        assert self.datamodule is not None and self.global_params is not None
+        metrics = self.local.evaluate(self.datamodule.test_data(), self.global_params, "test", self.eval_batch_size)
+        return {f"central/{k}": v for k, v in metrics.items()}
+
+    def evaluate_federated(self, round_idx: int) -> dict[str, float]:
+        """The global (or personalised) model on a seeded fraction of the clients' own validation splits.
+
+        Reports the mean over clients and the mean of the worst 10% of clients (fairness).
+        """
+        assert self.datamodule is not None and self.global_params is not None
+        n = self.num_clients
+        k = max(1, math.ceil(self.fed_eval_fraction * n))
+        gen = make_generator(self.seed, "fed_eval", round_idx)
+        chosen = sorted(torch.randperm(n, generator=gen)[:k].tolist())
+        values: list[float] = []
+        key = None
+        for cid in chosen:
+            data = self.datamodule.client_val(cid)
+            if len(data) == 0:
+                continue
+            params = self.strategy.eval_params(cid, self.client_states.get(cid, {}), self.global_params)
+            metrics = self.local.evaluate(data, params, "val", self.eval_batch_size)
+            key = key or _metric_key(metrics, self.fed_eval_metric)
+            values.append(metrics[key])
+        if not values or key is None:
+            return {}
+        return {
+            f"federated/{key}_mean": sum(values) / len(values),
+            f"federated/{key}_worst10": worst_fraction_mean(values, 0.1),
+            "federated/clients": float(len(values)),
+        }
+
+    def evaluate_round(self, round_idx: int) -> dict[str, float]:
+        metrics = self.evaluate_central()
+        if self.fed_eval_fraction > 0:
+            metrics.update(self.evaluate_federated(round_idx))
+        return metrics
+
+    # ------------------------------------------------------------------ logging
+    def _progress_bar(self) -> Any:
+        if not self.enable_progress_bar or not self.is_global_zero:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.rounds, initial=self.round_idx, desc="rounds", unit="round", dynamic_ncols=True)
+
+    def _log(self, result: RoundResult) -> None:
+        row = {"round": float(result.round_idx), **result.metrics}
+        self.history.append(row)
+        if self.logger is not None and self.is_global_zero:
+            self.logger.log_metrics(result.metrics, step=result.round_idx)
+
+    def _write_config(self) -> None:
+        if self.config_yaml and self.is_global_zero:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            (self.log_dir / "config.yaml").write_text(self.config_yaml)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly where it stopped."""
+        assert self.module is not None and self.spec is not None and self.global_params is not None
+        self.local.spec.assign(self.local.tensors, self.global_params)
+        return ckpt_io.to_cpu({
+            "format": ckpt_io.CHECKPOINT_FORMAT,
+            "round": self.round_idx,
+            "seed": self.seed,
+            "payload_names": list(self.spec.names),
+            "global_params": self.global_params,
+            "model_state": self.module.state_dict(),
+            "strategy": type(self.strategy).__name__,
+            "strategy_state": self.strategy.state_dict(),
+            "client_states": self.client_states,
+            "privacy_state": self.privacy.state_dict() if self.privacy is not None else {},
+            "secagg_state": self.secure_aggregation.state_dict() if self.secure_aggregation is not None else {},
+            "history": self.history,
+            "config": self.config_yaml or "",
+        })
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        """Write a checkpoint (atomically) and point ``last.ckpt`` at it."""
+        ckpt_dir = self.log_dir / "checkpoints"
+        target = Path(path) if path is not None else ckpt_dir / f"round-{self.round_idx:05d}.ckpt"
+        if self.is_global_zero:
+            state = self.state_dict()
+            ckpt_io.save_atomic(state, target)
+            if path is None:
+                ckpt_io.save_atomic(state, ckpt_dir / "last.ckpt")
+        self.last_checkpoint = target
+        return target
+
+    def _restore(self, ckpt_path: str) -> None:
+        assert self.spec is not None and self.module is not None
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist; point it at a lightfed checkpoint (…/checkpoints/last.ckpt).")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != ckpt_io.CHECKPOINT_FORMAT:
+            raise ValueError(f"{ckpt_path!r} is not a lightfed checkpoint; to start from its weights use `trainer.init_checkpoint`.")
+        if list(state["payload_names"]) != list(self.spec.names):
+            raise ValueError(
+                f"{ckpt_path!r} was written for another payload (first names {state['payload_names'][:3]} vs "
+                f"{list(self.spec.names)[:3]}); resume with the same model and `trainer.trainable`."
+            )
+        if state["strategy"] != type(self.strategy).__name__:
+            raise ValueError(f"{ckpt_path!r} was written by strategy {state['strategy']}, this run uses {type(self.strategy).__name__}.")
+        device = self.fabric.device
+        ckpt_io.load_into(self.module, state["model_state"], source=f"checkpoint {ckpt_path!r}")
+        self.global_params = state["global_params"].to(device)
+        self.strategy.load_state_dict(ckpt_io.to_device(state["strategy_state"], device))
+        self.client_states = ckpt_io.to_device(state["client_states"], device)
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy_state"])
+        if self.secure_aggregation is not None:
+            self.secure_aggregation.load_state_dict(state["secagg_state"])
+        self.history = list(state["history"])
+        self.round_idx = int(state["round"])
+
+    def export(self, path: str | Path) -> Path:
+        """Write the global model as a plain state dict (``.safetensors``, or torch for other suffixes)."""
+        assert self.module is not None and self.global_params is not None
+        self.local.spec.assign(self.local.tensors, self.global_params)
+        if not self.is_global_zero:
+            return Path(path)
+        return ckpt_io.export_state_dict(self.module, path)
+
+
+# ---------------------------------------------------------------------- helpers
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _resolve_strategy(strategy: Strategy | str | None) -> Strategy:
+    if strategy is None:
+        return FedAvg()
+    if isinstance(strategy, str):
+        try:
+            return STRATEGIES.create(strategy)
+        except KeyError as err:
+            raise ValueError(f"strategy: {err.args[0]}") from None
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"strategy must be a lightfed Strategy or a registered name, got {type(strategy).__name__}.")
+    return strategy
+
+
+def _resolve_executor(executor: Executor | str) -> Executor:
+    if isinstance(executor, Executor):
+        return executor
+    if executor == "sequential":
+        return SequentialExecutor()
+    try:
+        return EXECUTORS.create(executor)
+    except KeyError as err:
+        raise ValueError(f"trainer.executor: {err.args[0]}") from None
+
+
+def _payload_bytes(payload: dict[str, Any]) -> int:
+    return sum(v.numel() * v.element_size() for v in payload.values() if isinstance(v, Tensor))
+
+
+def _metric_key(metrics: dict[str, float], wanted: str) -> str:
+    if wanted in metrics:
+        return wanted
+    matches = [k for k in metrics if k.endswith(wanted)]
+    if len(matches) != 1:
+        raise ValueError(
+            f"trainer.fed_eval_metric={wanted!r} matches {matches or 'none'} of the logged metrics {sorted(metrics)}; "
+            f"set it to one of them."
+        )
+    return matches[0]
+
+
+def _postfix(metrics: dict[str, float]) -> dict[str, str]:
+    keep = {k.split("/", 1)[-1]: v for k, v in metrics.items() if k.startswith(("central/", "privacy/epsilon"))}
+    keep.setdefault("loss", metrics.get("client/loss_mean", float("nan")))
+    return {k: f"{v:.4g}" for k, v in list(keep.items())[:4]}

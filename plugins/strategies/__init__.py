@@ -1,0 +1,1 @@
+"""The strategy zoo: every strategy except FedAvg, registered through the ``lightfed.strategies`` entry point."""
