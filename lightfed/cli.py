@@ -77,7 +77,7 @@ class LightFedCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         extra = {key: init.get(key) for key in _PLUGIN_SECTIONS}
         trainer = super().instantiate_trainer(**extra, seed=int(config.get("seed_everything") or 0), **kwargs)
-        trainer.config_yaml = self.parser.dump(self.config, skip_none=False)
+        trainer.config_yaml = self._parser(self.subcommand).dump(config)
         return trainer
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> FederatedTrainer:  # type: ignore[override]

@@ -29,6 +29,7 @@ from lightfed import checkpoint as ckpt_io
 from lightfed.aggregation import Aggregator, CollectAll, StreamingSum
 from lightfed.client import LocalTrainer
 from lightfed.data.datamodule import FederatedDataModule
+from lightfed.distributed import merge_round, shard_cohort
 from lightfed.executor import Executor, SequentialExecutor
 from lightfed.messages import ClientUpdate, RoundResult
 from lightfed.params import ParamSpec
@@ -40,6 +41,7 @@ from lightfed.seeding import make_generator
 from lightfed.strategy import FedAvg, Strategy
 
 log = logging.getLogger("lightfed")
+_CONFIG_HEADER = "# lightfed: resolved config of this run (use it with --config)\n"
 
 
 class FederatedTrainer:
@@ -172,6 +174,12 @@ class FederatedTrainer:
         return self.fabric.is_global_zero
 
     def _setup(self, model: nn.Module, datamodule: FederatedDataModule) -> None:
+        self.fabric.launch()
+        if self.secure_aggregation is not None and self.fabric.world_size > 1:
+            raise ValueError(
+                "secure_aggregation runs the protocol in one process; use trainer.devices=1 with it "
+                "(sharding a SecAgg round over processes is not supported)."
+            )
         if not isinstance(datamodule, FederatedDataModule):
             raise TypeError(f"data must be a lightfed FederatedDataModule, got {type(datamodule).__name__}.")
         datamodule.setup("fit")
@@ -187,6 +195,7 @@ class FederatedTrainer:
         self.module, self.datamodule = model, datamodule
         self.global_params = self.spec.flatten(self.spec.tensors(model)).to(device)
         self.num_clients = num_clients
+        self._client_sizes = datamodule.client_num_examples()
         self.strategy.setup(self.spec, num_clients, self.global_params)
         if self.privacy is not None:
             self.privacy.setup(
@@ -266,7 +275,7 @@ class FederatedTrainer:
         return CollectAll() if self.strategy.needs_all_updates else StreamingSum()
 
     def run_round(self, round_idx: int) -> RoundResult:
-        """Train the round's cohort and update the global model."""
+        """Train the round's cohort (this rank's shard of it) and update the global model."""
         assert self.global_params is not None and self.datamodule is not None and self.spec is not None
         start = time.perf_counter()
         cohort = self.sample(round_idx)
@@ -274,8 +283,9 @@ class FederatedTrainer:
         aggregator = self._new_aggregator(round_idx, cohort)
         result = RoundResult(round_idx=round_idx, cohort=cohort, num_updates=0)
         client_metrics: list[dict[str, float]] = []
+        mine = shard_cohort(cohort, self._client_sizes, self.fabric.world_size, self.fabric.global_rank)
         updates = self.executor.run(
-            round_idx, cohort, self.datamodule.client_train, self.global_params, payload, self._client_state
+            round_idx, mine, self.datamodule.client_train, self.global_params, payload, self._client_state
         )
         for update in updates:
             if self.privacy is not None:
@@ -295,8 +305,14 @@ class FederatedTrainer:
                 update = self.privacy.server_update(update, round_idx)
             aggregator.add(update, weight)
             client_metrics.append(update.metrics)
-            result.num_updates += 1
         self._pending_states.clear()
+        if self.fabric.world_size > 1:
+            side = {"metrics": client_metrics, "rejected": result.rejected,
+                    "states": {c: self.client_states[c] for c in mine if c in self.client_states}}
+            aggregator, side = merge_round(aggregator, side, self.spec.numel, self.global_params.device)
+            client_metrics, result.rejected = side["metrics"], side["rejected"]
+            self.client_states.update(side["states"])
+        result.num_updates = len(client_metrics)
         new_params = self._aggregate(aggregator, round_idx)
         if new_params is None:
             result.skipped = True
@@ -416,9 +432,14 @@ class FederatedTrainer:
             self.logger.log_metrics(result.metrics, step=result.round_idx)
 
     def _write_config(self) -> None:
-        if self.config_yaml and self.is_global_zero:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            (self.log_dir / "config.yaml").write_text(self.config_yaml)
+        """Save the resolved config next to the logs (usable as ``--config``); never overwrite a user's file."""
+        if not self.config_yaml or not self.is_global_zero:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        target = self.log_dir / "config.yaml"
+        if target.exists() and not target.read_text().startswith(_CONFIG_HEADER):
+            target = self.log_dir / "lightfed_config.yaml"
+        target.write_text(_CONFIG_HEADER + self.config_yaml)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

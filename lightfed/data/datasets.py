@@ -69,7 +69,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     return data.astype(dtype.newbyteorder("="))
 
 
-def stratified_split(labels: Tensor, test_fraction: float, seed: int, *keys: int | str) -> tuple[Tensor, Tensor]:
+def stratified_split(
+    labels: Tensor, test_fraction: float, seed: int, *keys: int | str
+) -> tuple[Tensor, Tensor]:
     """Seeded stratified split: ``round(test_fraction * n_k)`` examples of each class ``k`` go to the test set.
 
     Args:
@@ -188,7 +190,9 @@ class FashionMNISTDataModule(FederatedDataModule):
     def _images(self, path: Path) -> Tensor:
         raw = read_idx(path)
         if raw.ndim != 3 or raw.dtype != np.uint8:
-            raise ValueError(f"{path}: expected uint8 images of shape (N, H, W), got {raw.dtype} {raw.shape}.")
+            raise ValueError(
+                f"{path}: expected uint8 images of shape (N, H, W), got {raw.dtype} {raw.shape}."
+            )
         return torch.from_numpy(raw)
 
     def _normalise(self, raw: Tensor) -> Tensor:
@@ -275,7 +279,9 @@ class TensorDataModule(FederatedDataModule):
     def _read(self) -> dict[str, np.ndarray | Tensor]:
         path = Path(self.path)
         if not path.is_file():
-            raise FileNotFoundError(f"data.path={self.path!r} does not exist; point data.path at a .pt or .npz file.")
+            raise FileNotFoundError(
+                f"data.path={self.path!r} does not exist; point data.path at a .pt or .npz file."
+            )
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as f:
                 return {k: f[k] for k in f.files}
@@ -303,7 +309,9 @@ class TensorDataModule(FederatedDataModule):
         data = self._read()
         x = torch.as_tensor(self._get(data, self.x_key, "x_key")).float()
         y = torch.as_tensor(self._get(data, self.y_key, "y_key")).long().reshape(-1)
-        groups = None if self.group_key is None else self._group_ids(self._get(data, self.group_key, "group_key"))
+        groups = (
+            None if self.group_key is None else self._group_ids(self._get(data, self.group_key, "group_key"))
+        )
         if len(x) == 0:
             raise ValueError(f"data.path={self.path!r}: {self.x_key!r} holds no examples.")
         for name, t in (("labels", y), ("group keys", groups)):

@@ -110,11 +110,18 @@ def format_statistics(stats: dict[str, Any], max_rows: int = 20) -> str:
     ]
     hist: Tensor = stats["label_histogram"]
     show_classes = hist.shape[1] <= 20
-    cols = ["client", "train", "val", "classes", "TV"] + ([str(k) for k in range(hist.shape[1])] if show_classes else [])
+    cols = ["client", "train", "val", "classes", "TV"] + (
+        [str(k) for k in range(hist.shape[1])] if show_classes else []
+    )
     rows = []
     for i in range(min(stats["num_clients"], max_rows)):
-        row = [str(i), str(int(stats["train_sizes"][i])), str(int(stats["val_sizes"][i])),
-               str(int(stats["classes_per_client"][i])), f"{float(stats['tv_distance'][i]):.3f}"]
+        row = [
+            str(i),
+            str(int(stats["train_sizes"][i])),
+            str(int(stats["val_sizes"][i])),
+            str(int(stats["classes_per_client"][i])),
+            f"{float(stats['tv_distance'][i]):.3f}",
+        ]
         rows.append(row + ([str(int(c)) for c in hist[i]] if show_classes else []))
     widths = [max(len(c), *(len(r[j]) for r in rows)) if rows else len(c) for j, c in enumerate(cols)]
     lines.append("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
@@ -124,7 +131,9 @@ def format_statistics(stats: dict[str, Any], max_rows: int = 20) -> str:
     return "\n".join(lines)
 
 
-def plot_label_distribution(dm: FederatedDataModule, path: str | None = None, max_clients: int = 50) -> Figure:
+def plot_label_distribution(
+    dm: FederatedDataModule, path: str | None = None, max_clients: int = 50
+) -> Figure:
     """Draw each client's label counts as a stacked bar (one colour per class).
 
     The figure is built on Matplotlib's Agg canvas without touching ``pyplot`` state, so it works headless.
@@ -158,7 +167,9 @@ def plot_label_distribution(dm: FederatedDataModule, path: str | None = None, ma
     cmap = colormaps["tab10" if num_classes <= 10 else "tab20"]
     bottom = shown[:, 0] * 0
     for k in range(num_classes):
-        ax.bar(range(len(shown)), shown[:, k], bottom=bottom, width=0.85, color=cmap(k % cmap.N), label=str(k))
+        ax.bar(
+            range(len(shown)), shown[:, k], bottom=bottom, width=0.85, color=cmap(k % cmap.N), label=str(k)
+        )
         bottom = bottom + shown[:, k]
     ax.set_xlabel("client")
     ax.set_ylabel("examples")

@@ -31,7 +31,8 @@ def write_idx(path: Path, array: np.ndarray, type_byte: int, compress: bool = Fa
     dtypes = {0x08: ">u1", 0x0C: ">i4", 0x0D: ">f4"}
     header = bytes([0, 0, type_byte, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     payload = header + array.astype(dtypes[type_byte]).tobytes()
-    (gzip.open if compress else open)(path, "wb").write(payload)
+    with (gzip.open if compress else open)(path, "wb") as f:
+        f.write(payload)
     return path
 
 
@@ -121,7 +122,9 @@ def test_digits_bad_test_fraction(bad: float) -> None:
 def write_fake_fashion(root: Path, n_train: int = 30, n_test: int = 10) -> None:
     rng = np.random.default_rng(0)
     for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 0x08, compress=True)
+        write_idx(
+            root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 0x08, compress=True
+        )
         write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10, 0x08, compress=True)
 
 
@@ -194,7 +197,9 @@ def test_tensor_pt_round_trip(tmp_path: Path) -> None:
 
     assert sorted(torch.cat([ids_train, ids_test]).tolist()) == list(range(60))
     assert len(ids_test) == 15
-    assert torch.equal(arrays.train[0], data["x"][ids_train]) and torch.equal(arrays.train[1], data["y"][ids_train])
+    assert torch.equal(arrays.train[0], data["x"][ids_train]) and torch.equal(
+        arrays.train[1], data["y"][ids_train]
+    )
     assert arrays.train[0].dtype == torch.float32 and arrays.train[1].dtype == torch.int64
     assert arrays.num_classes == 3 and arrays.groups is None
 
@@ -203,8 +208,14 @@ def test_tensor_npz_with_explicit_test_and_string_groups(tmp_path: Path) -> None
     data = {k: v.numpy() for k, v in make_tensors().items()}
     writers = np.array([f"w{int(w):02d}" for w in data["writer"]])
     path = tmp_path / "data.npz"
-    np.savez(path, x=data["x"].astype(np.float64), y=data["y"].astype(np.int32), writer=writers,
-             x_test=data["x"][:7], y_test=data["y"][:7])
+    np.savez(
+        path,
+        x=data["x"].astype(np.float64),
+        y=data["y"].astype(np.int32),
+        writer=writers,
+        x_test=data["x"][:7],
+        y_test=data["y"][:7],
+    )
 
     dm = TensorDataModule(Natural(min_size=1), str(path), group_key="writer", val_fraction=0.0)
     dm.setup()

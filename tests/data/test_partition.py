@@ -31,7 +31,13 @@ def mean_tv(part: Partition, labels: Tensor) -> float:
     return sum(tvs) / len(tvs)
 
 
-COMPLETE = [IID(10), Dirichlet(10), Dirichlet(10, alpha=0.1, self_balancing=False), Shards(10), QuantitySkew(10)]
+COMPLETE = [
+    IID(10),
+    Dirichlet(10),
+    Dirichlet(10, alpha=0.1, self_balancing=False),
+    Shards(10),
+    QuantitySkew(10),
+]
 
 
 @pytest.mark.parametrize("partitioner", COMPLETE, ids=repr)
@@ -141,7 +147,9 @@ def test_natural_max_clients_is_a_seeded_subset() -> None:
     assert a.num_clients == 3 and clients(a) == clients(b)
     assert firsts == sorted(firsts)
     assert all(len(idx) == 4 and len(set(groups[idx].tolist())) == 1 for idx in clients(a))
-    picks = {tuple(clients(Natural(max_clients=3).partition(labels, seed=s, groups=groups))[0]) for s in range(6)}
+    picks = {
+        tuple(clients(Natural(max_clients=3).partition(labels, seed=s, groups=groups))[0]) for s in range(6)
+    }
     assert len(picks) > 1
 
 
@@ -179,7 +187,11 @@ def test_more_clients_than_examples_raises(partitioner: Partitioner) -> None:
 
 @pytest.mark.parametrize(
     ("partitioner", "field"),
-    [(Dirichlet(4, min_size=3), "min_size"), (QuantitySkew(4, min_size=3), "min_size"), (Shards(4, 3), "classes_per_client")],
+    [
+        (Dirichlet(4, min_size=3), "min_size"),
+        (QuantitySkew(4, min_size=3), "min_size"),
+        (Shards(4, 3), "classes_per_client"),
+    ],
     ids=repr,
 )
 def test_impossible_minimums_raise(partitioner: Partitioner, field: str) -> None:
@@ -194,4 +206,6 @@ def test_natural_without_groups_raises() -> None:
 
 def test_natural_with_no_group_large_enough_raises() -> None:
     with pytest.raises(ValueError, match=r"data\.partitioner\.min_size=5"):
-        Natural(min_size=5).partition(torch.zeros(4, dtype=torch.long), seed=0, groups=torch.tensor([0, 0, 1, 1]))
+        Natural(min_size=5).partition(
+            torch.zeros(4, dtype=torch.long), seed=0, groups=torch.tensor([0, 0, 1, 1])
+        )

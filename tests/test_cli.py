@@ -1,0 +1,135 @@
+"""The ``lightfed`` command: LightningCLI configs, overrides, plugin listing, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightfed.cli import LightFedCLI, main
+
+CONFIG = {
+    "seed_everything": 0,
+    "model": {"class_path": "lightfed.models.MLPClassifier", "init_args": {"in_features": 64, "hidden": [16], "lr": 0.1}},
+    "data": {
+        "class_path": "lightfed.data.datasets.DigitsDataModule",
+        "init_args": {"partitioner": {"class_path": "lightfed.data.partition.IID", "init_args": {"num_clients": 20}}},
+    },
+    "strategy": "FedAvg",
+    "trainer": {"rounds": 2, "clients_per_round": 4, "enable_progress_bar": False, "fed_eval_fraction": 0.0},
+}
+
+
+def write_config(tmp_path: Path, **trainer) -> str:
+    cfg = yaml.safe_load(yaml.safe_dump(CONFIG))
+    cfg["trainer"].update(default_root_dir=str(tmp_path), **trainer)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_fit_from_yaml_writes_logs_checkpoint_and_model(tmp_path):
+    cli = LightFedCLI(args=["fit", "--config", write_config(tmp_path), "--trainer.rounds", "3"])
+    trainer = cli.trainer
+    assert trainer.rounds == 3 and len(trainer.history) == 3
+    log_dir = trainer.log_dir
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (log_dir / "global_model.safetensors").is_file()
+    saved = (log_dir / "config.yaml").read_text()
+    assert "rounds: 3" in saved and "subcommand" not in saved
+    events = list(log_dir.glob("events.out.tfevents.*"))
+    assert events, "TensorBoard event file missing"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ("central/test_acc", "client/loss_mean", "round/update_norm", "round/bytes_up_per_client", "round/seconds"):
+        assert tag in tags
+    assert [e.step for e in acc.Scalars("round/seconds")] == [0, 1, 2]
+
+
+def test_resume_through_cli(tmp_path):
+    cfg = write_config(tmp_path, logger=False)
+    first = LightFedCLI(args=["fit", "--config", cfg])
+    ckpt = first.trainer.last_checkpoint
+    resumed = LightFedCLI(args=["fit", "--config", cfg, "--trainer.rounds", "4", "--ckpt_path", str(ckpt),
+                                "--trainer.default_root_dir", str(tmp_path / "r")])
+    straight = LightFedCLI(args=["fit", "--config", cfg, "--trainer.rounds", "4",
+                                 "--trainer.default_root_dir", str(tmp_path / "s")])
+    assert torch.equal(resumed.trainer.global_params, straight.trainer.global_params)
+
+
+def test_strategy_by_name_case_insensitive_and_unknown_name_lists_registered(tmp_path):
+    cfg = write_config(tmp_path, logger=False, rounds=1)
+    cli = LightFedCLI(args=["fit", "--config", cfg, "--strategy", "fedavg"])
+    assert type(cli.trainer.strategy).__name__ == "FedAvg"
+    with pytest.raises(ValueError, match=r"unknown strategy 'FedNope'; registered: .*FedAvg"):
+        LightFedCLI(args=["fit", "--config", cfg, "--strategy", "FedNope"])
+
+
+def test_strategy_init_args_validated_from_type_hints(tmp_path):
+    cfg = write_config(tmp_path, logger=False, rounds=1)
+    cli = LightFedCLI(args=["fit", "--config", cfg, "--strategy", "lightfed.FedAvg", "--strategy.server_lr", "0.5"])
+    assert cli.trainer.strategy.server_lr == 0.5
+    with pytest.raises(SystemExit):
+        LightFedCLI(args=["fit", "--config", cfg, "--strategy", "lightfed.FedAvg", "--strategy.server_lr", "fast"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--trainer.clients_per_round", "50"], "clients_per_round=50 but the data has only 20 clients"),
+        (["--trainer.rounds", "0"], "trainer.rounds must be >= 1"),
+        (["--trainer.init_checkpoint", "/nonexistent/w.ckpt"], "does not exist"),
+    ],
+)
+def test_bad_input_fails_before_training_with_the_field(tmp_path, override, message):
+    cfg = write_config(tmp_path, logger=False)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        LightFedCLI(args=["fit", "--config", cfg, *override])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_mismatching_init_checkpoint_lists_keys(tmp_path):
+    torch.save({"net.1.weight": torch.zeros(16, 64), "bogus.weight": torch.zeros(2)}, tmp_path / "bad.pt")
+    cfg = write_config(tmp_path, logger=False, init_checkpoint=str(tmp_path / "bad.pt"))
+    with pytest.raises(ValueError, match=r"missing keys \['net.1.bias'.*unexpected keys \['bogus.weight'\]"):
+        LightFedCLI(args=["fit", "--config", cfg])
+
+
+def test_missing_resume_checkpoint(tmp_path):
+    cfg = write_config(tmp_path, logger=False)
+    with pytest.raises(FileNotFoundError, match="--ckpt_path"):
+        LightFedCLI(args=["fit", "--config", cfg, "--ckpt_path", str(tmp_path / "nope.ckpt")])
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    with pytest.raises(SystemExit):
+        LightFedCLI(args=["fit", "--config", cfg, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["rounds"] == 2
+    assert printed["strategy"]["class_path"].endswith("FedAvg")
+    assert printed["data"]["init_args"]["partitioner"]["init_args"]["num_clients"] == 20
+
+
+def test_strategies_command_lists_fedavg_with_origin(capsys):
+    main(["strategies"])
+    out = capsys.readouterr().out
+    assert "FedAvg" in out and "Federated Averaging" in out and "lightfed.strategy" in out
+
+
+def test_data_command_prints_statistics_and_plots(tmp_path, capsys):
+    main(["data", "--config", write_config(tmp_path)])
+    out = capsys.readouterr().out
+    assert "20" in out and (tmp_path / "partition.png").stat().st_size > 1000
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "lightfed.cli", "fit", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--trainer.rounds" in out.stdout and "--strategy" in out.stdout

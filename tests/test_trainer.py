@@ -1,0 +1,162 @@
+"""The federated loop end to end: training, evaluation, logging, checkpoints, resume, determinism."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightfed import ClientUpdate, FederatedTrainer, FullParticipation, Strategy
+from lightfed.data.partition import IID
+from lightfed.seeding import make_generator
+from tests.conftest import BoringFederatedData, boring_model
+
+
+def make_trainer(tmp_path: Path, **kwargs) -> FederatedTrainer:
+    kwargs.setdefault("rounds", 3)
+    kwargs.setdefault("clients_per_round", 4)
+    kwargs.setdefault("batch_size", 8)
+    return FederatedTrainer(logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path), **kwargs)
+
+
+def test_fit_learns_and_reports(tmp_path):
+    trainer = make_trainer(tmp_path, rounds=8, eval_every=4, fed_eval_fraction=0.5)
+    history = trainer.fit(boring_model(), BoringFederatedData())
+    assert [r["round"] for r in history] == list(range(8))
+    first, last = history[3], history[-1]
+    assert last["central/test_acc"] > 0.9
+    assert last["central/test_loss"] < first["central/test_loss"]
+    assert 0 <= last["federated/val_acc_worst10"] <= last["federated/val_acc_mean"] <= 1
+    assert last["federated/clients"] == 6
+    assert history[0]["round/clients"] == 4 and history[0]["round/updates"] == 4
+    n_params = 8 * 16 + 16 + 16 * 3 + 3
+    assert history[0]["round/bytes_up_per_client"] == 4 * n_params
+    assert history[0]["round/bytes_down_per_client"] == 4 * n_params
+    assert history[0]["client/loss_mean"] > history[-1]["client/loss_mean"]
+
+
+def test_one_round_equals_hand_computed_weighted_fedavg(tmp_path):
+    """Train two clients by hand with plain PyTorch and check the global model is their weighted mean."""
+    data = BoringFederatedData(IID(num_clients=2), n=45)
+    model = boring_model(lr=0.05)
+    reference = copy.deepcopy(model)
+    trainer = make_trainer(tmp_path, rounds=1, sampler=FullParticipation(), batch_size=5, fed_eval_fraction=0)
+    trainer.fit(model, data)
+
+    start = [p.detach().clone() for p in reference.parameters()]
+    deltas, sizes = [], []
+    for cid in range(2):
+        worker = copy.deepcopy(reference)
+        opt = torch.optim.SGD(worker.parameters(), lr=0.05)
+        client = data.client_train(cid)
+        for x, y in client.batches(5, make_generator(0, "batches", 0, cid, 0)):
+            opt.zero_grad()
+            F.cross_entropy(worker(x), y).backward()
+            opt.step()
+        deltas.append([p.detach() - s for p, s in zip(worker.parameters(), start)])
+        sizes.append(len(client))
+    assert sizes[0] != sizes[1], "unequal client sizes make the weighting observable"
+    total = sum(sizes)
+    expected = [s + (sizes[0] * d0 + sizes[1] * d1) / total for s, d0, d1 in zip(start, *deltas)]
+    got = trainer.spec.unflatten(trainer.global_params)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+
+
+def test_same_seed_same_numbers_different_seed_different(tmp_path):
+    runs = []
+    for seed in (0, 0, 1):
+        trainer = make_trainer(tmp_path / f"s{seed}{len(runs)}", seed=seed)
+        trainer.fit(boring_model(), BoringFederatedData())
+        runs.append(trainer.global_params)
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_resume_after_interruption_gives_identical_weights(tmp_path):
+    full = make_trainer(tmp_path / "full", rounds=6, checkpoint_every=3)
+    full.fit(boring_model(), BoringFederatedData())
+
+    first = make_trainer(tmp_path / "part", rounds=3)
+    first.fit(boring_model(), BoringFederatedData())
+    ckpt = first.last_checkpoint
+    assert ckpt is not None and ckpt.is_file()
+
+    resumed = make_trainer(tmp_path / "resumed", rounds=6)
+    history = resumed.fit(boring_model(seed=99), BoringFederatedData(), ckpt_path=str(ckpt))
+    assert torch.equal(resumed.global_params, full.global_params)
+    assert [r["round"] for r in history] == list(range(6))
+
+
+def test_checkpoints_and_exported_model_load_outside_lightfed(tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = make_trainer(tmp_path, rounds=4, checkpoint_every=2)
+    trainer.fit(boring_model(), BoringFederatedData())
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "round-00002.ckpt", "round-00004.ckpt"]
+    fresh = boring_model(seed=5)
+    fresh.load_state_dict(load_file(str(trainer.exported_model)))
+    flat = trainer.spec.flatten(trainer.spec.tensors(fresh))
+    assert torch.equal(flat, trainer.global_params)
+
+
+class _PoisonClient(Strategy):
+    """FedAvg whose client 1 sends NaN."""
+
+    def on_client_end(self, ctx, update: ClientUpdate) -> ClientUpdate:
+        if update.client_id == 1:
+            update.delta = torch.full_like(update.delta, float("nan"))
+        return update
+
+
+def test_nan_update_is_excluded_with_warning(tmp_path):
+    trainer = make_trainer(tmp_path, rounds=2, sampler=FullParticipation(), strategy=_PoisonClient())
+    with pytest.warns(RuntimeWarning, match="client 1 sent an update with NaN"):
+        history = trainer.fit(boring_model(), BoringFederatedData())
+    assert torch.isfinite(trainer.global_params).all()
+    assert history[0]["round/rejected"] == 1 and history[0]["round/updates"] == 11
+
+
+def test_trainable_patterns_freeze_the_rest_and_shrink_the_payload(tmp_path):
+    model = boring_model()
+    frozen_before = model.net[1].weight.detach().clone()
+    trainer = make_trainer(tmp_path, trainable=["net.3.*"])
+    history = trainer.fit(model, BoringFederatedData())
+    assert trainer.spec.names == ("net.3.weight", "net.3.bias")
+    assert history[0]["round/bytes_up_per_client"] == 4 * (16 * 3 + 3)
+    assert torch.equal(model.net[1].weight, frozen_before)
+
+
+def test_init_checkpoint_formats(tmp_path):
+    from safetensors.torch import save_file
+
+    source = boring_model(seed=7)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save(state, tmp_path / "w.pt")
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "w.ckpt")
+    for name in ("w.safetensors", "w.pt", "w.ckpt"):
+        model = boring_model(seed=1)
+        trainer = make_trainer(tmp_path / name, rounds=1, init_checkpoint=str(tmp_path / name))
+        trainer._setup(model, BoringFederatedData())
+        assert torch.equal(model.net[1].weight, source.net[1].weight), name
+
+
+def test_federated_eval_uses_personal_params(tmp_path):
+    class Personal(Strategy):
+        def eval_params(self, client_id, state, global_params):
+            return torch.zeros_like(global_params)
+
+    trainer = make_trainer(tmp_path, rounds=1, strategy=Personal(), fed_eval_fraction=1.0)
+    history = trainer.fit(boring_model(), BoringFederatedData())
+    # an all-zero MLP predicts class 0 for every input: accuracy equals the share of label 0
+    dm = trainer.datamodule
+    labels = dm.arrays.train[1]
+    per_client = [float((labels[dm.client_val(c).indices] == 0).float().mean()) for c in range(12)]
+    assert history[0]["federated/val_acc_mean"] == pytest.approx(sum(per_client) / 12)
+    # worst 10% of 12 clients = the lowest ceil(1.2) = 2 clients
+    assert history[0]["federated/val_acc_worst10"] == pytest.approx(sum(sorted(per_client)[:2]) / 2)
