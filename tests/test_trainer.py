@@ -160,3 +160,36 @@ def test_federated_eval_uses_personal_params(tmp_path):
     assert history[0]["federated/val_acc_mean"] == pytest.approx(sum(per_client) / 12)
     # worst 10% of 12 clients = the lowest ceil(1.2) = 2 clients
     assert history[0]["federated/val_acc_worst10"] == pytest.approx(sum(sorted(per_client)[:2]) / 2)
+
+
+class _LeavesClientEmpty(IID):
+    def partition(self, labels, seed, groups=None):
+        from lightfed.data.client_data import Partition
+
+        return Partition.from_lists([list(range(len(labels))), []])
+
+
+def test_partition_with_an_empty_client_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"leaves clients \[1\] empty"):
+        make_trainer(tmp_path).fit(boring_model(), BoringFederatedData(_LeavesClientEmpty(num_clients=2)))
+
+
+def test_local_steps_run_exactly_that_many_optimizer_steps(tmp_path):
+    from lightfed.client import LocalTrainer
+
+    trainer = make_trainer(tmp_path, rounds=1, local_steps=7, batch_size=4)
+    trainer.fit(boring_model(), BoringFederatedData())
+    local: LocalTrainer = trainer.local
+    update = local.fit_client(0, 1, trainer.datamodule.client_train(0), trainer.global_params)
+    assert update.num_steps == 7 and len(trainer.datamodule.client_train(0)) < 7 * 4
+
+
+def test_bf16_precision_applies_to_client_training(tmp_path):
+    bf16 = make_trainer(tmp_path / "bf16", rounds=2, precision="bf16-mixed")
+    bf16.fit(boring_model(), BoringFederatedData())
+    fp32 = make_trainer(tmp_path / "fp32", rounds=2)
+    fp32.fit(boring_model(), BoringFederatedData())
+    # autocast really ran in bf16 (results differ from fp32) yet trains the same model (close)
+    assert bf16.global_params.dtype == torch.float32
+    assert not torch.equal(bf16.global_params, fp32.global_params)
+    torch.testing.assert_close(bf16.global_params, fp32.global_params, atol=0.05, rtol=0)

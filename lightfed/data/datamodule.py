@@ -60,6 +60,9 @@ class FederatedDataModule(L.LightningDataModule):
         self.train_part: Partition | None = None
         self.val_part: Partition | None = None
 
+    def __repr__(self) -> str:  # LightningDataModule's would build every dataloader
+        return f"{type(self).__name__}(partitioner={self.partitioner!r}, seed={self.seed})"
+
     def load(self) -> FederatedArrays:
         """Load the pooled data (subclasses)."""
         raise NotImplementedError
