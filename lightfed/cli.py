@@ -11,6 +11,7 @@ in Lightning.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,7 @@ def data_command(args: list[str]) -> None:
     stats = partition_statistics(dm)
     print(format_statistics(stats))
     out = Path(cli.trainer.default_root_dir) / "partition.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig = plot_label_distribution(dm, str(out))
     print(f"label distribution plot: {out}")
     if cli.trainer.logger is not None and hasattr(cli.trainer.logger, "experiment"):
@@ -118,6 +120,8 @@ def data_command(args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lightfed`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # sub-commands of our own hand LightningCLI a slice of sys.argv on purpose
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     if args and args[0] in ("strategies", "plugins"):
         print_plugins()
         return

@@ -31,7 +31,7 @@ from lightfed.client import LocalTrainer
 from lightfed.data.datamodule import FederatedDataModule
 from lightfed.distributed import merge_round, shard_cohort
 from lightfed.executor import Executor, SequentialExecutor
-from lightfed.messages import ClientUpdate, RoundResult
+from lightfed.messages import RoundResult
 from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.registry import EXECUTORS, STRATEGIES
