@@ -8,6 +8,7 @@ defaults to "do nothing", so a mechanism implements only what it changes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from lightfed.client import LocalTrainer
@@ -19,8 +20,21 @@ from lightfed.strategy import Strategy
 class PrivacyMechanism:
     """Base class of ``privacy:`` plugins (registry group ``lightfed.privacy``)."""
 
-    def setup(self, *, num_clients: int, sampler: ClientSampler, rounds: int, strategy: Strategy, seed: int) -> None:
-        """Validate the combination (refuse robust strategies), calibrate noise, print the plan."""
+    def setup(
+        self,
+        *,
+        num_clients: int,
+        sampler: ClientSampler,
+        rounds: int,
+        strategy: Strategy,
+        seed: int,
+        client_num_examples: Sequence[int] | None = None,
+    ) -> None:
+        """Validate the combination (refuse robust strategies), calibrate noise, print the plan.
+
+        ``client_num_examples`` (training examples per client, when the trainer passes it) lets the
+        weighted estimator compute its fixed denominator ``q W``.
+        """
 
     def client_update(self, update: ClientUpdate, round_idx: int) -> ClientUpdate:
         """On the client, before the update leaves it (client-side clipping, local DP noise)."""
