@@ -188,6 +188,11 @@ class FederatedTrainer:
                 "secure_aggregation runs the protocol in one process; use trainer.devices=1 with it "
                 "(sharding a SecAgg round over processes is not supported)."
             )
+        if getattr(self.privacy, "noise_placement", "server") == "distributed" and self.secure_aggregation is None:
+            raise ValueError(
+                "privacy.noise_placement: distributed leaves the noise to secure aggregation, but no "
+                "secure_aggregation section is configured: the sum would carry no noise. Add one or use server noise."
+            )
         if not isinstance(datamodule, FederatedDataModule):
             raise TypeError(f"data must be a lightfed FederatedDataModule, got {type(datamodule).__name__}.")
         datamodule.setup("fit")

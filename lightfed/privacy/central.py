@@ -97,6 +97,9 @@ class DPFixedClipping(PrivacyMechanism):
         accountant: ``"pld"`` (tight, default) or ``"rdp"``.
         pld_discretization: Grid width of the PLD accountant.
         verbose: Print the privacy plan before training.
+        noise_placement: ``"server"`` (the trusted server adds ``N(0, (zC)^2)`` to the sum) or
+            ``"distributed"`` (each client adds its share before secure aggregation masks it, see
+            docs/secure_aggregation.md; needs ``clipping: client`` and a ``secure_aggregation`` section).
     """
 
     def __init__(
@@ -113,8 +116,16 @@ class DPFixedClipping(PrivacyMechanism):
         accountant: AccountantName = "pld",
         pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
         verbose: bool = True,
+        noise_placement: Literal["server", "distributed"] = "server",
     ) -> None:
         _positive(clip_norm, "clip_norm")
+        if noise_placement not in ("server", "distributed"):
+            raise ValueError(f"privacy.init_args.noise_placement must be 'server' or 'distributed', got {noise_placement!r}.")
+        if noise_placement == "distributed" and clipping != "client":
+            raise ValueError(
+                "privacy.init_args.noise_placement: distributed needs clipping: client (the clients clip and noise "
+                "their own updates before secure aggregation; the server never sees them to clip)."
+            )
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ValueError(
                 f"give exactly one of privacy.init_args.noise_multiplier and target_epsilon (got "
@@ -150,6 +161,7 @@ class DPFixedClipping(PrivacyMechanism):
         self.accountant_name: AccountantName = accountant
         self.pld_discretization = pld_discretization
         self.verbose = verbose
+        self.noise_placement = noise_placement
         self.seed = 0
         self.scheme: SamplingScheme | None = None
         self.accountant: RoundAccountant | None = None
@@ -260,6 +272,9 @@ class DPFixedClipping(PrivacyMechanism):
         return clipped
 
     def process_aggregate(self, aggregate: RoundAggregate, round_idx: int) -> RoundAggregate:
+        if self.noise_placement == "distributed":  # the clients' noise shares are already in the sum
+            aggregate.denominator = aggregate.weight_sum = self.denominator
+            return aggregate
         std = sum_noise_std(self.update_noise_multiplier, self.current_clip)
         device = aggregate.delta_sum.device
         aggregate.delta_sum = aggregate.delta_sum + gaussian_like(

@@ -203,19 +203,9 @@ def test_distributed_noise_clips_each_weighted_update_to_the_clip_norm():
     assert float((result.delta_sum.double() - expected).abs().max()) < protocol.codec.error_bound(4, 4.0) + 1e-5
 
 
-class DistributedDP(DPFixedClipping):
-    """DPFixedClipping as it would look with ``noise_placement="distributed"``: the clients add the noise
-    (through SecAggPlus); the server only applies the fixed denominator."""
-
-    noise_placement = "distributed"
-
-    def process_aggregate(self, aggregate, round_idx):
-        aggregate.denominator = aggregate.weight_sum = self.denominator
-        return aggregate
-
-
 def test_distributed_dp_with_the_privacy_accountant_end_to_end(tmp_path):
-    privacy = DistributedDP(clip_norm=0.5, noise_multiplier=0.8, clipping="client", verbose=False)
+    privacy = DPFixedClipping(clip_norm=0.5, noise_multiplier=0.8, clipping="client", verbose=False,
+                              noise_placement="distributed")
     trainer = FederatedTrainer(
         rounds=2, clients_per_round=6, strategy=FedAvg(weighted=False), privacy=privacy,
         secure_aggregation=SecAggPlus(max_weight=1.0, clip=2.0, max_dropout=1 / 3), logger=False,
@@ -227,6 +217,17 @@ def test_distributed_dp_with_the_privacy_accountant_end_to_end(tmp_path):
     assert m["secagg/noise_std_per_client"] == pytest.approx(0.4 / math.sqrt(4))  # n_min = 6 - 2
     assert m["secagg/noise_std_sum"] >= m["secagg/noise_std_target"]
     assert 0 < m["privacy/epsilon"] < math.inf
+
+
+def test_distributed_noise_without_secure_aggregation_is_refused(tmp_path):
+    privacy = DPFixedClipping(clip_norm=0.5, noise_multiplier=0.8, clipping="client", verbose=False,
+                              noise_placement="distributed")
+    trainer = FederatedTrainer(rounds=1, strategy=FedAvg(weighted=False), privacy=privacy, logger=False,
+                               enable_progress_bar=False, default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="no secure_aggregation section"):
+        trainer.fit(boring_model(), BoringFederatedData())
+    with pytest.raises(ValueError, match="needs clipping: client"):
+        DPFixedClipping(clip_norm=0.5, noise_multiplier=0.8, noise_placement="distributed")
 
 
 def test_dp_compositions_that_would_be_wrong_are_refused():
