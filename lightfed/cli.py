@@ -90,7 +90,7 @@ def print_plugins() -> None:
     load_all_plugins()
     for registry in (STRATEGIES, PRIVACY, SECURE_AGGREGATION, EXECUTORS):
         entries = registry.entries()
-        print(f"{registry.kind}s ({registry.group}):")
+        print(f"{registry.group}:")
         if not entries:
             print("  (none installed)")
         width = max((len(e.name) for e in entries), default=0)

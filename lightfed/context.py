@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,10 @@ class ClientContext:
             visit's seeded order; for strategies that run extra local passes (Ditto).
         make_optimizer: Builds a fresh optimizer from the module's ``configure_optimizers`` over given
             parameters.
+        extras: Scratch space of the strategy for this visit (cached tensor lists, running sums); dropped
+            when the visit ends (use :attr:`state` for what must persist).
+        forward_context: Context manager of the run's precision for forward passes (autocast under
+            ``bf16-mixed``); :meth:`training_loss` runs inside it.
     """
 
     client_id: int
@@ -46,6 +51,7 @@ class ClientContext:
     optimizer: Any = None
     step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
 
     def local_tensors(self) -> list[Tensor]:
         """The live payload tensors of the worker model (parameters carry gradients)."""
@@ -58,3 +64,38 @@ class ClientContext:
     def local_params(self) -> Tensor:
         """Flat copy of the current local payload."""
         return self.spec.flatten(self.local_tensors())
+
+    def param_pairs(self) -> list[tuple[Tensor, Tensor]]:
+        """``(live parameter, its global value)`` for every payload *parameter* (buffers excluded).
+
+        What a proximal term ``||w - w_global||^2`` or a gradient correction runs over: buffers (BatchNorm
+        statistics) travel in the payload but have no gradient.
+        """
+        pairs = zip(self.local_tensors(), self.global_tensors(), self.spec.is_buffer)
+        return [(local, glob) for local, glob, is_buffer in pairs if not is_buffer]
+
+    def training_loss(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """The module's ``training_step`` loss on ``batch``, with the module's ``self.log`` muted.
+
+        For strategies that run extra passes over the client's data (q-FedAvg's loss at the global model,
+        Ditto's personal model) without counting them in the client's logged training metrics. Returns
+        ``None`` when ``training_step`` skips the batch (returns ``None``).
+        """
+        module = self.module
+        saved = {k: module.__dict__[k] for k in ("log", "log_dict") if k in module.__dict__}
+        module.__dict__["log"] = _ignore
+        module.__dict__["log_dict"] = _ignore
+        try:
+            with self.forward_context():
+                out = module.training_step(batch, batch_idx)
+        finally:
+            for k in ("log", "log_dict"):
+                module.__dict__.pop(k, None)
+            module.__dict__.update(saved)
+        if out is None:
+            return None
+        return out["loss"] if isinstance(out, dict) else out
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``LightningModule.log`` during :meth:`ClientContext.training_loss`."""

@@ -80,12 +80,21 @@ class Registry(Generic[T]):
             origin=origin or cls.__module__,
         )
 
-    def load_entry_points(self) -> None:
-        """Import every entry point of :attr:`group` once (idempotent)."""
-        if self._loaded_entry_points:
+    def load_entry_points(self, force: bool = False) -> None:
+        """Import every entry point of :attr:`group` once (idempotent).
+
+        Args:
+            force: Scan the installed distributions again even if this already ran (after a plugin was
+                installed, or a ``*.dist-info`` directory put on ``sys.path``, in the same process).
+                Entry points loaded before are loaded again, which is a no-op for imported modules.
+        """
+        if self._loaded_entry_points and not force:
             return
         self._loaded_entry_points = True
+        if force:
+            importlib.invalidate_caches()
         for ep in importlib.metadata.entry_points(group=self.group):
+            before = set(self._entries)
             try:
                 obj = ep.load()
             except Exception as err:  # noqa: BLE001 - one broken plugin must not break the others
@@ -96,11 +105,20 @@ class Registry(Generic[T]):
             dist = getattr(ep, "dist", None)
             where = f"{dist.name} (entry point {ep.name})" if dist is not None else f"entry point {ep.name}"
             for key, entry in list(self._entries.items()):
-                if entry.cls.__module__ == getattr(obj, "__module__", None) or entry.cls.__module__ == getattr(
-                    obj, "__name__", None
-                ):
+                if key not in before or _defined_under(entry.cls, obj):
                     if not entry.origin.startswith(where):
                         self._entries[key] = RegistryEntry(entry.name, entry.cls, entry.description, where)
+
+    def remove(self, name: str) -> RegistryEntry:
+        """Unregister ``name`` and return its entry (tests restore it with :meth:`add`).
+
+        Raises:
+            KeyError: if nothing is registered as ``name``.
+        """
+        key = name.lower()
+        if key not in self._entries:
+            raise KeyError(f"no {self.kind} registered as {name!r}; registered: {', '.join(self.names()) or '(none)'}.")
+        return self._entries.pop(key)
 
     def get(self, name: str) -> type:
         """The class registered as ``name``; lists the known names if there is none."""
@@ -128,6 +146,15 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         self.load_entry_points()
         return name.lower() in self._entries
+
+
+def _defined_under(cls: type, obj: Any) -> bool:
+    """Whether ``cls`` is defined in the module of entry-point object ``obj`` or, for a package, below it."""
+    module = cls.__module__
+    if module == getattr(obj, "__module__", None):
+        return True
+    package = getattr(obj, "__name__", None) if inspect.ismodule(obj) else None
+    return package is not None and (module == package or module.startswith(package + "."))
 
 
 STRATEGIES: Registry = Registry("strategy", "lightfed.strategies")

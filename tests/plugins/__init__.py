@@ -1,0 +1,1 @@
+"""Tests of the strategy plugins: registry routes, the zoo, its conformance harness."""
