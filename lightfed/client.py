@@ -22,7 +22,7 @@ from lightfed.context import ClientContext
 from lightfed.data.client_data import ClientData
 from lightfed.messages import ClientUpdate
 from lightfed.params import ParamSpec
-from lightfed.seeding import derive_seed, make_generator
+from lightfed.seeding import derive_seed
 from lightfed.strategy import Strategy
 
 
@@ -155,6 +155,8 @@ class LocalTrainer:
         self._submodules = list(module.modules())
         self._global_ref: Tensor | None = None
         self._global_views: list[Tensor] = []
+        self._flat_views: list[Tensor] | None = None
+        self._batch_gen = torch.Generator()  # reseeded per (round, client, epoch); ClientData.batches is eager
 
     # ------------------------------------------------------------------ helpers
     @torch.no_grad()
@@ -166,8 +168,19 @@ class LocalTrainer:
         if global_params is not self._global_ref:
             self._global_ref = global_params
             self._global_views = self.spec.unflatten(global_params)
-        for t, v in zip(self.tensors, self._global_views):
-            t.copy_(v)
+        torch._foreach_copy_(self.tensors, self._global_views)
+
+    def local_params(self) -> Tensor:
+        """Flat float32 copy of the worker module's payload (what :meth:`ParamSpec.flatten` returns).
+
+        One ``cat`` of flat views cut once (contiguous float32 payloads; re-cut if a tensor's storage moved).
+        """
+        views = self._flat_views
+        if views is None or any(v.data_ptr() != t.data_ptr() for v, t in zip(views, self.tensors)):
+            if not all(t.dtype == torch.float32 and t.is_contiguous() for t in self.tensors):
+                return self.spec.flatten(self.tensors)
+            views = self._flat_views = [t.detach().view(-1) for t in self.tensors]
+        return torch.cat(views)
 
     def train_mode(self) -> None:
         """``module.train()``, skipped when every submodule is already in training mode."""
@@ -216,8 +229,9 @@ class LocalTrainer:
         seed_device_rng(derive_seed(self.seed, "client_rng", round_idx, client_id), global_params.device)
 
         def batches(epoch: int) -> Iterator[Any]:
-            gen = make_generator(self.seed, "batches", round_idx, client_id, epoch)
-            return data.batches(self.batch_size, gen)
+            # the stream of make_generator(seed, "batches", round, client, epoch), without a new Generator
+            self._batch_gen.manual_seed(derive_seed(self.seed, "batches", round_idx, client_id, epoch))
+            return data.batches(self.batch_size, self._batch_gen)
 
         ctx = ClientContext(
             client_id=client_id, round_idx=round_idx, module=module, spec=self.spec,
@@ -229,7 +243,7 @@ class LocalTrainer:
         ctx.optimizer = optimizer
         self.strategy.on_client_start(ctx)
         capture = LogCapture()
-        losses: list[tuple[Tensor, int]] = []  # (detached batch loss, batch size); summed once at the end
+        losses: list[tuple[Tensor | float, int]] = []  # (batch loss, batch size); summed once at the end
         with capture.attach(module):
             epoch = 0
             while True:
@@ -245,7 +259,7 @@ class LocalTrainer:
                     self.strategy.on_before_optimizer_step(ctx)
                     self._optimizer_step(optimizer)
                     ctx.step += 1
-                    losses.append((loss.detach(), bs))
+                    losses.append((loss.item() if loss.device.type == "cpu" else loss.detach(), bs))
                     for s in schedulers:
                         if s.get("interval", "epoch") == "step":
                             s["scheduler"].step()
@@ -262,7 +276,7 @@ class LocalTrainer:
                     break
         metrics = capture.results()
         metrics["loss"] = sum(float(v) * n for v, n in losses) / max(sum(n for _, n in losses), 1)
-        local = self.spec.flatten(self.tensors)
+        local = self.local_params()
         update = ClientUpdate(
             client_id=client_id, delta=local - global_params, num_examples=len(data),
             num_steps=ctx.step, metrics=metrics,

@@ -551,6 +551,7 @@ def _resolve_executor(executor: Executor | str) -> Executor:
         return executor
     if executor == "sequential":
         return SequentialExecutor()
+    import lightfed.executors  # noqa: F401 - registers the built-in executors (vmap)
     try:
         return EXECUTORS.create(executor)
     except KeyError as err:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,11 +25,16 @@ class Partition:
 
     @classmethod
     def from_lists(cls, clients: Sequence[Sequence[int] | Tensor]) -> Partition:
-        parts = [torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in clients]
-        sizes = torch.tensor([len(p) for p in parts], dtype=torch.long)
-        offsets = torch.zeros(len(parts) + 1, dtype=torch.long)
+        if any(isinstance(c, Tensor) for c in clients):
+            parts = [torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in clients]
+            sizes = torch.tensor([len(p) for p in parts], dtype=torch.long)
+            indices = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        else:  # arrays and lists: one numpy concatenation (100,000 clients in milliseconds, not seconds)
+            arrays = [np.asarray(c, dtype=np.int64).reshape(-1) for c in clients]
+            sizes = torch.tensor([len(a) for a in arrays], dtype=torch.long)
+            indices = torch.from_numpy(np.concatenate(arrays)) if arrays else torch.zeros(0, dtype=torch.long)
+        offsets = torch.zeros(len(sizes) + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(sizes, 0)
-        indices = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
         return cls(indices, offsets)
 
     @property
@@ -38,7 +45,13 @@ class Partition:
         return self.offsets[1:] - self.offsets[:-1]
 
     def client(self, i: int) -> Tensor:
-        return self.indices[self.offsets[i] : self.offsets[i + 1]]
+        bounds = self._bounds
+        return self.indices[bounds[i] : bounds[i + 1]]
+
+    @cached_property
+    def _bounds(self) -> list[int]:
+        """``offsets`` as Python ints: slicing with them skips two tensor reads per client visit."""
+        return self.offsets.tolist()
 
     def __len__(self) -> int:
         return self.num_clients
@@ -57,19 +70,32 @@ class ClientData:
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False
     ) -> Iterator[tuple[Tensor, ...]]:
-        """Yield batches (tuples like a ``TensorDataset`` DataLoader's), shuffled by ``generator`` if given.
+        """Batches (tuples like a ``TensorDataset`` DataLoader's), shuffled by ``generator`` if given.
 
-        The client's examples are gathered once per call; batches are then slices of that gather.
+        The client's examples are gathered once, when this is called (the generator is consumed then, not
+        at the first ``next``); batches are slices of that gather (a client with one batch gets the gather).
         """
         n = len(self)
-        idx = self.indices
-        if generator is not None:
-            perm = torch.randperm(n, generator=generator).to(idx.device)
-            idx = idx[perm]
-        local = tuple(t[idx] for t in self.tensors)
+        idx = self.order(generator)
+        local = tuple(t.index_select(0, idx) for t in self.tensors)
         stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            yield tuple(t[start : start + batch_size] for t in local)
+        if 0 < n <= batch_size and stop == n:
+            return iter((local,))
+        return (tuple(t[start : start + batch_size] for t in local) for start in range(0, stop, batch_size))
+
+    def order(self, generator: torch.Generator | None = None) -> Tensor:
+        """The client's example indices in the order :meth:`batches` visits them.
+
+        ``indices`` permuted by ``torch.randperm(len(self), generator=generator)``, or unchanged without a
+        generator. Executors that build batches themselves (the vectorised one) use this to keep exactly
+        the sequential executor's batch order.
+        """
+        if generator is None:
+            return self.indices
+        perm = torch.randperm(len(self), generator=generator)
+        if self.indices.device.type != "cpu":
+            perm = perm.to(self.indices.device)
+        return self.indices.index_select(0, perm)
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         n = len(self)

@@ -20,8 +20,10 @@ test clients are the training clients.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +55,9 @@ HF_INSTALL = "pip install 'lightfed[hf]'"
 _SPEAKER = re.compile(r"\*\*([^*]+)\*\*")
 _BRACKETS = re.compile(r"\[[^\]]*\]")
 _MARKUP = re.compile(r"[_*\\]")
-_CHAR_IDS = {c: i for i, c in enumerate(LEAF_LETTERS)}
+_EMPTY_EMPHASIS = re.compile(r"([_*])\s*\1")
+_ASCII_IDS = np.full(128, UNK_ID, dtype=np.int64)
+_ASCII_IDS[[ord(c) for c in LEAF_LETTERS]] = np.arange(len(LEAF_LETTERS))
 
 
 # ---------------------------------------------------------------------------------------- reading the plays
@@ -121,19 +125,20 @@ def parse_play(markdown: str) -> list[tuple[str, str]]:
         if m:
             speaker = _speaker_name(m.group(1))
             continue
+        s = _EMPTY_EMPHASIS.sub("", _BRACKETS.sub("", s)).strip()  # "_[Aside]_ text" -> "text"
+        text = " ".join(_MARKUP.sub("", s).split())
+        if not text:  # only a bracketed direction ("[Within]_")
+            continue
         if s[0] in "_*":
-            if len(s) == 1 or not s.endswith(s[0]):
+            if not s.endswith(s[0]):
                 closing = s[0]
             continue
-        if speaker is None:
-            continue
-        text = " ".join(_MARKUP.sub("", _BRACKETS.sub("", s)).split())
-        if text:
+        if speaker is not None:
             out.append((speaker, text))
     return out
 
 
-def read_plays(root: str | None = None, plays: list[str] | None = None) -> tuple[list[Line], list[str]]:
+def read_plays(root: str | None = None, plays: list[str] | None = None) -> tuple[tuple[Line, ...], list[str]]:
     """Every spoken line of the plays under :func:`plays_dir`, ordered by genre, play and position.
 
     Args:
@@ -146,7 +151,12 @@ def read_plays(root: str | None = None, plays: list[str] | None = None) -> tuple
     Raises:
         ValueError: a name in ``plays`` is not a play under ``root``.
     """
-    base = plays_dir(root)
+    lines, genres = _read_plays(plays_dir(root), None if plays is None else tuple(plays))
+    return lines, list(genres)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_plays(base: Path, plays: tuple[str, ...] | None) -> tuple[tuple[Line, ...], tuple[str, ...]]:
     genres = sorted(d.name for d in base.iterdir() if d.is_dir() and any(d.glob("*.md")))
     files = [(g, f) for g in genres for f in sorted((base / g).glob("*.md"))]
     if not files:
@@ -157,15 +167,15 @@ def read_plays(root: str | None = None, plays: list[str] | None = None) -> tuple
         if unknown:
             raise ValueError(f"data.plays names unknown plays {unknown}; available: {sorted(known)}.")
         files = [(g, f) for g, f in files if f.stem in set(plays)]
-    lines = [
+    lines = tuple(
         Line(f.stem, g, speaker, text)
         for g, f in files
         for speaker, text in parse_play(f.read_text(encoding="utf-8"))
-    ]
-    return lines, genres
+    )
+    return lines, tuple(genres)
 
 
-def _group_ids(lines: list[Line]) -> tuple[np.ndarray, list[str]]:
+def _group_ids(lines: tuple[Line, ...]) -> tuple[np.ndarray, list[str]]:
     """An integer key per line for its (play, speaker), keys ordered by name; and the names."""
     names = sorted({f"{ln.play}/{ln.speaker}" for ln in lines})
     index = {n: i for i, n in enumerate(names)}
@@ -175,7 +185,8 @@ def _group_ids(lines: list[Line]) -> tuple[np.ndarray, list[str]]:
 # ---------------------------------------------------------------------------------------- encodings
 def encode_chars(text: str) -> np.ndarray:
     """Character ids over :data:`LEAF_LETTERS` (``UNK_ID`` for anything else)."""
-    return np.fromiter((_CHAR_IDS.get(c, UNK_ID) for c in text), dtype=np.int64, count=len(text))
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    return np.where(codes < 128, _ASCII_IDS[np.minimum(codes, 127)], UNK_ID)
 
 
 def _tokenizer_file(tokenizer: str | None) -> Path:
@@ -220,12 +231,16 @@ def tokenize(
     except ImportError as err:
         raise ImportError(f"tokenizing text needs the `tokenizers` package: `{HF_INSTALL}`.") from err
     tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
     tok.enable_truncation(max_length=max_length)
     pad_id = tok.token_to_id("[PAD]") if tok.token_to_id("[PAD]") is not None else 0
-    tok.enable_padding(length=max_length, pad_id=pad_id)
     enc = tok.encode_batch(texts)
-    ids = torch.tensor([e.ids for e in enc], dtype=torch.int64).reshape(len(texts), max_length)
-    mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.int64).reshape(len(texts), max_length)
+    lengths = np.fromiter((len(e.ids) for e in enc), dtype=np.int64, count=len(enc))
+    flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in enc), dtype=np.int64, count=int(lengths.sum()))
+    filled = np.arange(max_length)[None, :] < lengths[:, None]
+    ids_np = np.full((len(texts), max_length), pad_id, dtype=np.int64)
+    ids_np[filled] = flat  # row-major order of the mask matches the concatenated tokens
+    ids, mask = torch.from_numpy(ids_np), torch.from_numpy(filled.astype(np.int64))
     if cache is not None:
         save_atomic({"input_ids": ids.to(torch.int32), "attention_mask": mask.to(torch.int8)}, cache)
     return ids, mask

