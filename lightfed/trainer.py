@@ -264,6 +264,8 @@ class FederatedTrainer:
             bar.close()
         self.save_checkpoint()
         self.exported_model = self.export(self.log_dir / "global_model.safetensors")
+        if self.is_global_zero and self.enable_progress_bar:
+            print(f"global model: {self.exported_model}\ncheckpoint:   {self.last_checkpoint}")
         if self.logger is not None:
             self.logger.finalize("success")
         return self.history
