@@ -20,10 +20,11 @@ Speed sections run in this one process with one torch thread (W2 also with two).
 and repeated; each figure is the median steady-state round (warm-up rounds skipped) of the best repeat,
 which is what the machine can do when other jobs leave it alone. Ratios compare figures of one run.
 
-glibc malloc: by default the runner re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` and
+glibc malloc: ``--malloc tuned`` re-executes the runner with ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` set (see :data:`MALLOC_ENV`), so freed tensors stay in the heap instead of being
-unmapped and page-faulted back in at every step; ``--malloc default`` runs with glibc's defaults and the
-``malloc`` section measures the difference.
+unmapped and page-faulted back in; the ``malloc`` section measures both. On these workloads it made no
+difference beyond noise (glibc's own thresholds adapt upwards after the first freed block, to 32 MiB, above
+every tensor here), so the default is ``--malloc default``: glibc as it comes.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--w2-threads", type=int, nargs="+", default=[1, 2], help="torch threads of the W2 runs")
     parser.add_argument("--w2-vmap", action="store_true", help="also run W2 through the vmap executor")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats")
-    parser.add_argument("--malloc", choices=("tuned", "default", "inherit"), default="tuned")
+    parser.add_argument("--malloc", choices=("tuned", "default", "inherit"), default="default")
     parser.add_argument("--json", type=Path, help="write every number to this file")
     args = parser.parse_args(argv)
     if args.quick:

@@ -6,6 +6,8 @@ Importing this package registers them in :data:`lightfed.registry.EXECUTORS`:
   ``torch.func`` (same result as ``sequential``, for models and strategies it can vectorise).
 """
 
-from lightfed.executors.vmap import VmapExecutor, VmapUnsupportedError
+from lightfed.executors.sgd import SGDHyper, sgd_hypers
+from lightfed.executors.support import VmapUnsupportedError, check_vectorisable
+from lightfed.executors.vmap import VmapExecutor
 
-__all__ = ["VmapExecutor", "VmapUnsupportedError"]
+__all__ = ["SGDHyper", "VmapExecutor", "VmapUnsupportedError", "check_vectorisable", "sgd_hypers"]

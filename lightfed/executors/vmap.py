@@ -56,171 +56,26 @@ PyTorch" (2021), whose model-ensembling and per-sample-gradient recipes this exe
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call, vmap
 
 from lightfed.client import LocalTrainer
 from lightfed.context import ClientContext
 from lightfed.data.client_data import ClientData
 from lightfed.executor import Executor
+from lightfed.executors.functional import LogRecorder, SwapCall, gather, gather_each, swap_names
+from lightfed.executors.sgd import SGDHyper, sgd_hypers
+from lightfed.executors.support import FIX, VmapUnsupportedError, check_vectorisable, overrides
 from lightfed.messages import ClientUpdate
 from lightfed.registry import EXECUTORS
 from lightfed.seeding import make_generator
-from lightfed.strategy import Strategy
 
-__all__ = ["SGDHyper", "VmapExecutor", "VmapUnsupportedError"]
-
-_FIX = "Use `trainer.executor: sequential` for it."
-
-
-class VmapUnsupportedError(ValueError):
-    """The model, optimizer, strategy or precision cannot be trained exactly by the vmap executor."""
-
-
-@dataclass(frozen=True)
-class SGDHyper:
-    """One parameter group of ``torch.optim.SGD``, applied to stacked (per-client) tensors."""
-
-    lr: float
-    momentum: float = 0.0
-    dampening: float = 0.0
-    weight_decay: float = 0.0
-    nesterov: bool = False
-    maximize: bool = False
-
-    @classmethod
-    def from_group(cls, group: dict[str, Any]) -> SGDHyper:
-        return cls(
-            lr=float(group["lr"]), momentum=float(group.get("momentum", 0.0)),
-            dampening=float(group.get("dampening", 0.0)), weight_decay=float(group.get("weight_decay", 0.0)),
-            nesterov=bool(group.get("nesterov", False)), maximize=bool(group.get("maximize", False)),
-        )
-
-    def step(self, param: Tensor, grad: Tensor, buf: Tensor | None) -> Tensor | None:
-        """``torch.optim.SGD``'s update of ``param`` in place; returns the new momentum buffer.
-
-        ``d = g + wd * p``; with momentum ``mu``: ``b = d`` on the first step, else
-        ``b = mu * b + (1 - dampening) * d``, and ``d = d + mu * b`` (Nesterov) or ``d = b``;
-        then ``p = p - lr * d`` (``g`` negated first when maximising).
-        """
-        d = -grad if self.maximize else grad
-        if self.weight_decay:
-            d = d.add(param, alpha=self.weight_decay)
-        if self.momentum:
-            if buf is None:
-                buf = d.clone()
-            else:
-                buf.mul_(self.momentum).add_(d, alpha=1 - self.dampening)
-            d = d.add(buf, alpha=self.momentum) if self.nesterov else buf
-        param.add_(d, alpha=-self.lr)
-        return buf
-
-
-class _Call(nn.Module):
-    """``functional_call`` target: runs ``fn(*args)`` while ``module``'s tensors are swapped."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(*args)
-
-
-class _LogRecorder:
-    """Stands in for ``module.log`` inside the vectorised step: keeps the (batched) values it is given."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Tensor] = {}
-
-    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-        if hasattr(value, "compute") and hasattr(value, "reset"):
-            raise VmapUnsupportedError(
-                f"training_step logs the torchmetrics Metric {name!r}; a stateful metric cannot be updated "
-                f"inside a vectorised step (log a tensor instead). {_FIX}"
-            )
-        self.values[name] = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
-
-    def log_dict(self, dictionary: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        for k, v in dictionary.items():
-            self.log(k, v)
-
-    @contextlib.contextmanager
-    def attach(self, module: nn.Module) -> Iterator[_LogRecorder]:
-        module.__dict__["log"] = self.log
-        module.__dict__["log_dict"] = self.log_dict
-        try:
-            yield self
-        finally:
-            module.__dict__.pop("log", None)
-            module.__dict__.pop("log_dict", None)
-
-
-def _overrides(strategy: Strategy, hook: str) -> bool:
-    return getattr(type(strategy), hook) is not getattr(Strategy, hook)
-
-
-def check_vectorisable(local: LocalTrainer) -> None:
-    """Raise :class:`VmapUnsupportedError` if ``local``'s set-up cannot be vectorised exactly.
-
-    Checks what is known before any data is seen: the local trainer's type (privacy wrappers), precision,
-    the strategy's client-side hooks, batch-statistics buffers and dropout layers.
-    """
-    if type(local) is not LocalTrainer:
-        raise VmapUnsupportedError(
-            f"the local trainer is {type(local).__name__} (a privacy mechanism such as DP-SGD replaced "
-            f"lightfed's LocalTrainer); the vmap executor only vectorises the plain local loop. {_FIX}"
-        )
-    precision = getattr(local.precision, "precision", "32-true")
-    if str(precision) not in ("32-true", "32"):
-        raise VmapUnsupportedError(f"trainer.precision={precision!r}: the vmap executor trains in 32-bit only. {_FIX}")
-    strategy = local.strategy
-    if _overrides(strategy, "on_before_optimizer_step") or strategy.uses_client_state:
-        what = "on_before_optimizer_step" if _overrides(strategy, "on_before_optimizer_step") else "client state"
-        raise VmapUnsupportedError(
-            f"strategy {type(strategy).__name__} uses {what} (per-step gradient edits or persistent client "
-            f"state); the vmap executor runs on_client_start, client_loss and on_client_end only. {_FIX}"
-        )
-    if local.spec.has_buffers:
-        raise VmapUnsupportedError(
-            f"the payload carries buffers ({[n for n, b in zip(local.spec.names, local.spec.is_buffer) if b][:3]}, "
-            f"BatchNorm-style statistics updated by training); the vmap executor needs models without them "
-            f"(GroupNorm/LayerNorm are fine). {_FIX}"
-        )
-    for name, mod in local.module.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
-            raise VmapUnsupportedError(
-                f"module {name!r} ({type(mod).__name__}) keeps running batch statistics; the vmap executor "
-                f"needs models without them (GroupNorm/LayerNorm are fine). {_FIX}"
-            )
-        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
-            raise VmapUnsupportedError(
-                f"module {name!r} ({type(mod).__name__}, p={mod.p}) is random during training; the vmap "
-                f"executor does not reproduce the sequential executor's dropout masks. {_FIX}"
-            )
-
-
-def sgd_hypers(optimizer: Any, tensors: list[Tensor]) -> list[SGDHyper | None]:
-    """The SGD hyper-parameters of each payload tensor (``None``: not optimised, never changes)."""
-    if type(optimizer) is not torch.optim.SGD:
-        raise VmapUnsupportedError(
-            f"configure_optimizers returned {type(optimizer).__name__}; the vmap executor implements "
-            f"torch.optim.SGD (momentum, dampening, nesterov, weight decay) exactly and no other optimizer. {_FIX}"
-        )
-    by_id: dict[int, SGDHyper] = {}
-    for group in optimizer.param_groups:
-        hyper = SGDHyper.from_group(group)
-        for p in group["params"]:
-            by_id[id(p)] = hyper
-    return [by_id.get(id(t)) for t in tensors]
-
+__all__ = ["PROBE_STEPS", "VmapExecutor"]
 
 @EXECUTORS.register("vmap")
 class VmapExecutor(Executor):
@@ -267,12 +122,12 @@ class VmapExecutor(Executor):
         self.module = local.module
         self.spec = local.spec
         self.strategy = local.strategy
-        self._call = _Call(local.module)
-        self._keys = _swap_names(local.module, local.spec.names)
-        self._recorder = _LogRecorder()
+        self._call = SwapCall(local.module)
+        self._keys = swap_names(local.module, local.spec.names)
+        self._recorder = LogRecorder()
         self._ctx: ClientContext | None = None
-        self._has_start = _overrides(local.strategy, "on_client_start")
-        self._has_client_loss = _overrides(local.strategy, "client_loss")
+        self._has_start = overrides(local.strategy, "on_client_start")
+        self._has_client_loss = overrides(local.strategy, "client_loss")
         self._forward_fn = vmap(self._forward, randomness="error")
         self._examples_fn = vmap(self._client_examples, in_dims=(0, 0, None), randomness="error")
         self._hooks_fn = vmap(self._hooks, randomness="error")
@@ -288,7 +143,7 @@ class VmapExecutor(Executor):
     def _training_loss(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         out = self.module.training_step(batch, batch_idx)
         if out is None:
-            raise VmapUnsupportedError(f"training_step returned None (a skipped batch) for a client batch. {_FIX}")
+            raise VmapUnsupportedError(f"training_step returned None (a skipped batch) for a client batch. {FIX}")
         return out["loss"] if isinstance(out, dict) else out
 
     def _example_loss(
@@ -370,7 +225,7 @@ class VmapExecutor(Executor):
         datas = [data(c) for c in clients]
         optimizer, schedulers = local.make_optimizer()
         if schedulers:
-            raise VmapUnsupportedError(f"configure_optimizers returned {len(schedulers)} LR scheduler(s). {_FIX}")
+            raise VmapUnsupportedError(f"configure_optimizers returned {len(schedulers)} LR scheduler(s). {FIX}")
         hypers = sgd_hypers(optimizer, local.tensors)
         del optimizer
         self._ctx = self._context(clients[0], round_idx, global_params, payload, len(datas[0]))
@@ -380,7 +235,7 @@ class VmapExecutor(Executor):
         self.module.train()
         with self._recorder.attach(self.module):
             updates = self._train(round_idx, clients, datas, global_params, hypers)
-        if _overrides(self.strategy, "on_client_end"):
+        if overrides(self.strategy, "on_client_end"):
             updates = [self._client_end(u, round_idx, global_params, payload) for u in updates]
         return iter(updates)
 
@@ -452,7 +307,7 @@ class VmapExecutor(Executor):
             idx = sched[:k, t]
             mask = idx >= 0
             safe = torch.where(mask, idx, idx[:, :1])
-            batch = _gather(pooled, safe) if sources is None else _gather_each(sources[:k], safe)
+            batch = gather(pooled, safe) if sources is None else gather_each(sources[:k], safe)
             active = {n: p[:k] for n, p in params.items()}
             grads, loss, sums = self._grads(active, batch, mask, t, trained)
             with torch.no_grad():
@@ -518,7 +373,7 @@ class VmapExecutor(Executor):
             if self._has_client_loss:
                 self._check_client_loss(params, round_idx, global_params, payload)
             vec = self._train(round_idx, [clients[i]], [probe], global_params, hypers, PROBE_STEPS)[0]
-        if _overrides(self.strategy, "on_client_end"):
+        if overrides(self.strategy, "on_client_end"):
             vec = self._client_end(vec, round_idx, global_params, payload)
         local = self.local
         short = LocalTrainer(
@@ -534,7 +389,7 @@ class VmapExecutor(Executor):
                 raise VmapUnsupportedError(
                     f"client {clients[i]}'s {what} trained by the vmap executor differs from the sequential "
                     f"executor's (max abs difference {diff:.3g}): something in training_step, "
-                    f"{type(self.strategy).__name__}'s client hooks or the optimizer is not vectorised exactly. {_FIX}"
+                    f"{type(self.strategy).__name__}'s client hooks or the optimizer is not vectorised exactly. {FIX}"
                 )
 
     def _cross_entropy_mismatch(self, batch: tuple[Tensor, ...]) -> str:
@@ -564,14 +419,14 @@ class VmapExecutor(Executor):
         except Exception as err:  # noqa: BLE001 - re-raised with the fix
             raise VmapUnsupportedError(
                 f"training_step of {type(self.module).__name__} could not be vectorised over examples "
-                f"({type(err).__name__}: {err}). {_FIX}"
+                f"({type(err).__name__}: {err}). {FIX}"
             ) from err
         if not torch.allclose(whole, per_example.mean(), rtol=self.rtol, atol=self.atol):
             raise VmapUnsupportedError(
                 f"training_step's loss on a batch of {len(batch[0])} examples is {float(whole):.6g}, but the mean "
                 f"of its per-example losses is {float(per_example.mean()):.6g}: the loss is not a mean over "
                 f"examples (class weights, sum reduction, batch statistics), so padded batches cannot be "
-                f"masked exactly. {_FIX}"
+                f"masked exactly. {FIX}"
             )
 
     def _check_client_loss(
@@ -589,7 +444,7 @@ class VmapExecutor(Executor):
             raise VmapUnsupportedError(
                 f"{type(self.strategy).__name__}.client_loss depends on the client (ctx.client_id, num_examples "
                 f"or step), not only on the weights, the loss and the round's payload; the vmap executor applies "
-                f"one client_loss to the whole cohort. {_FIX}"
+                f"one client_loss to the whole cohort. {FIX}"
             )
 
 
@@ -600,40 +455,3 @@ _LOSS_MODES = ("auto", "training_step", "cross_entropy")
 #: chaotic trajectory amplifies float rounding, not correctness: on W2 (a CNN at lr 0.05) the
 #: sequential executor with one and with two threads differs by 2e-7 after 4 steps and by 0.13 after 32.
 PROBE_STEPS = 4
-
-
-def _swap_names(module: nn.Module, names: tuple[str, ...]) -> dict[str, list[str]]:
-    """For each payload name, the ``_Call``-relative names to swap: one per distinct (module, attribute).
-
-    A parameter shared by two modules (tied embeddings) must be swapped in both; a module reachable under
-    two names (``self.net = nn.Sequential(self.features, self.head)``) must be swapped once, or
-    ``functional_call``'s own weight tying swaps it twice and restores the wrong tensor.
-    """
-    aliases: dict[int, list[str]] = {}
-    for alias, p in module.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(alias)
-    params = dict(module.named_parameters())
-    out: dict[str, list[str]] = {}
-    for name in names:
-        seen: set[tuple[int, str]] = set()
-        keys = []
-        for alias in aliases[id(params[name])]:
-            prefix, _, attr = alias.rpartition(".")
-            owner = (id(module.get_submodule(prefix)), attr)
-            if owner not in seen:
-                seen.add(owner)
-                keys.append(f"module.{alias}")
-        out[name] = keys
-    return out
-
-
-def _gather(tensors: tuple[Tensor, ...], idx: Tensor) -> tuple[Tensor, ...]:
-    """``[k, B, ...]`` rows of the pooled ``tensors`` at the ``[k, B]`` indices ``idx``."""
-    flat = idx.reshape(-1)
-    return tuple(t.index_select(0, flat).view(*idx.shape, *t.shape[1:]) for t in tensors)
-
-
-def _gather_each(sources: list[tuple[Tensor, ...]], idx: Tensor) -> tuple[Tensor, ...]:
-    """Like :func:`_gather` when clients index different tensors."""
-    parts = [tuple(t.index_select(0, row) for t in src) for src, row in zip(sources, idx)]
-    return tuple(torch.stack(cols) for cols in zip(*parts))

@@ -16,8 +16,7 @@ from lightfed.client import LocalTrainer
 from lightfed.data.client_data import ClientData
 from lightfed.data.datasets import DigitsDataModule
 from lightfed.data.partition import Dirichlet
-from lightfed.executors import VmapExecutor, VmapUnsupportedError
-from lightfed.executors.vmap import SGDHyper
+from lightfed.executors import SGDHyper, VmapExecutor, VmapUnsupportedError
 from lightfed.models import CNNClassifier, MLPClassifier
 from lightfed.params import ParamSpec
 from lightfed.seeding import make_generator

@@ -1,0 +1,61 @@
+"""What the vmap executor can train exactly, checked before any data is seen."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lightfed.client import LocalTrainer
+from lightfed.strategy import Strategy
+
+__all__ = ["FIX", "VmapUnsupportedError", "check_vectorisable", "overrides"]
+
+FIX = "Use `trainer.executor: sequential` for it."
+
+
+class VmapUnsupportedError(ValueError):
+    """The model, optimizer, strategy or precision cannot be trained exactly by the vmap executor."""
+
+
+def overrides(strategy: Strategy, hook: str) -> bool:
+    """Whether ``strategy``'s class replaces the :class:`Strategy` hook ``hook``."""
+    return getattr(type(strategy), hook) is not getattr(Strategy, hook)
+
+
+def check_vectorisable(local: LocalTrainer) -> None:
+    """Raise :class:`VmapUnsupportedError` if ``local``'s set-up cannot be vectorised exactly.
+
+    Checks what is known before any data is seen: the local trainer's type (privacy wrappers), precision,
+    the strategy's client-side hooks, batch-statistics buffers and dropout layers.
+    """
+    if type(local) is not LocalTrainer:
+        raise VmapUnsupportedError(
+            f"the local trainer is {type(local).__name__} (a privacy mechanism such as DP-SGD replaced "
+            f"lightfed's LocalTrainer); the vmap executor only vectorises the plain local loop. {FIX}"
+        )
+    precision = getattr(local.precision, "precision", "32-true")
+    if str(precision) not in ("32-true", "32"):
+        raise VmapUnsupportedError(f"trainer.precision={precision!r}: the vmap executor trains in 32-bit only. {FIX}")
+    strategy = local.strategy
+    if overrides(strategy, "on_before_optimizer_step") or strategy.uses_client_state:
+        what = "on_before_optimizer_step" if overrides(strategy, "on_before_optimizer_step") else "client state"
+        raise VmapUnsupportedError(
+            f"strategy {type(strategy).__name__} uses {what} (per-step gradient edits or persistent client "
+            f"state); the vmap executor runs on_client_start, client_loss and on_client_end only. {FIX}"
+        )
+    if local.spec.has_buffers:
+        raise VmapUnsupportedError(
+            f"the payload carries buffers ({[n for n, b in zip(local.spec.names, local.spec.is_buffer) if b][:3]}, "
+            f"BatchNorm-style statistics updated by training); the vmap executor needs models without them "
+            f"(GroupNorm/LayerNorm are fine). {FIX}"
+        )
+    for name, mod in local.module.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
+            raise VmapUnsupportedError(
+                f"module {name!r} ({type(mod).__name__}) keeps running batch statistics; the vmap executor "
+                f"needs models without them (GroupNorm/LayerNorm are fine). {FIX}"
+            )
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
+            raise VmapUnsupportedError(
+                f"module {name!r} ({type(mod).__name__}, p={mod.p}) is random during training; the vmap "
+                f"executor does not reproduce the sequential executor's dropout masks. {FIX}"
+            )
