@@ -2,7 +2,7 @@
 
 A population of ``--population`` clients with W1's sizes (digits tiled so that Dirichlet(0.5) gives 3-29
 examples per client) trains ``--rounds`` rounds of ``--clients-per-round`` clients. Printed as JSON:
-``ru_maxrss`` when the first round starts (set-up done) and at the end, in MiB.
+the peak resident memory (``VmHWM``) when the first round starts (set-up done) and at the end, in MiB.
 
     python benchmarks/memory.py --clients-per-round 1000 --executor sequential
 """
@@ -21,7 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def peak_rss_mib() -> float:
-    """``ru_maxrss`` of this process in MiB (Linux reports KiB)."""
+    """Peak resident memory of this process in MiB: ``VmHWM`` of ``/proc/self/status``.
+
+    Not ``ru_maxrss``: Linux keeps that across ``exec``, so a child started by a big parent reports the
+    parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -134,7 +134,7 @@ def section_w2(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------- processes
 def section_startup(args: argparse.Namespace) -> dict[str, Any]:
-    times: dict[str, list[float]] = {"plain": [], "lightfed": []}
+    times: dict[str, list[float]] = {"plain": [], "plain+lightning": [], "lightfed": []}
     for _ in range(1 if args.quick else 3):
         for mode in times:
             t0 = time.perf_counter()
@@ -142,8 +142,7 @@ def section_startup(args: argparse.Namespace) -> dict[str, Any]:
             times[mode].append(time.perf_counter() - t0)
     best = {m: min(v) for m, v in times.items()}
     table("start-up: fresh interpreter to the end of the first W1-like round (best of runs)",
-          [(m, f"{s:.2f}") for m, s in best.items()] + [("difference", f"{best['lightfed'] - best['plain']:.2f}")],
-          ("script", "seconds"))
+          [(m, f"{s:.2f}", f"{s - best['plain']:+.2f}") for m, s in best.items()], ("script", "seconds", "vs plain"))
     return {"seconds": best, "all": times, "difference": best["lightfed"] - best["plain"]}
 
 
@@ -156,7 +155,7 @@ def section_memory(args: argparse.Namespace) -> dict[str, Any]:
             out.append(r)
             rows.append((executor, str(m), f"{r['setup_peak_mib']:.1f}", f"{r['peak_mib']:.1f}",
                          f"{r['rounds_extra_mib']:.1f}", f"{r['seconds_per_round']:.3f}"))
-    table("memory: FedAvg on a 1,000-client W1-sized population, one process per row (ru_maxrss, MiB)", rows,
+    table("memory: FedAvg on a 1,000-client W1-sized population, one process per row (peak RSS = VmHWM, MiB)", rows,
           ("executor", "clients/round", "peak after set-up", "peak after rounds", "rounds add", "s/round"))
     return {"runs": out}
 
@@ -169,9 +168,10 @@ def section_population(args: argparse.Namespace) -> dict[str, Any]:
         out.append(r)
         rows.append((f"{n:,}", f"{r['datamodule_setup_seconds']:.2f}", f"{r['trainer_setup_seconds']:.2f}",
                      f"{r['first_round_seconds']:.3f}", f"{r['seconds_per_round']:.3f}", f"{r['index_bytes'] / 2**20:.1f}",
-                     f"{r['peak_mib']:.1f}"))
+                     f"{r['setup_peak_mib']:.1f}", f"{r['rounds_extra_mib']:.1f}"))
     table("population: clients index one pool of 1,437 digits; rounds of 100 clients (one process per row)", rows,
-          ("clients", "datamodule s", "trainer s", "round 1 s", "s/round", "index MiB", "peak MiB"))
+          ("clients", "datamodule s", "trainer s", "round 1 s", "s/round", "index MiB", "peak after set-up MiB",
+           "rounds add MiB"))
     big = out[-1]
     if "partition_iid_seconds" in big:
         print(f"   partitioning 1.5M labels into 100,000 clients: IID {big['partition_iid_seconds']:.2f} s, "
