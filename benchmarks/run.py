@@ -11,6 +11,7 @@ Sections (``--only``):
 * ``w1``         W1 through a plain PyTorch loop, lightfed's sequential and vmap executors;
 * ``issue2``     the issue-2 workload (100 IID clients of ~15 digits), lightfed vs plain;
 * ``w2``         W2 (32x32 digits, CNN) lightfed vs plain, with one and with two torch threads;
+* ``scaling``    W2 on one and on two processes (one torch thread each, gloo), cohorts of 5 and 6 clients;
 * ``memory``     peak RSS of W1-sized rounds with 10, 100 and 1,000 clients per round (one process each);
 * ``population`` 1,000 vs 100,000 clients: start-up, seconds per round of 100, peak RSS;
 * ``malloc``     W1 in child processes with and without the glibc malloc settings below;
@@ -45,7 +46,7 @@ sys.path.insert(0, str(HERE))
 
 #: glibc tunables: never serve allocations with mmap below 1 GiB, never give the heap back below 1 GiB.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
-SECTIONS = ("startup", "w1", "issue2", "w2", "memory", "population", "malloc", "flower")
+SECTIONS = ("startup", "w1", "issue2", "w2", "scaling", "memory", "population", "malloc", "flower")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -94,7 +95,10 @@ def speed(workload_name: str, methods: list[str], repeats: int, rounds: int | No
     best_cpu: dict[str, float] = {}
     for _ in range(repeats):
         for method in methods:
-            timing = run_plain(workload) if method == "plain" else run_lightfed(workload, executor=method)
+            if method.startswith("plain"):
+                timing = run_plain(workload, shuffle_per_visit=method == "plain_shuffled")
+            else:
+                timing = run_lightfed(workload, executor=method)
             if method not in best or timing.per_round < best[method].per_round:
                 best[method] = timing
             best_cpu[method] = min(best_cpu.get(method, float("inf")), timing.cpu_per_round)
@@ -144,6 +148,30 @@ def section_startup(args: argparse.Namespace) -> dict[str, Any]:
     table("start-up: fresh interpreter to the end of the first W1-like round (best of runs)",
           [(m, f"{s:.2f}", f"{s - best['plain']:+.2f}") for m, s in best.items()], ("script", "seconds", "vs plain"))
     return {"seconds": best, "all": times, "difference": best["lightfed"] - best["plain"]}
+
+
+def section_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """W2 on 1 and 2 processes (``benchmarks/scaling.py``); the best of ``--scaling-repeats`` interleaved runs."""
+    rounds = "2" if args.quick else str(args.scaling_rounds)
+    runs: dict[tuple[int, int], dict[str, Any]] = {}
+    for _ in range(1 if args.quick else args.scaling_repeats):
+        for cohort in (5, 6):
+            for procs in (1, 2):
+                r = child([str(HERE / "scaling.py"), "--processes", str(procs), "--clients-per-round", str(cohort),
+                           "--rounds", rounds, "--warmup", "1"], env={"OMP_NUM_THREADS": "1"})
+                key = (cohort, procs)
+                if key not in runs or r["seconds_per_round"] < runs[key]["seconds_per_round"]:
+                    runs[key] = r
+    rows = []
+    for cohort in (5, 6):
+        one, two = runs[cohort, 1], runs[cohort, 2]
+        bound = cohort / -(-cohort // 2)  # the slowest rank trains ceil(cohort / 2) equal clients
+        rows.append((str(cohort), f"{one['seconds_per_round']:.2f}", f"{two['seconds_per_round']:.2f}",
+                     f"{one['seconds_per_round'] / two['seconds_per_round']:.2f}x", f"{bound:.2f}x",
+                     f"{one['accuracy']:.4f} / {two['accuracy']:.4f}"))
+    table("scaling: W2 on 1 and 2 processes, one torch thread each (s/round, steady state)", rows,
+          ("clients/round", "1 process", "2 processes", "speed-up", "bound (client granularity)", "final acc 1 / 2"))
+    return {"runs": [runs[k] for k in sorted(runs)]}
 
 
 def section_memory(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--w2-rounds", type=int, default=4, help="W2 rounds (the first is warm-up)")
     parser.add_argument("--w2-threads", type=int, nargs="+", default=[1, 2], help="torch threads of the W2 runs")
     parser.add_argument("--w2-vmap", action="store_true", help="also run W2 through the vmap executor")
+    parser.add_argument("--scaling-rounds", type=int, default=3, help="W2 rounds per scaling run (the first is warm-up)")
+    parser.add_argument("--scaling-repeats", type=int, default=1, help="interleaved repeats of the scaling runs")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats")
     parser.add_argument("--malloc", choices=("tuned", "default", "inherit"), default="default")
     parser.add_argument("--json", type=Path, help="write every number to this file")
@@ -253,11 +283,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name == "startup":
             results[name] = section_startup(args)
         elif name == "w1":
-            results[name] = speed("W1", ["plain", "sequential", "vmap"], repeats, rounds, warmup)
+            results[name] = speed("W1", ["plain", "plain_shuffled", "sequential", "vmap"], repeats, rounds, warmup)
         elif name == "issue2":
-            results[name] = speed("issue2", ["plain", "sequential", "vmap"], repeats, rounds, warmup)
+            results[name] = speed("issue2", ["plain", "plain_shuffled", "sequential", "vmap"], repeats, rounds, warmup)
         elif name == "w2":
             results[name] = section_w2(args)
+        elif name == "scaling":
+            results[name] = section_scaling(args)
         elif name == "memory":
             results[name] = section_memory(args)
         elif name == "population":

@@ -30,7 +30,7 @@ from lightfed.data.datasets import DigitsDataModule, stratified_split
 from lightfed.data.partition import IID, Dirichlet, Partitioner
 from lightfed.models import CNNClassifier, MLPClassifier
 from lightfed.sampling import UniformSampler
-from lightfed.seeding import make_generator
+from lightfed.seeding import derive_seed, make_generator
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -189,7 +189,7 @@ def cohorts(workload: Workload, num_clients: int, seed: int = 0) -> list[list[in
 
 
 # ---------------------------------------------------------------------------------------- plain PyTorch
-def run_plain(workload: Workload, seed: int = 0) -> Timing:
+def run_plain(workload: Workload, seed: int = 0, shuffle_per_visit: bool = False) -> Timing:
     """The floor: a plain PyTorch FedAvg loop over pre-tensorised batches with one reused model.
 
     Every batch of every round is cut before the first round, in the order lightfed's executors use
@@ -198,6 +198,11 @@ def run_plain(workload: Workload, seed: int = 0) -> Timing:
     gather and no framework. A visit copies the global weights in place, builds ``torch.optim.SGD`` and
     runs forward / ``cross_entropy`` / backward / step over its batches; the server keeps a running sum
     of ``n_k * (local - global)``.
+
+    With ``shuffle_per_visit`` the loop does what lightfed's semantics require inside the timed loop: a
+    fresh seeded permutation of the client's examples per visit and epoch (``Generator.manual_seed`` +
+    ``randperm``, one ``index_select`` per tensor, batches sliced from that). The difference between the two
+    plain loops is the price of a new batch order per visit; the rest of lightfed's gap is the framework.
     """
     dm, module = prepared(workload, seed)
     net: nn.Module = copy.deepcopy(module.net)
@@ -207,10 +212,16 @@ def run_plain(workload: Workload, seed: int = 0) -> Timing:
     for r, cohort in enumerate(plan):
         for cid in cohort:
             data = dm.client_train(cid)
+            if shuffle_per_visit:
+                continue
             batches[r, cid] = [
                 b for e in range(workload.local_epochs)
                 for b in data.batches(workload.batch_size, make_generator(seed, "batches", r, cid, e))
             ]
+    client_idx = {cid: dm.client_train(cid).indices for cid in range(dm.num_clients)}
+    x_all, y_all = dm.arrays.train[:2]
+    gen = torch.Generator()
+    bs = workload.batch_size
     sizes = {cid: len(dm.client_train(cid)) for cid in range(dm.num_clients)}
     global_vec = torch.cat([p.detach().reshape(-1) for p in params]).clone()
     numels = [p.numel() for p in params]
@@ -225,7 +236,14 @@ def run_plain(workload: Workload, seed: int = 0) -> Timing:
                 for p, g in zip(params, torch.split(global_vec, numels)):
                     p.copy_(g.view_as(p))
             opt = torch.optim.SGD(params, lr=workload.lr)
-            for x, y in batches[r, cid]:
+            visit = [] if shuffle_per_visit else batches[r, cid]
+            if shuffle_per_visit:
+                for e in range(workload.local_epochs):
+                    gen.manual_seed(derive_seed(seed, "batches", r, cid, e))
+                    idx = client_idx[cid].index_select(0, torch.randperm(sizes[cid], generator=gen))
+                    xs, ys = x_all.index_select(0, idx), y_all.index_select(0, idx)
+                    visit += [(xs[i : i + bs], ys[i : i + bs]) for i in range(0, sizes[cid], bs)]
+            for x, y in visit:
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(net(x), y).backward()
                 opt.step()
@@ -241,7 +259,8 @@ def run_plain(workload: Workload, seed: int = 0) -> Timing:
         x_test, y_test = dm.arrays.test
         acc = float((net(x_test).argmax(-1) == y_test).float().mean())
     wall, cpu = _round_diffs(starts, end)
-    return Timing("plain PyTorch loop", wall, workload.warmup, acc, cpu)
+    label = "plain loop, shuffled per visit" if shuffle_per_visit else "plain PyTorch loop"
+    return Timing(label, wall, workload.warmup, acc, cpu)
 
 
 # ---------------------------------------------------------------------------------------- lightfed

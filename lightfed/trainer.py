@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +32,7 @@ from lightfed.client import LocalTrainer
 from lightfed.data.datamodule import FederatedDataModule
 from lightfed.distributed import merge_round, shard_cohort
 from lightfed.executor import Executor, SequentialExecutor
-from lightfed.messages import RoundResult
+from lightfed.messages import RoundResult, all_finite
 from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.registry import EXECUTORS, STRATEGIES
@@ -359,7 +360,7 @@ class FederatedTrainer:
             new = self.strategy.aggregate_updates(self.global_params, aggregator.updates, aggregator.weights, round_idx)
         else:
             new = self.strategy.aggregate(self.global_params, aggregate, round_idx)
-        if not bool(torch.isfinite(new).all()):
+        if not all_finite([new]):
             raise FloatingPointError(
                 f"round {round_idx}: {type(self.strategy).__name__} produced a non-finite global model from finite "
                 f"updates; the last checkpoint is intact. Lower the learning rates or check the strategy."
@@ -390,10 +391,10 @@ class FederatedTrainer:
             "round/bytes_up_per_client": float(self.spec.num_bytes),
         }
         keys = sorted({k for m in client_metrics for k in m})
-        for k in keys:
-            vals = torch.tensor([m[k] for m in client_metrics if k in m], dtype=torch.float64)
-            out[f"client/{k}_mean"] = float(vals.mean())
-            out[f"client/{k}_std"] = float(vals.std()) if len(vals) > 1 else 0.0
+        for k in keys:  # Python floats: a tensor per key and round costs more than the arithmetic
+            vals = [float(m[k]) for m in client_metrics if k in m]
+            out[f"client/{k}_mean"] = statistics.fmean(vals)
+            out[f"client/{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         return out
 
     # ------------------------------------------------------------------ evaluation

@@ -144,3 +144,13 @@ def test_derive_seed_is_stable_and_key_sensitive():
     assert derive_seed(0, "a", 1) == derive_seed(0, "a", 1)
     assert len({derive_seed(0, "a", 1), derive_seed(0, "a", 2), derive_seed(1, "a", 1), derive_seed(0, "b", 1)}) == 4
     assert 0 <= derive_seed(2**40, "x") < 2**63
+
+
+def test_all_finite_is_exact_when_the_sum_overflows() -> None:
+    from lightfed.messages import all_finite
+
+    big = torch.full((4,), 3e38)  # every term finite, the float32 sum overflows to inf
+    assert all_finite([big, torch.zeros(0), torch.tensor([1, 2])])
+    assert not all_finite([torch.tensor([1.0, float("-inf")])])
+    assert not all_finite([torch.tensor([float("inf"), float("-inf")])])  # sum is NaN
+    assert not all_finite([big, torch.tensor([0.0, float("nan")])])

@@ -37,6 +37,21 @@ class Partition:
         offsets[1:] = torch.cumsum(sizes, 0)
         return cls(indices, offsets)
 
+    @classmethod
+    def grouped(cls, owner: Tensor, values: Tensor, num_clients: int) -> Partition:
+        """Client ``c`` gets the ``values`` whose ``owner`` is ``c``, sorted ascending (one ``argsort``)."""
+        values = values.long()
+        if values.numel() == 0:
+            return cls(values, torch.zeros(num_clients + 1, dtype=torch.long))
+        order = torch.argsort(owner * (int(values.max()) + 1) + values)
+        offsets = torch.zeros(num_clients + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(torch.bincount(owner, minlength=num_clients), 0)
+        return cls(values[order], offsets)
+
+    def owners(self) -> Tensor:
+        """The client of each entry of ``indices``."""
+        return torch.repeat_interleave(torch.arange(self.num_clients), self.sizes())
+
     @property
     def num_clients(self) -> int:
         return len(self.offsets) - 1
