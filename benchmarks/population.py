@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--executor", default="sequential")
     parser.add_argument("--partitioners", action="store_true")
+    parser.add_argument("--val-fraction", type=float, default=0.0, help="per-client validation split")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -87,9 +88,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from lightfed.data.datasets import DigitsDataModule
     from lightfed.models import MLPClassifier
 
-    out: dict[str, float] = {"population": args.population, "clients_per_round": args.clients_per_round}
+    out: dict[str, float] = {"population": args.population, "clients_per_round": args.clients_per_round,
+                             "val_fraction": args.val_fraction}
     t0 = time.perf_counter()
-    dm = DigitsDataModule(SampledClients(args.population), val_fraction=0.0)
+    dm = DigitsDataModule(SampledClients(args.population), val_fraction=args.val_fraction)
     dm.setup("fit")
     out["datamodule_setup_seconds"] = time.perf_counter() - t0
     L.seed_everything(0, verbose=False)

@@ -7,7 +7,11 @@ JSON on the last line of stdout (the other ranks print nothing).
 
     python benchmarks/scaling.py --processes 2 --clients-per-round 6
 
-Throughput is bounded by the shard of the slowest rank: W2's cohort of 5 equal-sized clients splits 3 + 2
+``--plain`` times the plain PyTorch loop in this one process instead; ``run.py`` starts two of those at
+once to measure what the machine itself gives two single-threaded processes (the ceiling of any 2-process
+speed-up here: two vCPUs can share a physical core, caches and memory bandwidth).
+
+Throughput is also bounded by the shard of the slowest rank: W2's cohort of 5 equal-sized clients splits 3 + 2
 over two ranks, so two processes can go at most 5/3 = 1.67x as fast as one; a cohort of 6 splits 3 + 3
 (at most 2x).
 """
@@ -31,6 +35,7 @@ def main() -> None:
     parser.add_argument("--clients-per-round", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--plain", action="store_true", help="time the plain PyTorch loop instead (one process)")
     args = parser.parse_args()
 
     import torch
@@ -39,12 +44,15 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    from workloads import run_lightfed, w2
+    from workloads import run_lightfed, run_plain, w2
 
     workload = w2(rounds=args.rounds, warmup=args.warmup)
     workload.clients_per_round = args.clients_per_round
-    kwargs = {"devices": args.processes, "fabric_strategy": "ddp"} if args.processes > 1 else {}
-    timing = run_lightfed(workload, "sequential", accelerator="cpu", **kwargs)
+    if args.plain:
+        timing = run_plain(workload)
+    else:
+        kwargs = {"devices": args.processes, "fabric_strategy": "ddp"} if args.processes > 1 else {}
+        timing = run_lightfed(workload, "sequential", accelerator="cpu", **kwargs)
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
         return
     print(json.dumps({

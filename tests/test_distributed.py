@@ -42,3 +42,19 @@ def test_two_processes_equal_one_process_and_resume_across_rank_counts(tmp_path,
     c = weights(tmp_path / "mixed")
     for k in a:
         torch.testing.assert_close(a[k], c[k], atol=1e-6, rtol=0)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_process_example_config_equals_the_quickstart(tmp_path):
+    """experiments/digits_fedavg_2proc.yaml is the quickstart on two ranks: the same global model."""
+    short = ["--trainer.rounds", "2", "--trainer.fed_eval_fraction", "0.0", "--trainer.logger", "false"]
+    run_cli(["--config", str(REPO / "experiments" / "digits_fedavg.yaml"), *short,
+             "--trainer.default_root_dir", str(tmp_path / "one")])
+    run_cli(["--config", str(REPO / "experiments" / "digits_fedavg_2proc.yaml"), *short,
+             "--trainer.default_root_dir", str(tmp_path / "two")])
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)

@@ -318,3 +318,28 @@ def test_refuses_a_replaced_local_trainer():
     local = NoisyTrainer(model, ParamSpec.from_module(model), FedAvg())
     with pytest.raises(VmapUnsupportedError, match="NoisyTrainer"):
         VmapExecutor().setup(local)
+
+
+def test_vmap_example_config_equals_the_sequential_run(tmp_path):
+    """experiments/digits_vmap.yaml, two rounds, against the same config with the sequential executor."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    config = Path(__file__).resolve().parents[2] / "experiments" / "digits_vmap.yaml"
+    out = {}
+    for executor in ("vmap", "sequential"):
+        root = tmp_path / executor
+        proc = subprocess.run(
+            [sys.executable, "-m", "lightfed.cli", "fit", "--config", str(config), "--trainer.rounds", "2",
+             "--trainer.fed_eval_fraction", "0.0", "--trainer.executor", executor, "--trainer.logger", "false",
+             "--trainer.default_root_dir", str(root)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[executor] = load_file(str(root / "global_model.safetensors"))
+    assert out["vmap"].keys() == out["sequential"].keys()
+    for k, v in out["vmap"].items():
+        torch.testing.assert_close(v, out["sequential"][k], atol=1e-5, rtol=0)
