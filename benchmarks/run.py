@@ -179,6 +179,7 @@ def section_scaling(args: argparse.Namespace) -> dict[str, Any]:
 
     for _ in range(1 if args.quick else args.scaling_repeats):
         keep("plain alone", child([*base, "--plain"], env=env))
+        keep("plain 2 threads", child([*base, "--plain", "--threads", "2"], env={"OMP_NUM_THREADS": "2"}))
         together = _concurrent([[*base, "--plain"], [*base, "--plain"]], env)
         keep("plain together", max(together, key=lambda r: r["seconds_per_round"]))
         for cohort in (5, 6):
@@ -195,6 +196,8 @@ def section_scaling(args: argparse.Namespace) -> dict[str, Any]:
     table("scaling: W2 on 1 and 2 processes, one torch thread each (s/round, steady state)", rows,
           ("clients/round", "1 process", "2 processes", "speed-up", "bound (client granularity)",
            "bound (also machine)", "final acc 1 / 2"))
+    print(f"   the plain W2 loop (5 clients/round) on one process with two torch threads: "
+          f"{runs['plain 2 threads']['seconds_per_round']:.2f} s/round")
     print(f"   machine: the plain W2 loop alone {runs['plain alone']['seconds_per_round']:.2f} s/round, two at once "
           f"{runs['plain together']['seconds_per_round']:.2f} s/round each: two processes gain at most {ceiling:.2f}x")
     return {"ceiling": ceiling, "runs": {str(k): v for k, v in runs.items()}}

@@ -36,11 +36,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--plain", action="store_true", help="time the plain PyTorch loop instead (one process)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     args = parser.parse_args()
 
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
@@ -53,10 +54,10 @@ def main() -> None:
     else:
         kwargs = {"devices": args.processes, "fabric_strategy": "ddp"} if args.processes > 1 else {}
         timing = run_lightfed(workload, "sequential", accelerator="cpu", **kwargs)
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # Fabric's launcher sets LOCAL_RANK for ranks 1..N-1
         return
     print(json.dumps({
-        "processes": args.processes, "clients_per_round": args.clients_per_round, "rounds": args.rounds,
+        "processes": args.processes, "threads": args.threads, "clients_per_round": args.clients_per_round, "rounds": args.rounds,
         "warmup": args.warmup, "seconds_per_round": timing.per_round, "round_seconds": timing.round_seconds,
         "accuracy": timing.accuracy,
     }))

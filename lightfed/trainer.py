@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -391,10 +390,13 @@ class FederatedTrainer:
             "round/bytes_up_per_client": float(self.spec.num_bytes),
         }
         keys = sorted({k for m in client_metrics for k in m})
-        for k in keys:  # Python floats: a tensor per key and round costs more than the arithmetic
+        for k in keys:  # Python floats (a tensor per key and round costs more); NaN/Inf propagate
             vals = [float(m[k]) for m in client_metrics if k in m]
-            out[f"client/{k}_mean"] = statistics.fmean(vals)
-            out[f"client/{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            mean = math.fsum(vals) / len(vals)
+            out[f"client/{k}_mean"] = mean
+            out[f"client/{k}_std"] = (
+                math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            )
         return out
 
     # ------------------------------------------------------------------ evaluation

@@ -154,3 +154,7 @@ def test_all_finite_is_exact_when_the_sum_overflows() -> None:
     assert not all_finite([torch.tensor([1.0, float("-inf")])])
     assert not all_finite([torch.tensor([float("inf"), float("-inf")])])  # sum is NaN
     assert not all_finite([big, torch.tensor([0.0, float("nan")])])
+    assert all_finite([torch.full((2,), 6e4, dtype=torch.float16)])  # the half sum overflows, amax decides
+    assert not all_finite([torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)])
+    assert not all_finite([torch.tensor([complex(float("nan"), 0.0), 1 + 0j])])
+    assert all_finite([torch.tensor([1 + 2j, 3 - 1j])])

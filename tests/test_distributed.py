@@ -49,6 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_two_process_example_config_equals_the_quickstart(tmp_path):
     """experiments/digits_fedavg_2proc.yaml is the quickstart on two ranks: the same global model."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "experiments" / "digits_fedavg_2proc.yaml").read_text())
+    assert config["trainer"]["devices"] == 2 and config["trainer"]["fabric_strategy"] == "ddp"
     short = ["--trainer.rounds", "2", "--trainer.fed_eval_fraction", "0.0", "--trainer.logger", "false"]
     run_cli(["--config", str(REPO / "experiments" / "digits_fedavg.yaml"), *short,
              "--trainer.default_root_dir", str(tmp_path / "one")])

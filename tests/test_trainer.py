@@ -193,3 +193,21 @@ def test_bf16_precision_applies_to_client_training(tmp_path):
     assert bf16.global_params.dtype == torch.float32
     assert not torch.equal(bf16.global_params, fp32.global_params)
     torch.testing.assert_close(bf16.global_params, fp32.global_params, atol=0.05, rtol=0)
+
+
+def test_round_client_statistics_by_hand_and_with_non_finite_metrics(tmp_path):
+    import math
+
+    from lightfed.messages import RoundResult
+    from lightfed.params import ParamSpec
+
+    trainer = FederatedTrainer(rounds=1, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    trainer.spec = ParamSpec.from_module(torch.nn.Linear(2, 1))
+    result = RoundResult(round_idx=0, cohort=[0, 1, 2], num_updates=3)
+    metrics = [{"loss": 1.0, "f1": float("nan")}, {"loss": 3.0, "acc": 0.5}, {"loss": 8.0, "acc": float("inf")}]
+    out = trainer._round_metrics(result, metrics, {}, 0.0)
+    assert out["client/loss_mean"] == pytest.approx(4.0)
+    assert out["client/loss_std"] == pytest.approx(math.sqrt((9 + 1 + 16) / 2))  # sample std, n - 1
+    assert math.isnan(out["client/f1_mean"]) and out["client/f1_std"] == 0.0  # one client logged it
+    assert math.isinf(out["client/acc_mean"]) and math.isnan(out["client/acc_std"])
+    assert out["round/bytes_up_per_client"] == 4 * 3

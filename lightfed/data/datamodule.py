@@ -72,6 +72,7 @@ class FederatedDataModule(L.LightningDataModule):
             return
         arrays = self.load()
         partition = self.partitioner.partition(arrays.labels, self.seed, arrays.groups)
+        _check_partition(partition, len(arrays.labels), type(self.partitioner).__name__)
         sizes = partition.sizes()
         if partition.num_clients == 0 or bool((sizes == 0).any()):
             empty = torch.nonzero(sizes == 0).flatten().tolist()[:10]
@@ -171,3 +172,17 @@ class FederatedDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         arrays = self._require_setup()
         return DataLoader(TensorDataset(*(t.cpu() for t in arrays.test)), batch_size=self.batch_size)
+
+
+def _check_partition(partition: Partition, pool: int, name: str) -> None:
+    """A partitioner's output must be CSR: offsets from 0 to ``len(indices)``, non-decreasing, indices in the pool."""
+    offsets, indices = partition.offsets, partition.indices
+    problem = None
+    if offsets.ndim != 1 or len(offsets) < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != len(indices):
+        problem = f"offsets must run from 0 to len(indices)={len(indices)}"
+    elif bool((offsets[1:] < offsets[:-1]).any()):
+        problem = "offsets must be non-decreasing"
+    elif len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= pool):
+        problem = f"indices must lie in [0, {pool}) (the pooled training set)"
+    if problem is not None:
+        raise ValueError(f"{name}.partition returned a malformed Partition: {problem}. Build it with Partition.from_lists.")

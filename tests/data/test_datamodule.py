@@ -87,3 +87,18 @@ def test_grouped_keeps_duplicates_and_empty_clients() -> None:
     assert p.offsets.tolist() == [0, 2, 2, 5, 5]
     assert p.indices.tolist() == [3, 9, 1, 5, 5]
     assert Partition.grouped(owner[:0], values[:0], 2).offsets.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("indices", "offsets", "match"),
+    [
+        ([0, 1, 2, 3], [1, 2, 4], "from 0 to len"),
+        ([0, 1, 2, 3], [0, 3, 2, 4], "non-decreasing"),
+        ([0, 1, 2, 11], [0, 2, 4], r"\[0, 11\)"),
+    ],
+)
+def test_malformed_partitions_are_refused_by_name(indices, offsets, match) -> None:
+    bad = Partition(torch.tensor(indices), torch.tensor(offsets))
+    with pytest.raises(ValueError, match=match) as err:
+        _Pool(bad, 11, 0.2, seed=0).setup()
+    assert "_Fixed.partition" in str(err.value)

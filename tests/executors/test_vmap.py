@@ -328,13 +328,17 @@ def test_vmap_example_config_equals_the_sequential_run(tmp_path):
 
     from safetensors.torch import load_file
 
+    import yaml
+
     config = Path(__file__).resolve().parents[2] / "experiments" / "digits_vmap.yaml"
+    assert yaml.safe_load(config.read_text())["trainer"]["executor"] == "vmap"
     out = {}
     for executor in ("vmap", "sequential"):
         root = tmp_path / executor
+        override = [] if executor == "vmap" else ["--trainer.executor", "sequential"]  # vmap: the config's own
         proc = subprocess.run(
             [sys.executable, "-m", "lightfed.cli", "fit", "--config", str(config), "--trainer.rounds", "2",
-             "--trainer.fed_eval_fraction", "0.0", "--trainer.executor", executor, "--trainer.logger", "false",
+             "--trainer.fed_eval_fraction", "0.0", *override, "--trainer.logger", "false",
              "--trainer.default_root_dir", str(root)],
             capture_output=True, text=True, timeout=300,
         )
