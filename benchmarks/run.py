@@ -97,6 +97,9 @@ def speed(workload_name: str, methods: list[str], repeats: int, rounds: int | No
         for method in methods:
             if method.startswith("plain"):
                 timing = run_plain(workload, shuffle_per_visit=method == "plain_shuffled")
+            elif method == "sequential_channels_last":
+                timing = run_lightfed(WORKLOADS[workload_name](**kwargs, channels_last=True), executor="sequential")
+                timing.label = "lightfed sequential, channels-last"
             else:
                 timing = run_lightfed(workload, executor=method)
             if method not in best or timing.per_round < best[method].per_round:
@@ -127,7 +130,8 @@ def section_w2(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     out = {}
-    methods = ["plain", "sequential", *(["vmap"] if args.w2_vmap else [])]
+    methods = ["plain", "sequential", *(["sequential_channels_last"] if args.w2_channels_last else []),
+               *(["vmap"] if args.w2_vmap else [])]
     for threads in args.w2_threads:
         torch.set_num_threads(threads)
         print(f"\n-- torch threads: {threads}")
@@ -278,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--w2-rounds", type=int, default=4, help="W2 rounds (the first is warm-up)")
     parser.add_argument("--w2-threads", type=int, nargs="+", default=[1, 2], help="torch threads of the W2 runs")
     parser.add_argument("--w2-vmap", action="store_true", help="also run W2 through the vmap executor")
+    parser.add_argument("--w2-channels-last", action="store_true",
+                        help="also run W2 with CNNClassifier(channels_last=True)")
     parser.add_argument("--scaling-rounds", type=int, default=3, help="W2 rounds per scaling run (the first is warm-up)")
     parser.add_argument("--scaling-repeats", type=int, default=1, help="interleaved repeats of the scaling runs")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats")

@@ -114,11 +114,11 @@ def issue2(rounds: int = 20, warmup: int = 5) -> Workload:
     )
 
 
-def w2(rounds: int = 4, warmup: int = 1) -> Workload:
+def w2(rounds: int = 4, warmup: int = 1, channels_last: bool = False) -> Workload:
     """W2: digits upsampled to 32x32 (20k), CNN conv32-conv64-fc128, 20 clients, 5 per round, 2 epochs, batch 32."""
     return Workload(
         "W2", lambda: UpsampledDigits(IID(num_clients=20)),
-        lambda: CNNClassifier(in_channels=1, image_size=32, width=32, hidden=128, lr=0.05),
+        lambda: CNNClassifier(in_channels=1, image_size=32, width=32, hidden=128, lr=0.05, channels_last=channels_last),
         clients_per_round=5, local_epochs=2, batch_size=32, rounds=rounds, warmup=warmup, lr=0.05,
         description="digits upsampled to 32x32 (20,118 train), CNN conv32-conv64-fc128 (GroupNorm), 20 IID "
         "clients, 5/round, 2 epochs, batch 32",
