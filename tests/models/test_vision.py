@@ -43,3 +43,21 @@ def test_channels_last_trains_to_the_same_global_model(tmp_path: Path) -> None:
     assert float((out[True][0] - initial).abs().max()) > 1e-3  # the rounds trained something
     for k, v in out[False][1].items():
         torch.testing.assert_close(out[True][1][k], v, rtol=0, atol=1e-5)
+
+
+def test_channels_last_example_config_runs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = Path(__file__).resolve().parents[2] / "experiments" / "digits_cnn_channels_last.yaml"
+    assert yaml.safe_load(config.read_text())["model"]["init_args"]["channels_last"] is True
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightfed.cli", "fit", "--config", str(config), "--trainer.rounds", "2",
+         "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = load_file(str(tmp_path / "global_model.safetensors"))
+    assert weights["features.4.weight"].shape == (32, 16, 3, 3)
