@@ -89,8 +89,8 @@ class CNNClassifier(_Classifier):
         hidden: Units of the fully connected layer.
         lr, momentum, optimizer, weight_decay: The local optimizer.
         channels_last: Store the convolution weights channels-last (NHWC). On CPU oneDNN then runs the
-            convolutions in NHWC, 10-20% faster per training step of the W2 CNN here (benchmarks/README.md);
-            values are unchanged, results equal up to float rounding.
+            convolutions in NHWC: 7-33% faster per training step of the W2 CNN here, 8-15% per W2 round
+            (benchmarks/README.md); values are unchanged, results equal up to float rounding.
     """
 
     def __init__(

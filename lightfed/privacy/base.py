@@ -17,6 +17,44 @@ from lightfed.sampling import ClientSampler
 from lightfed.strategy import Strategy
 
 
+def check_positive(value: float, field: str) -> None:
+    """Raise a config error naming ``privacy.init_args.<field>`` unless ``value > 0``."""
+    if not value > 0:
+        raise ValueError(f"privacy.init_args.{field} must be > 0, got {value}.")
+
+
+def check_noise_budget(
+    *,
+    noise_multiplier: float | None,
+    target_epsilon: float | None,
+    delta: float | None,
+    accountant: str,
+    max_epsilon: float | None = None,
+    zero_noise_ok: bool = True,
+) -> None:
+    """The checks every accounted mechanism makes of its noise and budget arguments, with the field named.
+
+    Exactly one of ``noise_multiplier`` (>= 0, or > 0 unless ``zero_noise_ok``) and ``target_epsilon``
+    (> 0); ``delta`` in (0, 1) when given; ``max_epsilon`` > 0 when given; accountant ``pld`` or ``rdp``.
+    """
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError(
+            f"give exactly one of privacy.init_args.noise_multiplier and target_epsilon (got "
+            f"noise_multiplier={noise_multiplier}, target_epsilon={target_epsilon})."
+        )
+    if noise_multiplier is not None and not (noise_multiplier >= 0 if zero_noise_ok else noise_multiplier > 0):
+        bound = ">= 0" if zero_noise_ok else "> 0"
+        raise ValueError(f"privacy.init_args.noise_multiplier must be {bound}, got {noise_multiplier}.")
+    if target_epsilon is not None:
+        check_positive(target_epsilon, "target_epsilon")
+    if delta is not None and not 0 < delta < 1:
+        raise ValueError(f"privacy.init_args.delta must be in (0, 1), got {delta}.")
+    if max_epsilon is not None:
+        check_positive(max_epsilon, "max_epsilon")
+    if accountant not in ("pld", "rdp"):
+        raise ValueError(f"privacy.init_args.accountant must be 'pld' or 'rdp', got {accountant!r}.")
+
+
 class PrivacyMechanism:
     """Base class of ``privacy:`` plugins (registry group ``lightfed.privacy``)."""
 

@@ -37,7 +37,7 @@ from lightfed.privacy.accounting import (
     default_delta,
     sum_noise_std,
 )
-from lightfed.privacy.base import PrivacyMechanism
+from lightfed.privacy.base import PrivacyMechanism, check_noise_budget, check_positive
 from lightfed.privacy.clipping import clip_update, gaussian_like
 from lightfed.registry import PRIVACY
 from lightfed.sampling import ClientSampler
@@ -118,7 +118,7 @@ class DPFixedClipping(PrivacyMechanism):
         verbose: bool = True,
         noise_placement: Literal["server", "distributed"] = "server",
     ) -> None:
-        _positive(clip_norm, "clip_norm")
+        check_positive(clip_norm, "clip_norm")
         if noise_placement not in ("server", "distributed"):
             raise ValueError(f"privacy.init_args.noise_placement must be 'server' or 'distributed', got {noise_placement!r}.")
         if noise_placement == "distributed" and clipping != "client":
@@ -126,29 +126,18 @@ class DPFixedClipping(PrivacyMechanism):
                 "privacy.init_args.noise_placement: distributed needs clipping: client (the clients clip and noise "
                 "their own updates before secure aggregation; the server never sees them to clip)."
             )
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError(
-                f"give exactly one of privacy.init_args.noise_multiplier and target_epsilon (got "
-                f"noise_multiplier={noise_multiplier}, target_epsilon={target_epsilon})."
-            )
-        if noise_multiplier is not None and noise_multiplier < 0:
-            raise ValueError(f"privacy.init_args.noise_multiplier must be >= 0, got {noise_multiplier}.")
-        if target_epsilon is not None:
-            _positive(target_epsilon, "target_epsilon")
-        if delta is not None and not 0 < delta < 1:
-            raise ValueError(f"privacy.init_args.delta must be in (0, 1), got {delta}.")
-        if max_epsilon is not None:
-            _positive(max_epsilon, "max_epsilon")
+        check_noise_budget(
+            noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta, accountant=accountant,
+            max_epsilon=max_epsilon,
+        )
         if clipping not in ("server", "client"):
             raise ValueError(f"privacy.init_args.clipping must be 'server' or 'client', got {clipping!r}.")
         if weighted_estimator and weight_cap is None:
             raise ValueError("privacy.init_args.weighted_estimator needs weight_cap (w_hat, in examples).")
         if weight_cap is not None:
-            _positive(weight_cap, "weight_cap")
+            check_positive(weight_cap, "weight_cap")
         if total_weight is not None:
-            _positive(total_weight, "total_weight")
-        if accountant not in ("pld", "rdp"):
-            raise ValueError(f"privacy.init_args.accountant must be 'pld' or 'rdp', got {accountant!r}.")
+            check_positive(total_weight, "total_weight")
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = noise_multiplier
         self.target_epsilon = target_epsilon
@@ -367,16 +356,16 @@ class DPAdaptiveClipping(DPFixedClipping):
         pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
         verbose: bool = True,
     ) -> None:
-        _positive(initial_clip, "initial_clip")
+        check_positive(initial_clip, "initial_clip")
         super().__init__(
             initial_clip, noise_multiplier, target_epsilon, delta, max_epsilon, clipping, weighted_estimator,
             weight_cap, total_weight, accountant, pld_discretization, verbose,
         )
         if not 0 < target_quantile < 1:
             raise ValueError(f"privacy.init_args.target_quantile must be in (0, 1), got {target_quantile}.")
-        _positive(clip_learning_rate, "clip_learning_rate")
+        check_positive(clip_learning_rate, "clip_learning_rate")
         if clipped_count_stddev is not None:
-            _positive(clipped_count_stddev, "clipped_count_stddev")
+            check_positive(clipped_count_stddev, "clipped_count_stddev")
         self.initial_clip = float(initial_clip)
         self.target_quantile = float(target_quantile)
         self.clip_learning_rate = float(clip_learning_rate)
@@ -464,11 +453,6 @@ def adaptive_update_noise_multiplier(noise_multiplier: float, clipped_count_stdd
             f"privacy.init_args.clipped_count_stddev (default m/20), sample more clients per round, or raise z."
         )
     return rest**-0.5
-
-
-def _positive(value: float, field: str) -> None:
-    if not value > 0:
-        raise ValueError(f"privacy.init_args.{field} must be > 0, got {value}.")
 
 
 __all__ = ["DPAdaptiveClipping", "DPFixedClipping", "adaptive_update_noise_multiplier", "check_dp_strategy"]

@@ -37,8 +37,7 @@ from lightfed.privacy.accounting import (
     calibrate_noise_multiplier,
     epsilon_for,
 )
-from lightfed.privacy.base import PrivacyMechanism
-from lightfed.privacy.central import _positive
+from lightfed.privacy.base import PrivacyMechanism, check_noise_budget, check_positive
 from lightfed.registry import PRIVACY
 from lightfed.sampling import ClientSampler
 from lightfed.seeding import derive_seed, make_generator
@@ -110,15 +109,11 @@ class DPSGD(PrivacyMechanism):
         secure_mode: bool = False,
         verbose: bool = True,
     ) -> None:
-        _positive(max_grad_norm, "max_grad_norm")
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError("give exactly one of privacy.init_args.noise_multiplier and target_epsilon.")
-        if noise_multiplier is not None and noise_multiplier <= 0:
-            raise ValueError(f"privacy.init_args.noise_multiplier must be > 0 for DP-SGD, got {noise_multiplier}.")
-        if not 0 < delta < 1:
-            raise ValueError(f"privacy.init_args.delta must be in (0, 1), got {delta}.")
-        if accountant not in ("pld", "rdp"):
-            raise ValueError(f"privacy.init_args.accountant must be 'pld' or 'rdp', got {accountant!r}.")
+        check_positive(max_grad_norm, "max_grad_norm")
+        check_noise_budget(  # delta is required here (a float), and DP-SGD needs some noise
+            noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta, accountant=accountant,
+            zero_noise_ok=False,
+        )
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplier = noise_multiplier
         self.target_epsilon = target_epsilon

@@ -24,8 +24,8 @@ from lightfed.privacy.accounting import (
     default_delta,
     epsilon_for,
 )
-from lightfed.privacy.base import PrivacyMechanism
-from lightfed.privacy.central import _positive, check_dp_strategy
+from lightfed.privacy.base import PrivacyMechanism, check_noise_budget, check_positive
+from lightfed.privacy.central import check_dp_strategy
 from lightfed.privacy.clipping import clip_update, gaussian_like
 from lightfed.registry import PRIVACY
 from lightfed.sampling import ClientSampler
@@ -62,15 +62,11 @@ class LocalDP(PrivacyMechanism):
         accountant: AccountantName = "pld",
         verbose: bool = True,
     ) -> None:
-        _positive(clip_norm, "clip_norm")
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError("give exactly one of privacy.init_args.noise_multiplier and target_epsilon.")
-        if noise_multiplier is not None and noise_multiplier < 0:
-            raise ValueError(f"privacy.init_args.noise_multiplier must be >= 0, got {noise_multiplier}.")
-        if delta is not None and not 0 < delta < 1:
-            raise ValueError(f"privacy.init_args.delta must be in (0, 1), got {delta}.")
-        if accountant not in ("pld", "rdp"):
-            raise ValueError(f"privacy.init_args.accountant must be 'pld' or 'rdp', got {accountant!r}.")
+        check_positive(clip_norm, "clip_norm")
+        check_noise_budget(
+            noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta, accountant=accountant,
+            max_epsilon=max_epsilon,
+        )
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = noise_multiplier
         self.target_epsilon = target_epsilon

@@ -86,7 +86,6 @@ def test_format_statistics_table() -> None:
 
 
 def test_plot_writes_png_and_returns_figure(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     path = tmp_path / "labels.png"
 
     fig = plot_label_distribution(Tiny(Fixed()), str(path))
@@ -98,8 +97,7 @@ def test_plot_writes_png_and_returns_figure(tmp_path: Path) -> None:
 
 
 def test_plot_max_clients_and_summary_writer(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    tensorboard = pytest.importorskip("torch.utils.tensorboard")
+    from torch.utils import tensorboard  # core dependency; matplotlib comes with the test extra
 
     fig = plot_label_distribution(Tiny(Fixed()), max_clients=2)
     writer = tensorboard.SummaryWriter(str(tmp_path))

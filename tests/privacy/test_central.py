@@ -162,6 +162,28 @@ def test_bad_config_names_the_field(kwargs, field):
         DPFixedClipping(**kwargs)
 
 
+@pytest.mark.parametrize("mechanism", ["DPFixedClipping", "DPAdaptiveClipping", "LocalDP", "DPSGD"])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({}, "exactly one"), ({"noise_multiplier": 1, "target_epsilon": 1}, "exactly one"),
+     ({"noise_multiplier": -1}, "noise_multiplier must be"), ({"target_epsilon": 0}, "target_epsilon must be > 0"),
+     ({"noise_multiplier": 1, "delta": 1.5}, r"delta must be in \(0, 1\)"),
+     ({"noise_multiplier": 1, "accountant": "gdp"}, "accountant must be 'pld' or 'rdp'")],
+)
+def test_every_accounted_mechanism_checks_its_budget_the_same_way(mechanism, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PRIVACY.get(mechanism)(**kwargs)
+
+
+def test_max_epsilon_and_dpsgd_zero_noise_are_refused():
+    for name in ("DPFixedClipping", "LocalDP"):
+        with pytest.raises(ValueError, match="max_epsilon must be > 0"):
+            PRIVACY.get(name)(noise_multiplier=1.0, max_epsilon=0.0)
+    with pytest.raises(ValueError, match=r"noise_multiplier must be > 0, got 0"):
+        PRIVACY.get("DPSGD")(noise_multiplier=0.0)
+    assert LocalDP(noise_multiplier=0.0).noise_multiplier == 0.0  # a clipping-only baseline stays allowed
+
+
 # ---------------------------------------------------------------------- adaptive clipping
 def test_adaptive_noise_multiplier_formula():
     assert adaptive_update_noise_multiplier(1.0, 2.0) == pytest.approx((1 - 1 / 16) ** -0.5)
