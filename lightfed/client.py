@@ -26,8 +26,30 @@ from lightfed.seeding import derive_seed
 from lightfed.strategy import Strategy
 
 
-class LogCapture:
-    """Stands in for ``LightningModule.log`` / ``log_dict`` when no Trainer is attached.
+class LogSink:
+    """Stands in for ``LightningModule.log`` / ``log_dict`` while no Trainer is attached (subclasses: ``log``)."""
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def log_dict(self, dictionary: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        for k, v in dictionary.items():
+            self.log(k, v, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def attach(self, module: nn.Module) -> Iterator[Any]:
+        """Route ``module.log`` and ``module.log_dict`` here for the duration of the block."""
+        module.__dict__["log"] = self.log
+        module.__dict__["log_dict"] = self.log_dict
+        try:
+            yield self
+        finally:
+            module.__dict__.pop("log", None)
+            module.__dict__.pop("log_dict", None)
+
+
+class LogCapture(LogSink):
+    """The client loop's log sink: what a visit's steps log becomes the client's metrics.
 
     Values are accumulated on their device (no host sync per step) and averaged over batches weighted by
     batch size; a logged torchmetrics ``Metric`` is computed once at the end and reset.
@@ -48,27 +70,12 @@ class LogCapture:
         self.sums[name] = self.sums[name] + v * w if name in self.sums else v * w
         self.weights[name] = self.weights.get(name, 0.0) + w
 
-    def log_dict(self, dictionary: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        for k, v in dictionary.items():
-            self.log(k, v, *args, **kwargs)
-
     def results(self) -> dict[str, float]:
         out = {k: float(s) / self.weights[k] for k, s in self.sums.items()}
         for k, m in self.metrics.items():
             out[k] = float(m.compute())
             m.reset()
         return out
-
-    @contextlib.contextmanager
-    def attach(self, module: nn.Module) -> Iterator[LogCapture]:
-        """Route ``module.log`` and ``module.log_dict`` here for the duration of the block."""
-        module.__dict__["log"] = self.log
-        module.__dict__["log_dict"] = self.log_dict
-        try:
-            yield self
-        finally:
-            module.__dict__.pop("log", None)
-            module.__dict__.pop("log_dict", None)
 
 
 def seed_device_rng(seed: int, device: torch.device) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightfed.client import LogSink
 from lightfed.executors.support import FIX, VmapUnsupportedError
 
 __all__ = ["LogRecorder", "SwapCall", "gather", "gather_each", "swap_names"]
@@ -25,7 +26,7 @@ class SwapCall(nn.Module):
         return fn(*args)
 
 
-class LogRecorder:
+class LogRecorder(LogSink):
     """Stands in for ``module.log`` inside the vectorised step: keeps the (batched) values it is given."""
 
     def __init__(self) -> None:
@@ -38,20 +39,6 @@ class LogRecorder:
                 f"inside a vectorised step (log a tensor instead). {FIX}"
             )
         self.values[name] = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
-
-    def log_dict(self, dictionary: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        for k, v in dictionary.items():
-            self.log(k, v)
-
-    @contextlib.contextmanager
-    def attach(self, module: nn.Module) -> Iterator[LogRecorder]:
-        module.__dict__["log"] = self.log
-        module.__dict__["log_dict"] = self.log_dict
-        try:
-            yield self
-        finally:
-            module.__dict__.pop("log", None)
-            module.__dict__.pop("log_dict", None)
 
 
 def swap_names(module: nn.Module, names: tuple[str, ...]) -> dict[str, list[str]]:
