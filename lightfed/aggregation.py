@@ -25,11 +25,12 @@ class Aggregator:
 
 
 class StreamingSum(Aggregator):
-    """Running ``sum_k w_k x_k`` and ``sum_k w_k`` for the delta and each extra."""
+    """Running ``sum_k w_k x_k`` and ``sum_k w_k`` for the delta and each extra; ``sum_k c_k`` for each count."""
 
     def __init__(self) -> None:
         self.delta_sum: Tensor | None = None
         self.extras_sum: dict[str, Tensor] = {}
+        self.counts_sum: dict[str, float] = {}
         self.weight_sum = 0.0
         self.num_clients = 0
 
@@ -42,13 +43,17 @@ class StreamingSum(Aggregator):
             if acc is None:
                 acc = self.extras_sum[name] = torch.zeros_like(value)
             acc.add_(value, alpha=weight)
+        for name, count in update.counts.items():
+            self.counts_sum[name] = self.counts_sum.get(name, 0.0) + float(count)
         self.weight_sum += weight
         self.num_clients += 1
 
     def result(self) -> RoundAggregate | None:
         if self.delta_sum is None:
             return None
-        return RoundAggregate(self.delta_sum, self.weight_sum, self.num_clients, self.extras_sum)
+        return RoundAggregate(
+            self.delta_sum, self.weight_sum, self.num_clients, self.extras_sum, counts_sum=dict(self.counts_sum)
+        )
 
 
 class CollectAll(StreamingSum):

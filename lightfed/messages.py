@@ -47,6 +47,10 @@ class ClientUpdate:
         metrics: Scalar training metrics (mean over the client's batches).
         extras: Further flat tensors a strategy sends alongside ``delta`` (SCAFFOLD's control-variate
             delta, q-FedAvg's ``h``); linear aggregation sums each with the same weight as ``delta``.
+        counts: Per-client scalar facts the server needs only as a *sum*, summed unweighted (adaptive
+            clipping's centred clip bit). They ride inside the summed message, so they are all-reduced
+            across processes and secure-summed under secure aggregation like the delta: no process or
+            server ever counts them one client at a time.
     """
 
     client_id: int
@@ -55,6 +59,7 @@ class ClientUpdate:
     num_steps: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
 
     def is_finite(self) -> bool:
         """False if the delta or any extra holds NaN or Inf (such an update must never be aggregated)."""
@@ -72,17 +77,22 @@ class RoundAggregate:
     Attributes:
         delta_sum: ``sum_k w_k * delta_k``.
         weight_sum: ``sum_k w_k``.
-        num_clients: Clients that contributed.
+        num_clients: The number of clients the round releases: the realised count without privacy;
+            under client-level DP the mechanism replaces it by the public expected cohort ``m`` (the realised
+            count is never released, so no strategy can read it).
         extras_sum: ``sum_k w_k * extras_k[name]`` for each extra.
         denominator: What the mean divides by. ``None`` means ``weight_sum``; client-level DP sets a
             fixed expected value so the mean's sensitivity does not depend on the realised cohort.
+        counts_sum: ``sum_k counts_k[name]`` (unweighted) for each count; a privacy mechanism replaces
+            the counts it uses by their noisy release.
     """
 
     delta_sum: Tensor
     weight_sum: float
-    num_clients: int
+    num_clients: float
     extras_sum: dict[str, Tensor] = field(default_factory=dict)
     denominator: float | None = None
+    counts_sum: dict[str, float] = field(default_factory=dict)
 
     def _denominator(self) -> float:
         den = self.weight_sum if self.denominator is None else self.denominator

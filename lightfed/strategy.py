@@ -21,7 +21,7 @@ stays identical on all ranks.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from torch import Tensor
 
@@ -31,8 +31,21 @@ from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
 
 
+#: The client-side hooks a strategy may change; :attr:`Strategy.client_hooks` declares which it uses.
+CLIENT_HOOKS: Final = frozenset({"on_client_start", "client_loss", "on_before_optimizer_step", "on_client_end"})
+
+
 class Strategy:
-    """Base class of aggregation strategies; every hook does the FedAvg thing by default."""
+    """Base class of aggregation strategies; every hook does the FedAvg thing by default.
+
+    Capabilities are declared as attributes, read by privacy mechanisms, secure aggregation and executors
+    (never by inspecting methods, so a wrapper such as ``SignFlipAttack`` declares its wrapped strategy's):
+
+    * :attr:`needs_all_updates`, :attr:`uses_client_state`, :attr:`samples_own_cohort`;
+    * :attr:`client_hooks`: which of :data:`CLIENT_HOOKS` the strategy changes. A class that does not set
+      it gets, once at class creation, the hooks it overrides, so forgetting it cannot hide a hook;
+    * :attr:`weighted`: example-count weights (``n_k``) or uniform weights in the round's sums.
+    """
 
     #: ``True`` for strategies that need each client's update (robust aggregators). They get the list in
     #: :meth:`aggregate_updates`; memory is then O(model x clients), and DP / secure aggregation refuse
@@ -41,6 +54,25 @@ class Strategy:
 
     #: ``True`` for strategies whose clients keep state (``ctx.state``) between rounds.
     uses_client_state: ClassVar[bool] = False
+
+    #: ``True`` for strategies that pick their own cohorts (:meth:`sample_clients`); client-level DP refuses
+    #: them (its accountant derives its events from ``trainer.sampler``).
+    samples_own_cohort: ClassVar[bool] = False
+
+    #: The client-side hooks this strategy changes (DP-SGD refuses gradient and loss changes; the vmap
+    #: executor runs only some hooks).
+    client_hooks: ClassVar[frozenset[str]] = frozenset()
+
+    #: ``True``: weight client ``k`` by its number of examples ``n_k``; ``False``: every client weighs 1.
+    weighted: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "client_hooks" not in cls.__dict__:
+            inherited = frozenset().union(*(getattr(b, "client_hooks", frozenset()) for b in cls.__mro__[1:]))
+            cls.client_hooks = inherited | {h for h in CLIENT_HOOKS if getattr(cls, h) is not getattr(Strategy, h)}
+        if "samples_own_cohort" not in cls.__dict__ and cls.sample_clients is not Strategy.sample_clients:
+            cls.samples_own_cohort = True
 
     def setup(self, spec: ParamSpec, num_clients: int, global_params: Tensor) -> None:
         """Called once before the first round (and before a checkpoint's state is loaded)."""
@@ -75,8 +107,12 @@ class Strategy:
 
     # ------------------------------------------------------------------ server side
     def client_weight(self, update: ClientUpdate) -> float:
-        """Weight of ``update`` in the round's sums (FedAvg: its number of examples)."""
-        return float(update.num_examples)
+        """Weight of ``update`` in the round's sums: ``n_k`` if :attr:`weighted`, else 1."""
+        return float(update.num_examples) if self.weighted else 1.0
+
+    def round_metrics(self) -> dict[str, float]:
+        """Diagnostics of the last server step, logged under ``strategy/`` every round (default: none)."""
+        return {}
 
     def aggregate(self, global_params: Tensor, aggregate: RoundAggregate, round_idx: int) -> Tensor:
         """New global payload from the round's weighted sums (linear strategies)."""
@@ -109,9 +145,6 @@ class FedAvg(Strategy):
             raise ValueError(f"FedAvg server_lr must be > 0, got {server_lr}.")
         self.server_lr = server_lr
         self.weighted = weighted
-
-    def client_weight(self, update: ClientUpdate) -> float:
-        return float(update.num_examples) if self.weighted else 1.0
 
     def aggregate(self, global_params: Tensor, aggregate: RoundAggregate, round_idx: int) -> Tensor:
         return global_params + self.server_lr * aggregate.mean_delta()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,17 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor, nn
 
 from lightfed import checkpoint as ckpt_io
-from lightfed.aggregation import Aggregator, CollectAll, StreamingSum
 from lightfed.client import LocalTrainer
 from lightfed.data.datamodule import FederatedDataModule
 from lightfed.distributed import merge_round, shard_cohort
 from lightfed.executor import Executor, SequentialExecutor
-from lightfed.messages import RoundResult, all_finite
+from lightfed.messages import RoundResult
 from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.registry import EXECUTORS, STRATEGIES
 from lightfed.sampling import ClientSampler, UniformSampler, worst_fraction_mean
 from lightfed.secagg.base import SecureAggregation
+from lightfed.server import RoundServer, ShardResult
 from lightfed.seeding import make_generator
 from lightfed.strategy import FedAvg, Strategy
 
@@ -188,7 +187,8 @@ class FederatedTrainer:
                 "secure_aggregation runs the protocol in one process; use trainer.devices=1 with it "
                 "(sharding a SecAgg round over processes is not supported)."
             )
-        if getattr(self.privacy, "noise_placement", "server") == "distributed" and self.secure_aggregation is None:
+        plan = self.privacy.noise_plan() if self.privacy is not None else None
+        if plan is not None and plan.placement == "distributed" and self.secure_aggregation is None:
             raise ValueError(
                 "privacy.noise_placement: distributed leaves the noise to secure aggregation, but no "
                 "secure_aggregation section is configured: the sum would carry no noise. Add one or use server noise."
@@ -219,6 +219,7 @@ class FederatedTrainer:
             self.secure_aggregation.setup(
                 strategy=self.strategy, privacy=self.privacy, numel=self.spec.numel, seed=self.seed
             )
+        self.server = RoundServer(self.strategy, self.privacy, self.secure_aggregation, self.spec.numel)
         self.local = LocalTrainer(
             model, self.spec, self.strategy, self.fabric.strategy.precision, self.local_epochs,
             self.local_steps, self.batch_size, self.seed,
@@ -285,59 +286,47 @@ class FederatedTrainer:
         cohort = self.strategy.sample_clients(round_idx, self.num_clients, self.seed)
         return cohort if cohort is not None else self.sampler.sample(round_idx, self.num_clients, self.seed)
 
-    def _new_aggregator(self, round_idx: int, cohort: list[int]) -> Aggregator:
-        if self.secure_aggregation is not None:
-            return self.secure_aggregation.aggregator(round_idx, cohort)
-        return CollectAll() if self.strategy.needs_all_updates else StreamingSum()
-
     def run_round(self, round_idx: int) -> RoundResult:
         """Train the round's cohort (this rank's shard of it) and update the global model."""
-        assert self.global_params is not None and self.datamodule is not None and self.spec is not None
         start = time.perf_counter()
         cohort = self.sample(round_idx)
         payload = self.strategy.client_payload(round_idx)
-        aggregator = self._new_aggregator(round_idx, cohort)
-        result = RoundResult(round_idx=round_idx, cohort=cohort, num_updates=0)
-        client_metrics: list[dict[str, float]] = []
-        mine = shard_cohort(cohort, self._client_sizes, self.fabric.world_size, self.fabric.global_rank)
+        shard = self.train_shard(round_idx, cohort, payload, self.fabric.global_rank, self.fabric.world_size)
+        if self.fabric.world_size > 1:
+            assert self.spec is not None and self.global_params is not None
+            shard = merge_round(shard, self.spec.numel, self.global_params.device)
+        return self.finish_round(round_idx, cohort, payload, shard, start)
+
+    def train_shard(self, round_idx: int, cohort: list[int], payload: dict[str, Any], rank: int, world_size: int) -> ShardResult:
+        """Train this rank's shard of ``cohort`` and feed its updates to the server side (steps 1-5)."""
+        assert self.global_params is not None and self.datamodule is not None
+        mine = shard_cohort(cohort, self._client_sizes, world_size, rank)
         updates = self.executor.run(
             round_idx, mine, self.datamodule.client_train, self.global_params, payload, self._client_state
         )
-        for update in updates:
-            if self.privacy is not None:
-                update = self.privacy.client_update(update, round_idx)
-            if not update.is_finite():
-                warnings.warn(
-                    f"round {round_idx}: client {update.client_id} sent an update with NaN/Inf; it is excluded "
-                    f"from the aggregate (the global model is not changed by it).",
-                    RuntimeWarning, stacklevel=2,
-                )
-                result.rejected.append(update.client_id)
-                continue
-            self._commit_client_state(update.client_id)
-            weight = self.strategy.client_weight(update)
-            if self.privacy is not None:
-                weight = self.privacy.client_weight(update, weight)
-                update = self.privacy.server_update(update, round_idx)
-            aggregator.add(update, weight)
-            client_metrics.append(update.metrics)
+        shard = self.server.collect(round_idx, self.server.new_aggregator(round_idx, cohort), updates, self._commit_client_state)
         self._pending_states.clear()
-        if self.fabric.world_size > 1:
-            side = {"metrics": client_metrics, "rejected": result.rejected,
-                    "states": {c: self.client_states[c] for c in mine if c in self.client_states}}
-            aggregator, side = merge_round(aggregator, side, self.spec.numel, self.global_params.device)
-            client_metrics, result.rejected = side["metrics"], side["rejected"]
-            self.client_states.update(side["states"])
-        result.num_updates = len(client_metrics)
-        new_params = self._aggregate(aggregator, round_idx)
-        if new_params is None:
+        shard.states = {c: self.client_states[c] for c in mine if c in self.client_states}
+        return shard
+
+    def finish_round(
+        self, round_idx: int, cohort: list[int], payload: dict[str, Any], shard: ShardResult, start: float
+    ) -> RoundResult:
+        """Release the (merged) sums, step the strategy, account for privacy (steps 6-8)."""
+        assert self.global_params is not None
+        self.client_states.update(shard.states)
+        result = RoundResult(round_idx=round_idx, cohort=cohort, num_updates=len(shard.metrics), rejected=shard.rejected)
+        aggregate = self.server.release(round_idx, shard.aggregator, self.global_params.device)
+        if aggregate is None:
             result.skipped = True
             log.warning("round %d produced no aggregate: the global model is unchanged.", round_idx)
         else:
+            new_params = self.server.step(self.global_params, aggregate, shard.aggregator, round_idx)
             result.metrics["round/update_norm"] = float((new_params - self.global_params).norm())
             self.global_params = new_params
-        if self.privacy is not None:
-            result.metrics.update({f"privacy/{k}": v for k, v in self.privacy.after_round(round_idx, len(cohort)).items()})
+        result.metrics.update(self.server.account(round_idx, cohort))
+        result.metrics.update({f"strategy/{k}": v for k, v in self.strategy.round_metrics().items()})
+        client_metrics = shard.metrics
         if self.secure_aggregation is not None:
             secure = self.secure_aggregation.round_metrics()
             result.metrics.update({f"secagg/{k}": v for k, v in secure.items()})
@@ -346,25 +335,6 @@ class FederatedTrainer:
             result.num_updates = int(secure.get("survivors", result.num_updates))
         result.metrics.update(self._round_metrics(result, client_metrics, payload, time.perf_counter() - start))
         return result
-
-    def _aggregate(self, aggregator: Aggregator, round_idx: int) -> Tensor | None:
-        assert self.global_params is not None
-        aggregate = aggregator.result()
-        if aggregate is None:
-            return None
-        if self.privacy is not None:
-            aggregate = self.privacy.process_aggregate(aggregate, round_idx)
-        if self.strategy.needs_all_updates:
-            assert isinstance(aggregator, CollectAll)
-            new = self.strategy.aggregate_updates(self.global_params, aggregator.updates, aggregator.weights, round_idx)
-        else:
-            new = self.strategy.aggregate(self.global_params, aggregate, round_idx)
-        if not all_finite([new]):
-            raise FloatingPointError(
-                f"round {round_idx}: {type(self.strategy).__name__} produced a non-finite global model from finite "
-                f"updates; the last checkpoint is intact. Lower the learning rates or check the strategy."
-            )
-        return new
 
     def _client_state(self, client_id: int) -> dict[str, Tensor]:
         """A working copy of the client's persistent state; committed only if its update is accepted."""

@@ -54,10 +54,11 @@ class SignFlipAttack(Strategy):
         self.fraction = float(fraction)
         self.scale = float(scale)
         self.seed = seed
+        # the wrapper declares its strategy's capabilities (plus its own on_client_end), never inferred
         self.needs_all_updates = self.strategy.needs_all_updates  # type: ignore[misc]
         self.uses_client_state = self.strategy.uses_client_state  # type: ignore[misc]
-        if type(self.strategy).sample_clients is not Strategy.sample_clients:  # only then: DP checks the override
-            self.sample_clients = self.strategy.sample_clients  # type: ignore[method-assign]
+        self.samples_own_cohort = self.strategy.samples_own_cohort  # type: ignore[misc]
+        self.client_hooks = self.strategy.client_hooks | {"on_client_end"}  # type: ignore[misc]
         self.byzantine: frozenset[int] = frozenset()
 
     @property
@@ -79,6 +80,12 @@ class SignFlipAttack(Strategy):
         return update
 
     # ------------------------------------------------------------------ everything else: the wrapped strategy
+    def sample_clients(self, round_idx: int, num_clients: int, seed: int) -> list[int] | None:
+        return self.strategy.sample_clients(round_idx, num_clients, seed)
+
+    def round_metrics(self) -> dict[str, float]:
+        return self.strategy.round_metrics()
+
     def client_payload(self, round_idx: int) -> dict[str, Any]:
         return self.strategy.client_payload(round_idx)
 

@@ -17,8 +17,8 @@ class VmapUnsupportedError(ValueError):
 
 
 def overrides(strategy: Strategy, hook: str) -> bool:
-    """Whether ``strategy``'s class replaces the :class:`Strategy` hook ``hook``."""
-    return getattr(type(strategy), hook) is not getattr(Strategy, hook)
+    """Whether ``strategy`` declares that it changes the client hook ``hook`` (:attr:`Strategy.client_hooks`)."""
+    return hook in strategy.client_hooks
 
 
 def check_vectorisable(local: LocalTrainer) -> None:

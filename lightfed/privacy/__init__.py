@@ -20,7 +20,7 @@ from lightfed.privacy.accounting import (
     round_event,
     sum_noise_std,
 )
-from lightfed.privacy.base import PrivacyMechanism
+from lightfed.privacy.base import NoisePlan, PrivacyMechanism
 from lightfed.privacy.central import DPAdaptiveClipping, DPFixedClipping, adaptive_update_noise_multiplier
 from lightfed.privacy.dpsgd import DPSGD, DPSGDLocalTrainer
 from lightfed.privacy.local import LocalDP

@@ -1,15 +1,25 @@
-"""The privacy-mechanism contract: post-processing of client updates and of the round's sums.
+"""The privacy-mechanism contract: post-processing before the round's sum and after it.
 
-A mechanism wraps the aggregation of any strategy whose aggregate is a mean: it may change each
-client's update on the client (clipping, local noise), choose the weights, and change the round's sums
-on the server (central noise, a fixed denominator); an accountant tracks the privacy spent. Every hook
-defaults to "do nothing", so a mechanism implements only what it changes.
+A mechanism wraps the aggregation of any strategy whose aggregate is a mean, in the fixed order of
+:mod:`lightfed.server` (Apple pfl-research's ``Postprocessor`` design):
+
+* **before the sum**, per update: :meth:`~PrivacyMechanism.client_update` on the client (clipping, local
+  noise), :meth:`~PrivacyMechanism.client_weight`, :meth:`~PrivacyMechanism.server_update` on the server
+  (server-side clipping). A per-client fact the mechanism needs later (a clip bit) is written into the
+  update's ``counts``, so it is summed, all-reduced and secure-summed with the update; a mechanism never
+  counts anything itself, so nothing depends on which process saw which client;
+* **after the sum**: :meth:`~PrivacyMechanism.process_aggregate` (central noise, a fixed denominator, the
+  released client count), then :meth:`~PrivacyMechanism.after_round` with the whole cohort (accounting).
+
+:meth:`~PrivacyMechanism.noise_plan` publishes what secure aggregation needs to know (a typed
+:class:`NoisePlan`, never attributes read by name). Every hook defaults to "do nothing".
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from lightfed.client import LocalTrainer
 from lightfed.messages import ClientUpdate, RoundAggregate
@@ -55,6 +65,26 @@ def check_noise_budget(
         raise ValueError(f"privacy.init_args.accountant must be 'pld' or 'rdp', got {accountant!r}.")
 
 
+@dataclass(frozen=True)
+class NoisePlan:
+    """What a mechanism clips and where it adds noise, for the parts that compose with it.
+
+    Attributes:
+        noise_multiplier: ``z`` of the Gaussian noise on the round's update *sum* (std ``z * clip_norm``);
+            0 when the mechanism adds none there (local DP and DP-SGD noise each client's own report).
+        clip_norm: The L2 bound of one client's contribution this round (``None``: not clipped).
+        placement: Where the mechanism's noise is added: ``"server"`` (the trusted server noises the sum),
+            ``"distributed"`` (each client adds a share before secure aggregation masks it), ``"client"``
+            (each client's own report or training), ``"none"``.
+        clipping: Who clips: ``"server"`` (needs individual updates), ``"client"``, or ``"none"``.
+    """
+
+    noise_multiplier: float = 0.0
+    clip_norm: float | None = None
+    placement: Literal["none", "server", "distributed", "client"] = "none"
+    clipping: Literal["none", "server", "client"] = "none"
+
+
 class PrivacyMechanism:
     """Base class of ``privacy:`` plugins (registry group ``lightfed.privacy``)."""
 
@@ -87,15 +117,26 @@ class PrivacyMechanism:
         return update
 
     def process_aggregate(self, aggregate: RoundAggregate, round_idx: int) -> RoundAggregate:
-        """On the server, after summation (central noise, fixed denominator)."""
+        """On the server, after summation (central noise, fixed denominator, the released count).
+
+        Everything in the returned aggregate reaches the strategy, so it must all be accounted for: the
+        realised client count, the weight sum and every count are either noised or replaced by public values.
+        """
         return aggregate
+
+    def noise_plan(self) -> NoisePlan:
+        """Clip, noise multiplier and placement of the coming round (read by secure aggregation)."""
+        return NoisePlan()
 
     def can_run_round(self, round_idx: int) -> bool:
         """``False`` stops training cleanly before ``round_idx`` (budget ``max_epsilon`` would be exceeded)."""
         return True
 
-    def after_round(self, round_idx: int, num_sampled: int) -> dict[str, float]:
-        """Account for the round; return metrics to log under ``privacy/``."""
+    def after_round(self, round_idx: int, cohort: Sequence[int]) -> dict[str, float]:
+        """Account for the round; return metrics to log under ``privacy/``.
+
+        ``cohort`` is the whole round's cohort, the same on every process (never one process's shard).
+        """
         return {}
 
     def wrap_local_trainer(self, local: LocalTrainer) -> LocalTrainer:

@@ -37,7 +37,7 @@ from lightfed.privacy.accounting import (
     default_delta,
     sum_noise_std,
 )
-from lightfed.privacy.base import PrivacyMechanism, check_noise_budget, check_positive
+from lightfed.privacy.base import NoisePlan, PrivacyMechanism, check_noise_budget, check_positive
 from lightfed.privacy.clipping import clip_update, gaussian_like
 from lightfed.registry import PRIVACY
 from lightfed.sampling import ClientSampler
@@ -45,6 +45,9 @@ from lightfed.seeding import make_generator
 from lightfed.strategy import Strategy
 
 log = logging.getLogger("lightfed")
+
+#: The count adaptive clipping adds to each update: the centred clip bit ``b_k - 1/2``.
+UNCLIPPED_COUNT = "dp_unclipped_centred"
 
 def check_dp_strategy(strategy: Strategy, mechanism: str, weighted_ok: bool) -> None:
     """Refuse strategies whose aggregate is not a mean of uniformly (or capped-)weighted updates.
@@ -61,13 +64,13 @@ def check_dp_strategy(strategy: Strategy, mechanism: str, weighted_ok: bool) -> 
             f"individual update (robust aggregation); its output would not be differentially private. Use a "
             f"linear strategy (FedAvg, FedAvgM, FedAdam, ...) with DP."
         )
-    if type(strategy).sample_clients is not Strategy.sample_clients:
+    if strategy.samples_own_cohort:
         raise ValueError(
-            f"strategy {name} picks its own cohorts (it overrides sample_clients); the privacy accountant "
+            f"strategy {name} picks its own cohorts (it overrides sample_clients, so samples_own_cohort is set); the privacy accountant "
             f"derives its events from `trainer.sampler` and cannot describe that selection. Use a strategy that "
             f"leaves sampling to the trainer."
         )
-    if getattr(strategy, "weighted", False) and not weighted_ok:
+    if strategy.weighted and not weighted_ok:
         raise ValueError(
             f"strategy {name} weights each update by its number of examples n_k, so one client can move the "
             f"weighted sum by n_k * C, not C: the noise z * C would be calibrated to the wrong sensitivity and the "
@@ -260,7 +263,14 @@ class DPFixedClipping(PrivacyMechanism):
         clipped, _ = clip_update(update, self.current_clip)
         return clipped
 
+    def noise_plan(self) -> NoisePlan:
+        return NoisePlan(self.update_noise_multiplier, self.current_clip, self.noise_placement, self.clipping)
+
     def process_aggregate(self, aggregate: RoundAggregate, round_idx: int) -> RoundAggregate:
+        assert self.scheme is not None
+        # What reaches the strategy besides the noisy sums is public: the fixed denominator and the expected
+        # cohort m. The realised count and weight sum would move by one client's presence, unnoised.
+        aggregate.num_clients = self.scheme.expected_cohort
         if self.noise_placement == "distributed":  # the clients' noise shares are already in the sum
             aggregate.denominator = aggregate.weight_sum = self.denominator
             return aggregate
@@ -284,7 +294,7 @@ class DPFixedClipping(PrivacyMechanism):
         assert self.accountant is not None
         return self.accountant.epsilon(self.accountant.rounds + 1) <= self.max_epsilon
 
-    def after_round(self, round_idx: int, num_sampled: int) -> dict[str, float]:
+    def after_round(self, round_idx: int, cohort: Sequence[int]) -> dict[str, float]:
         assert self.accountant is not None
         eps = self.accountant.step()
         return {
@@ -320,8 +330,11 @@ class DPAdaptiveClipping(DPFixedClipping):
 
     Each round, with ``C_t`` the clip applied in round ``t``:
 
-    * ``b_k = 1`` if ``||Delta_k|| <= C_t`` (the update was not clipped), else 0;
-    * noisy unclipped fraction ``b~ = (sum_k b_k + N(0, sigma_b^2)) / m``;
+    * ``b_k = 1`` if ``||Delta_k|| <= C_t`` (the update was not clipped), else 0; the client sends the
+      *centred* bit ``b_k - 1/2`` as a count of its update (so it is summed with the update: across
+      processes and inside secure aggregation), which moves the sum by at most 1/2 when a client is added
+      or removed (TF Privacy's ``QuantileEstimatorQuery``);
+    * noisy unclipped fraction ``b~ = (sum_k (b_k - 1/2) + N(0, sigma_b^2)) / m + 1/2``;
     * geometric update ``C_{t+1} = C_t * exp(-eta (b~ - gamma))``: if more than ``gamma`` of the updates
       fit, the clip shrinks, if fewer fit, it grows;
     * the update sum gets noise of std ``z_Delta * C_t``, with ``z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)``,
@@ -372,8 +385,6 @@ class DPAdaptiveClipping(DPFixedClipping):
         self.clipped_count_stddev = clipped_count_stddev
         self.clip = float(initial_clip)
         self.applied_clip = self.clip
-        self._unclipped = 0
-        self._pending: dict[int, int] = {}
         self.last_unclipped_fraction = float("nan")
 
     @property
@@ -394,37 +405,37 @@ class DPAdaptiveClipping(DPFixedClipping):
         )
         return adaptive_update_noise_multiplier(self.z, self.sigma_b)
 
-    # A client's clip bit travels with its update; the server counts it only if the update is accepted.
     def _clip(self, update: ClientUpdate) -> ClientUpdate:
+        """Clip to this round's ``C_t``; the centred clip bit ``b_k - 1/2`` travels as a count of the update."""
         clipped, norm = clip_update(update, self.clip)
-        self._pending[update.client_id] = int(norm <= self.clip)
+        if clipped is update:
+            clipped = ClientUpdate(
+                update.client_id, update.delta, update.num_examples, update.num_steps, update.metrics,
+                update.extras, dict(update.counts),
+            )
+        clipped.counts[UNCLIPPED_COUNT] = (1.0 if norm <= self.clip else 0.0) - 0.5
         return clipped
-
-    def server_update(self, update: ClientUpdate, round_idx: int) -> ClientUpdate:
-        update = super().server_update(update, round_idx)
-        self._unclipped += self._pending.pop(update.client_id, 0)
-        return update
 
     def process_aggregate(self, aggregate: RoundAggregate, round_idx: int) -> RoundAggregate:
         aggregate = super().process_aggregate(aggregate, round_idx)  # noise with the clip of this round
         assert self.scheme is not None
         gen = make_generator(self.seed, "dp_clip_count", round_idx)
         self.applied_clip = self.clip
-        noisy = self._unclipped + self.sigma_b * float(torch.randn((), generator=gen, dtype=torch.float64))
-        fraction = noisy / self.scheme.expected_cohort
+        centred = float(aggregate.counts_sum.get(UNCLIPPED_COUNT, 0.0))
+        noisy = centred + self.sigma_b * float(torch.randn((), generator=gen, dtype=torch.float64))
+        aggregate.counts_sum[UNCLIPPED_COUNT] = noisy  # the released value replaces the exact sum
+        fraction = noisy / self.scheme.expected_cohort + 0.5
         self.clip = self.clip * math.exp(-self.clip_learning_rate * (fraction - self.target_quantile))
         self.last_unclipped_fraction = fraction
         return aggregate
 
-    def after_round(self, round_idx: int, num_sampled: int) -> dict[str, float]:
-        metrics = super().after_round(round_idx, num_sampled)
+    def after_round(self, round_idx: int, cohort: Sequence[int]) -> dict[str, float]:
+        metrics = super().after_round(round_idx, cohort)
         metrics["clip_norm"] = self.applied_clip  # the clip (and noise scale) of this round
         metrics["next_clip_norm"] = self.clip
         metrics["unclipped_fraction"] = self.last_unclipped_fraction
         metrics["update_noise_multiplier"] = self.update_noise_multiplier
         self.applied_clip = self.clip
-        self._unclipped = 0
-        self._pending.clear()
         self.last_unclipped_fraction = float("nan")
         return metrics
 

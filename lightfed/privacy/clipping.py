@@ -45,7 +45,7 @@ def clip_update(update: ClientUpdate, clip_norm: float) -> tuple[ClientUpdate, f
     scale: dict[str, Tensor] = {name: value * factor for name, value in update.extras.items()}
     clipped = ClientUpdate(
         client_id=update.client_id, delta=update.delta * factor, num_examples=update.num_examples,
-        num_steps=update.num_steps, metrics=update.metrics, extras=scale,
+        num_steps=update.num_steps, metrics=update.metrics, extras=scale, counts=dict(update.counts),
     )
     return clipped, norm
 

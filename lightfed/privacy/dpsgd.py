@@ -37,7 +37,7 @@ from lightfed.privacy.accounting import (
     calibrate_noise_multiplier,
     epsilon_for,
 )
-from lightfed.privacy.base import PrivacyMechanism, check_noise_budget, check_positive
+from lightfed.privacy.base import NoisePlan, PrivacyMechanism, check_noise_budget, check_positive
 from lightfed.registry import PRIVACY
 from lightfed.sampling import ClientSampler
 from lightfed.seeding import derive_seed, make_generator
@@ -126,6 +126,9 @@ class DPSGD(PrivacyMechanism):
         self.clients: dict[int, list[float]] = {}
         self._z_cache: dict[tuple[float, int], float] = {}
         self._eps_cache: dict[tuple[float, float, int], float] = {}
+        self.client_num_examples: list[int] | None = None
+        #: (batch_size, local_epochs, local_steps) of the local loop, set by :meth:`wrap_local_trainer`.
+        self.schedule: tuple[int, int, int | None] = (1, 1, None)
 
     def setup(
         self,
@@ -139,16 +142,14 @@ class DPSGD(PrivacyMechanism):
     ) -> None:
         require_opacus()
         name = type(strategy).__name__
-        if (
-            type(strategy).client_loss is not Strategy.client_loss
-            or type(strategy).on_before_optimizer_step is not Strategy.on_before_optimizer_step
-        ):
+        if {"client_loss", "on_before_optimizer_step"} & strategy.client_hooks:
             raise ValueError(
                 f"DPSGD privatises the gradient of the module's training_step, but strategy {name} changes the local "
                 f"loss or gradients (client_loss / on_before_optimizer_step), which per-example clipping would not "
                 f"cover. Use a strategy without client-side gradient changes (FedAvg, FedAvgM, FedAdam, ...)."
             )
         self.rounds = rounds
+        self.client_num_examples = list(client_num_examples) if client_num_examples is not None else None
         if self.verbose:
             z = f"z = {self.noise_multiplier}" if self.noise_multiplier is not None else (
                 f"z calibrated per client for target epsilon {self.target_epsilon} if it took part in all {rounds} rounds"
@@ -180,21 +181,18 @@ class DPSGD(PrivacyMechanism):
 
     def wrap_local_trainer(self, local: LocalTrainer) -> LocalTrainer:
         check_opacus_module(local.module)
+        self.schedule = (local.batch_size, local.local_epochs, local.local_steps)
         return DPSGDLocalTrainer(local, self)
 
-    def client_update(self, update: ClientUpdate, round_idx: int) -> ClientUpdate:
-        steps = int(update.metrics.get(STEPS_METRIC, 0))
-        if steps:
-            rate = float(update.metrics["dp_sample_rate"])
-            z = float(update.metrics["dp_noise_multiplier"])
-            entry = self.clients.setdefault(update.client_id, [rate, z, 0])
-            if entry[0] != rate or entry[1] != z:
-                raise RuntimeError(
-                    f"client {update.client_id} trained with p={rate}, z={z} but its accountant holds p={entry[0]}, "
-                    f"z={entry[1]}; one client's DP-SGD settings must not change between rounds."
-                )
-            entry[2] += steps
-        return update
+    def charge(self, client_id: int, num_examples: int) -> None:
+        """Compose one visit of ``client_id`` (its Poisson rate and steps follow from its size and the schedule)."""
+        rate, steps = dpsgd_schedule(num_examples, *self.schedule)
+        z = self.noise_multiplier_for(rate, steps)
+        entry = self.clients.setdefault(client_id, [rate, z, 0])
+        entry[2] += steps
+
+    def noise_plan(self) -> NoisePlan:
+        return NoisePlan(0.0, None, "client", "client")
 
     def client_epsilon(self, client_id: int) -> float:
         """Cumulative epsilon of ``client_id`` over every step it took (0 if it never trained)."""
@@ -208,7 +206,13 @@ class DPSGD(PrivacyMechanism):
             )
         return self._eps_cache[key]
 
-    def after_round(self, round_idx: int, num_sampled: int) -> dict[str, float]:
+    def after_round(self, round_idx: int, cohort: Sequence[int]) -> dict[str, float]:
+        # Every member of the cohort trained with DP-SGD: charged from the whole cohort and the public
+        # schedule (the same on every process), never from the updates one process happened to see.
+        if self.client_num_examples is None:
+            raise RuntimeError("DPSGD.setup() needs client_num_examples (the trainer passes them).")
+        for cid in cohort:
+            self.charge(int(cid), int(self.client_num_examples[cid]))
         eps = [self.client_epsilon(cid) for cid in self.clients]
         if not eps:
             return {"epsilon": 0.0, "epsilon_median": 0.0, "clients_trained": 0.0, "delta": self.delta}

@@ -24,7 +24,7 @@ from lightfed.privacy.accounting import (
     default_delta,
     epsilon_for,
 )
-from lightfed.privacy.base import PrivacyMechanism, check_noise_budget, check_positive
+from lightfed.privacy.base import NoisePlan, PrivacyMechanism, check_noise_budget, check_positive
 from lightfed.privacy.central import check_dp_strategy
 from lightfed.privacy.clipping import clip_update, gaussian_like
 from lightfed.registry import PRIVACY
@@ -126,8 +126,7 @@ class LocalDP(PrivacyMechanism):
             name: v + gaussian_like(v, std, make_generator(self.seed, "ldp_noise", round_idx, cid, name, device=v.device))
             for name, v in sorted(clipped.extras.items())
         }
-        self.participations[cid] = self.participations.get(cid, 0) + 1
-        return ClientUpdate(cid, delta, clipped.num_examples, clipped.num_steps, clipped.metrics, extras)
+        return ClientUpdate(cid, delta, clipped.num_examples, clipped.num_steps, clipped.metrics, extras, dict(clipped.counts))
 
     def client_weight(self, update: ClientUpdate, strategy_weight: float) -> float:
         return 1.0
@@ -138,7 +137,14 @@ class LocalDP(PrivacyMechanism):
         most = max(self.participations.values(), default=0)
         return self.epsilon(most + 1) <= self.max_epsilon
 
-    def after_round(self, round_idx: int, num_sampled: int) -> dict[str, float]:
+    def noise_plan(self) -> NoisePlan:
+        return NoisePlan(0.0, self.clip_norm, "client", "client")
+
+    def after_round(self, round_idx: int, cohort: Sequence[int]) -> dict[str, float]:
+        # Every member of the cohort sends one report (a rejected one still left its client): counted from
+        # the whole cohort, which every process knows, never from the updates one process happened to see.
+        for cid in cohort:
+            self.participations[int(cid)] = self.participations.get(int(cid), 0) + 1
         counts = list(self.participations.values()) or [0]
         return {
             "epsilon": self.epsilon(max(counts)),

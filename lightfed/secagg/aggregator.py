@@ -166,11 +166,13 @@ class SecAggPlusAggregator(Aggregator):
             name.split("/", 1)[1]: (seg(name) * w).to(self._device, torch.float32)
             for name in self.layout.names() if name.startswith("extra/")
         }
+        counts = {name.split("/", 1)[1]: float(seg(name)[0]) for name in self.layout.names() if name.startswith("count/")}
         return RoundAggregate(
             delta_sum=(seg("delta") * w).to(self._device, torch.float32),
             weight_sum=float(seg("weight")[0]) * w,
             num_clients=len(self.server.view.u3),
             extras_sum=extras,
+            counts_sum=counts,
         )
 
     def _metrics(self, aggregate: RoundAggregate | None) -> dict[str, float]:

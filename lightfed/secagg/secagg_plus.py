@@ -8,10 +8,11 @@ or ``None`` when the round fails closed.
 
 Each client's contribution is one vector, so the server learns only sums, weights included:
 
-``x_k = [w_k delta_k, w_k e_k (each extra), w_k, w_k m_k (each metric), c_k] / W``
+``x_k = [w_k delta_k, w_k e_k (each extra), w_k, w_k m_k (each metric)] / W ++ [n_k (each count), c_k]``
 
 with ``W`` = ``max_weight`` (a public bound on the weights, so every entry stays inside its clipping
-range) and ``c_k`` the fraction of coordinates the client had to clip (the only entry not divided by W).
+range), ``n_k`` the update's counts (a privacy mechanism's centred clip bit, summed unweighted) and
+``c_k`` the fraction of coordinates the client had to clip (neither divided by W).
 The server rescales by ``W``; the weighted metric means are ``sum w m / sum w``.
 """
 
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lightfed.messages import ClientUpdate
+from lightfed.privacy.base import NoisePlan
 from lightfed.registry import SECURE_AGGREGATION
 from lightfed.secagg.aggregator import SecAggPlusAggregator, flat_numpy
 from lightfed.secagg.base import SecureAggregation
@@ -35,6 +37,10 @@ from lightfed.secagg.quantize import FixedPoint, Layout
 from lightfed.secagg.view import ServerView
 from lightfed.seeding import derive_seed, make_generator
 from lightfed.strategy import Strategy
+
+
+#: Clipping range of a count (a privacy mechanism's centred clip bit lies in [-1/2, 1/2]).
+COUNT_BOUND = 1.0
 
 
 @SECURE_AGGREGATION.register("SecAggPlus")
@@ -150,12 +156,13 @@ class SecAggPlus(SecureAggregation):
         self.seed, self.numel = int(seed), int(numel)
         self._privacy_noise = None
         name = type(privacy).__name__
-        if getattr(privacy, "clipping", None) == "server":
+        plan = privacy.noise_plan() if privacy is not None else NoisePlan()
+        if plan.clipping == "server":
             raise ValueError(
                 f"privacy {name} clips updates on the server, but under secure aggregation the server never holds "
                 f"an individual update: set privacy.init_args.clipping: client."
             )
-        if getattr(privacy, "noise_placement", "server") == "distributed":
+        if plan.placement == "distributed":
             if self.noise_multiplier > 0:
                 raise ValueError(
                     f"privacy {name} already asks for distributed noise (noise_placement: distributed); remove "
@@ -165,7 +172,7 @@ class SecAggPlus(SecureAggregation):
             return
         if self.noise_multiplier == 0:
             return
-        if float(getattr(privacy, "update_noise_multiplier", 0.0) or 0.0) > 0:
+        if plan.placement == "server" and plan.noise_multiplier > 0:
             raise ValueError(
                 f"privacy {name} adds its own Gaussian noise to the unmasked sum on the server; adding "
                 f"secure_aggregation.noise_multiplier={self.noise_multiplier} on the clients would noise the sum twice. "
@@ -173,19 +180,19 @@ class SecAggPlus(SecureAggregation):
                 f"noise (a mechanism with noise_placement: distributed)."
             )
         if self.noise_clip_norm is None:
-            clip_norm = getattr(privacy, "clip_norm", None)
-            if clip_norm is None:
+            if plan.clip_norm is None:
                 raise ValueError(
                     "secure_aggregation.noise_multiplier > 0 needs the L2 bound of a client's update: set "
                     "secure_aggregation.noise_clip_norm, or configure a privacy mechanism with a clip_norm."
                 )
-            self.noise_clip_norm = float(clip_norm)
+            self.noise_clip_norm = float(plan.clip_norm)
 
     def noise_params(self) -> tuple[float, float]:
         """``(z, C)`` of the distributed noise of the coming round; ``(0, 0)`` when there is none."""
         if self._privacy_noise is not None:
-            p = self._privacy_noise
-            return float(p.update_noise_multiplier), float(p.current_clip)
+            plan = self._privacy_noise.noise_plan()
+            assert plan.clip_norm is not None, "a distributed-noise plan always has a clip"
+            return float(plan.noise_multiplier), float(plan.clip_norm)
         if self.noise_multiplier > 0:
             assert self.noise_clip_norm is not None, "setup() resolves noise_clip_norm"
             return self.noise_multiplier, float(self.noise_clip_norm)
@@ -226,6 +233,7 @@ class SecAggPlus(SecureAggregation):
         parts += [(f"extra/{k}", update.extras[k].numel(), self.extras_clip) for k in sorted(update.extras)]
         parts.append(("weight", 1, 1.0))
         parts += [(f"metric/{k}", 1, self.metrics_bound) for k in sorted(update.metrics)]
+        parts += [(f"count/{k}", 1, COUNT_BOUND) for k in sorted(update.counts)]
         parts.append(("clipped", 1, 1.0))
         return Layout.build(parts)
 
@@ -278,6 +286,8 @@ class SecAggPlus(SecureAggregation):
             m = float(update.metrics[name])
             values[layout[f"metric/{name}"].start] = w * m if math.isfinite(m) else 0.0
         values /= big_w
+        for name in sorted(update.counts):  # counts are summed unweighted (a privacy mechanism's clip bit)
+            values[layout[f"count/{name}"].start] = float(update.counts[name])
         stop = layout["weight"].start
         head, extras = values[: update.delta.numel()], values[update.delta.numel() : stop]
         over = int(np.count_nonzero(np.abs(head) > self.clip)) + int(np.count_nonzero(np.abs(extras) > self.extras_clip))

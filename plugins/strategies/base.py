@@ -17,15 +17,9 @@ class WeightedMean(Strategy):
     """Base of the zoo's *linear* strategies: ``weighted`` picks the weights of the round's sums.
 
     ``weighted=True`` weights client ``k`` by its number of examples ``n_k`` (as :class:`~lightfed.FedAvg`
-    does); ``weighted=False`` gives every client weight 1 (the uniform mean several papers write). A
-    privacy mechanism may replace these weights; it reads :attr:`weighted` to know what was asked for.
+    does); ``weighted=False`` gives every client weight 1 (the uniform mean several papers write). The rule
+    itself is :meth:`lightfed.Strategy.client_weight`; a privacy mechanism may replace these weights.
     """
-
-    weighted: bool = True
-
-    def client_weight(self, update: ClientUpdate) -> float:
-        """``n_k`` if :attr:`weighted`, else 1."""
-        return float(update.num_examples) if self.weighted else 1.0
 
 
 def check(ok: bool, message: str) -> None:

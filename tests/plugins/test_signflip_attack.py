@@ -44,12 +44,16 @@ def test_the_wrapped_strategy_keeps_its_nature_and_state():
     assert scaffold.uses_client_state and not scaffold.needs_all_updates
     assert scaffold.state_dict().keys() == {"c"} and "scaffold_c" in scaffold.client_payload(0)
     assert scaffold.weighted and not SignFlipAttack(FedAvg(weighted=False)).weighted
-    assert type(scaffold).sample_clients is Strategy.sample_clients  # privacy checks this override
+    # capabilities are declared, and the wrapper declares its strategy's (plus its own on_client_end)
+    assert not scaffold.samples_own_cohort
+    assert scaffold.client_hooks == SCAFFOLD.client_hooks | {"on_client_end"}
+    assert SignFlipAttack(FedAvg()).client_hooks == {"on_client_end"}
 
     class Picky(FedAvg):
         def sample_clients(self, round_idx, num_clients, seed):
             return [0, 1]
 
+    assert Picky.samples_own_cohort and SignFlipAttack(Picky()).samples_own_cohort
     assert SignFlipAttack(Picky()).sample_clients(0, 10, 0) == [0, 1]
 
 

@@ -206,7 +206,7 @@ def test_adaptive_clip_shrinks_when_most_updates_fit(side):
     mech = setup(DPAdaptiveClipping(noise_multiplier=0.0, clipped_count_stddev=1e-9, clipping=side, verbose=False))
     run_round(mech, [upd(k, [0.01, 0.0]) for k in range(10)])  # all 10 of m=10 unclipped: b~ = 1
     assert mech.clip == pytest.approx(0.1 * math.exp(-0.2 * (1.0 - 0.5)), rel=1e-6)
-    metrics = mech.after_round(0, 10)
+    metrics = mech.after_round(0, list(range(10)))
     assert metrics["clip_norm"] == pytest.approx(0.1) and metrics["next_clip_norm"] == pytest.approx(mech.clip)
 
 
@@ -217,7 +217,7 @@ def test_adaptive_clip_grows_when_most_updates_are_clipped(side):
     agg = run_round(mech, ups)  # b~ = 2 / 10
     assert mech.clip == pytest.approx(0.1 * math.exp(-0.2 * (0.2 - 0.5)), rel=1e-6)
     assert agg.delta_sum[0].item() == pytest.approx(8 * 0.1 + 2 * 0.01, rel=1e-5)  # clipped with C_0 = 0.1
-    mech.after_round(0, 10)
+    mech.after_round(0, list(range(10)))
     run_round(mech, [upd(k, [5.0, 0.0]) for k in range(10)], round_idx=1)  # b~ = 0: grows again
     assert mech.clip == pytest.approx(0.1 * math.exp(0.06) * math.exp(0.1), rel=1e-6)
 
@@ -226,20 +226,24 @@ def test_adaptive_noise_uses_the_clip_applied_in_the_round():
     z, dim = 0.3, 40_000
     mech = setup(DPAdaptiveClipping(noise_multiplier=z, initial_clip=2.0, verbose=False))
     zd = mech.update_noise_multiplier
-    agg = run_round(mech, [ClientUpdate(0, torch.zeros(dim), 4)])  # 1 of 10 unclipped: the clip grows
+    big = [ClientUpdate(k, torch.zeros(dim).index_fill_(0, torch.tensor([k]), 100.0), 4) for k in range(10)]
+    agg = run_round(mech, big)  # all 10 of m = 10 clipped: the clip grows
     assert mech.clip > 2.0
     assert float(agg.mean_delta().std()) == pytest.approx(zd * 2.0 / 10, rel=0.02)  # C_t = 2, not C_{t+1}
 
 
 def test_adaptive_clip_count_ignores_rejected_updates():
+    """The centred clip bits travel in the updates' counts: only accepted (summed) updates count."""
     mech = setup(DPAdaptiveClipping(noise_multiplier=0.0, clipped_count_stddev=1e-9, clipping="client", verbose=False))
-    for k in range(10):
-        mech.client_update(upd(k, [0.01]), 0)  # all fit, but only 5 are accepted by the server
+    sent = [mech.client_update(upd(k, [0.01]), 0) for k in range(10)]  # all fit, but only 5 are accepted
     agg = StreamingSum()
-    for k in range(5):
-        agg.add(mech.server_update(upd(k, [0.01]), 0), 1.0)
-    mech.process_aggregate(agg.result(), 0)
-    assert mech.clip == pytest.approx(0.1 * math.exp(-0.2 * (0.5 - 0.5)), rel=1e-6)
+    for u in sent[:5]:
+        agg.add(mech.server_update(u, 0), 1.0)
+    out = mech.process_aggregate(agg.result(), 0)
+    assert out.counts_sum["dp_unclipped_centred"] == pytest.approx(5 * 0.5, abs=1e-6)
+    # centred estimate: sum(b - 1/2) / m + 1/2 = 2.5 / 10 + 0.5
+    assert mech.clip == pytest.approx(0.1 * math.exp(-0.2 * (0.75 - 0.5)), rel=1e-6)
+    assert not any(isinstance(v, dict) and v for v in vars(mech).values()), "no per-client bookkeeping in the mechanism"
 
 
 # ---------------------------------------------------------------------- local DP
@@ -249,17 +253,18 @@ def test_local_dp_noise_per_client():
     # clipped to norm 2 (each coordinate 2/200 = 0.01), plus N(0, (0.5 * 2)^2)
     assert float(out.delta.mean()) == pytest.approx(0.01, abs=0.02)
     assert float(out.delta.std()) == pytest.approx(1.0, rel=0.02)
+    assert mech.participations == {}  # counted from the cohort after the round, never per update
+    assert mech.after_round(0, [7])["epsilon"] == pytest.approx(mech.epsilon(1))
     assert mech.participations == {7: 1}
-    assert mech.after_round(0, 1)["epsilon"] == pytest.approx(mech.epsilon(1))
 
 
 def test_local_dp_state_round_trips_and_refuses_another_mechanism():
     mech = setup(LocalDP(noise_multiplier=0.5, verbose=False))
-    for cid in (1, 1, 2):
-        mech.client_update(upd(cid, [1.0]), 0)
+    mech.after_round(0, [1, 2])
+    mech.after_round(1, [1])
     again = setup(LocalDP(noise_multiplier=0.5, verbose=False))
     again.load_state_dict(mech.state_dict())
     assert again.participations == {1: 2, 2: 1}
-    assert again.after_round(0, 2)["epsilon"] == pytest.approx(mech.epsilon(2))
+    assert again.after_round(2, [])["epsilon"] == pytest.approx(mech.epsilon(2))
     with pytest.raises(ValueError, match="LocalDP"):
         setup(LocalDP(noise_multiplier=1.0, verbose=False)).load_state_dict(mech.state_dict())
