@@ -18,8 +18,12 @@ from lightfed.seeding import make_generator
 class FederatedArrays:
     """What a dataset loader returns: pooled training tensors, test tensors, labels and optional groups.
 
-    ``labels`` drives label-based partitioners; ``groups`` (one integer key per training example: writer,
-    speaker, hospital) drives natural partitions.
+    ``train`` and ``test`` are tuples of equally long tensors (one row per example) whose last tensor is
+    the target. ``labels`` (one non-negative integer class per training example) drives label-based
+    partitioners; ``groups`` (one integer key per training example: writer, speaker, hospital) drives
+    natural partitions. With ``num_classes`` set, the targets are class ids in ``[0, num_classes)`` (or
+    ``-100``, ``F.cross_entropy``'s ignored position); leave it ``None`` for other targets (regression).
+    :func:`check_arrays` enforces this when a datamodule is set up.
     """
 
     train: tuple[Tensor, ...]
@@ -67,10 +71,15 @@ class FederatedDataModule(L.LightningDataModule):
         """Load the pooled data (subclasses)."""
         raise NotImplementedError
 
+    def source_name(self) -> str:
+        """Where the data comes from, for error messages (subclasses that read files name the file)."""
+        return type(self).__name__
+
     def setup(self, stage: str | None = None) -> None:
         if self.arrays is not None:
             return
         arrays = self.load()
+        check_arrays(arrays, self.source_name())
         partition = self.partitioner.partition(arrays.labels, self.seed, arrays.groups)
         _check_partition(partition, len(arrays.labels), type(self.partitioner).__name__)
         sizes = partition.sizes()
@@ -172,6 +181,119 @@ class FederatedDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         arrays = self._require_setup()
         return DataLoader(TensorDataset(*(t.cpu() for t in arrays.test)), batch_size=self.batch_size)
+
+
+IGNORE_INDEX = -100  #: a target that is not scored (``F.cross_entropy``'s default ``ignore_index``)
+
+
+def check_arrays(arrays: FederatedArrays, source: str) -> None:
+    """Refuse data that would fail mid-round or train silently on garbage; one vectorised pass per tensor.
+
+    Checks that the tensors of ``train`` (and of ``test``) have one length, which ``labels`` and ``groups``
+    share; that ``labels`` are integer class ids in ``[0, num_classes)`` (non-negative when
+    ``num_classes`` is ``None``); that integer targets (the last tensor of ``train`` / ``test``) lie in the
+    same range or are ``-100``, and that targets are integers at all when ``num_classes`` is set; and that
+    no floating tensor holds NaN or Inf (counted by example).
+
+    Args:
+        arrays: What :meth:`FederatedDataModule.load` returned.
+        source: The datamodule or file, named in the message.
+
+    Raises:
+        ValueError: listing every problem found.
+    """
+    problems: list[str] = []
+    n: int | None = None  # training examples, once the training tensors agree
+    for split, tensors in (("training", arrays.train), ("test", arrays.test)):
+        if not isinstance(tensors, tuple) or not tensors or not all(isinstance(t, Tensor) and t.ndim for t in tensors):
+            problems.append(f"{split} data must be a non-empty tuple of tensors with one row per example")
+            continue
+        lengths = [len(t) for t in tensors]
+        if len(set(lengths)) > 1:
+            problems.append(f"the {split} tensors disagree in length: {lengths} rows; each needs one row per example")
+            continue
+        n = lengths[0] if split == "training" else n
+        problems += _finite_problems(tensors, split)
+        if split == "test" or not _same(tensors[-1], arrays.labels):  # else the label check says it
+            problems += _target_problems(tensors[-1], split, arrays.num_classes)
+    for name, t in (("labels", arrays.labels), ("groups", arrays.groups)):
+        if isinstance(t, Tensor) and n is not None and len(t) != n:
+            problems.append(f"{len(t)} {name} for {n} training examples; give one per training example")
+    problems += _label_problems(arrays.labels, arrays.num_classes)
+    if problems:
+        listed = "".join(f"\n  - {p}" for p in problems)
+        raise ValueError(f"{source}: the data cannot be trained on:{listed}")
+
+
+def _finite_problems(tensors: tuple[Tensor, ...], split: str) -> list[str]:
+    """Rows holding NaN or Inf in any floating tensor (a sum is finite only if every element is)."""
+    bad: Tensor | None = None
+    for t in tensors:
+        if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or bool(torch.isfinite(t.sum())):
+            continue  # NaN and Inf propagate into the sum; only an overflowing sum takes the exact pass
+        rows = ~torch.isfinite(t.reshape(len(t), -1)).all(1)
+        bad = rows if bad is None else bad | rows
+    if bad is None or not bool(bad.any()):
+        return []
+    idx = torch.nonzero(bad).flatten()
+    return [
+        f"{len(idx)} of {len(bad)} {split} examples hold NaN or Inf (rows {idx[:10].tolist()}"
+        f"{', ...' if len(idx) > 10 else ''}); drop or impute them before training"
+    ]
+
+
+def _class_range(values: Tensor, num_classes: int | None, what: str, allow_ignore: bool) -> list[str]:
+    """Integer ``values`` outside ``[0, num_classes)`` (negative ones if ``num_classes`` is ``None``).
+
+    ``-100`` (an ignored position) is allowed if ``allow_ignore``. The common, valid case costs one
+    ``aminmax`` pass.
+    """
+    if values.numel() == 0:
+        return []
+    low, high = (int(v) for v in torch.aminmax(values))
+    if low >= 0 and (num_classes is None or high < num_classes):
+        return []
+    bad = values < 0 if num_classes is None else (values < 0) | (values >= num_classes)
+    if allow_ignore:
+        bad &= values != IGNORE_INDEX
+    if not bool(bad.any()):
+        return []
+    found = torch.unique(values[bad])
+    allowed = "be >= 0" if num_classes is None else f"lie in [0, {num_classes}) for {num_classes} classes"
+    negative = " (class ids start at 0: negative labels are not classes)" if int(found[0]) < 0 else ""
+    return [
+        f"{what} must {allowed}, but hold {found[:10].tolist()} ({int(bad.sum())} of {values.numel()})"
+        f"{negative}; fix the labels{'' if num_classes is None else ' or the number of classes'}"
+    ]
+
+
+def _target_problems(target: Tensor, split: str, num_classes: int | None) -> list[str]:
+    if target.is_floating_point() or target.is_complex():
+        if num_classes is None:
+            return []  # regression targets
+        return [f"the {split} targets are {_dtype(target)}, but with {num_classes} classes they must be integer "
+                f"class ids; convert whole-number labels with .long(), or set num_classes to None for "
+                f"non-class targets"]
+    if target.dtype == torch.bool:
+        return []
+    return _class_range(target, num_classes, f"{split} targets", allow_ignore=True)
+
+
+def _label_problems(labels: Tensor, num_classes: int | None) -> list[str]:
+    if not isinstance(labels, Tensor):
+        return [f"labels must be a tensor of class ids, got {type(labels).__name__}"]
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return [f"training labels are {_dtype(labels)}; partitioners need integer class ids (0, 1, ...). "
+                f"Round and convert whole-number labels with .long(); fractional labels are not classes"]
+    return _class_range(labels.reshape(-1), num_classes, "training labels", allow_ignore=False)
+
+
+def _same(a: Tensor, b: object) -> bool:
+    return a is b or (isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+
+
+def _dtype(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 def _check_partition(partition: Partition, pool: int, name: str) -> None:

@@ -12,6 +12,7 @@ subsets) is derived from the datamodule's ``seed``.
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +44,23 @@ def read_idx(path: str | Path) -> np.ndarray:
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the magic number or the data length does not match the IDX format.
+        ValueError: If the file is not readable gzip (for ``.gz``), or the magic number or the data length
+            does not match the IDX format.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"IDX file {path} does not exist.")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    if path.suffix == ".gz":
+        try:
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(
+                f"{path} is not a readable gzip file ({type(err).__name__}: {err}); it is truncated or corrupt: "
+                f"fetch it again, or give the uncompressed IDX file."
+            ) from err
+    else:
+        raw = path.read_bytes()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(
             f"{path} is not an IDX file: bad magic number {raw[:4].hex()} (expected 0000 followed by a type "
@@ -187,6 +197,9 @@ class FashionMNISTDataModule(FederatedDataModule):
         self.train_subset = train_subset
         self.flatten = flatten
 
+    def source_name(self) -> str:
+        return f"Fashion-MNIST under data.root={self.root!r}"
+
     def _images(self, path: Path) -> Tensor:
         raw = read_idx(path)
         if raw.ndim != 3 or raw.dtype != np.uint8:
@@ -242,8 +255,10 @@ class TensorDataModule(FederatedDataModule):
     example under ``group_key`` (for :class:`~lightfed.data.partition.Natural`), and an explicit test set
     under ``"{x_key}_test"`` / ``"{y_key}_test"`` (``x_test`` / ``y_test`` by default). Without a test set,
     a seeded stratified split holds out ``test_fraction``. Inputs are cast to float32 as they are (no
-    scaling), labels to int64; group keys may be integers or, in an ``.npz``, strings (ordered by value).
-    ``.pt`` files are read with ``torch.load(weights_only=True)``.
+    scaling), labels to int64 (float labels must be whole numbers); group keys may be integers or, in an
+    ``.npz``, strings (ordered by value). ``.pt`` files are read with ``torch.load(weights_only=True)``.
+    At set-up the data are checked (:func:`~lightfed.data.datamodule.check_arrays`): labels in
+    ``[0, num_classes)``, no NaN or Inf inputs, inputs and labels of one length.
 
     Args:
         partitioner: How the training set is split into clients.
@@ -255,6 +270,8 @@ class TensorDataModule(FederatedDataModule):
         x_key: Key of the inputs.
         y_key: Key of the labels.
         group_key: Key of the per-example group ids, or ``None``.
+        num_classes: The number of classes (labels must lie in ``[0, num_classes)``), or ``None`` for the
+            largest label + 1. Set it to the model's ``num_classes`` to have a stray label refused at load.
     """
 
     def __init__(
@@ -268,13 +285,25 @@ class TensorDataModule(FederatedDataModule):
         x_key: str = "x",
         y_key: str = "y",
         group_key: str | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__(partitioner, val_fraction=val_fraction, batch_size=batch_size, seed=seed)
         if Path(path).suffix not in (".pt", ".npz"):
             raise ValueError(f"data.path must name a .pt or .npz file, got {path!r}.")
+        if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 2):
+            raise ValueError(f"data.num_classes must be an int >= 2 or null (the largest label + 1), got {num_classes!r}.")
         self.path = path
         self.test_fraction = _check_fraction(test_fraction, "test_fraction")
         self.x_key, self.y_key, self.group_key = x_key, y_key, group_key
+        self.num_classes = num_classes
+
+    def source_name(self) -> str:
+        return f"data.path={self.path!r}"
+
+    _FORMATS = {
+        ".pt": "a .pt file: a dict of tensors written by torch.save({'x': x, 'y': y}, path)",
+        ".npz": "an .npz file: named arrays written by np.savez(path, x=x, y=y)",
+    }
 
     def _read(self) -> dict[str, np.ndarray | Tensor]:
         path = Path(self.path)
@@ -282,10 +311,19 @@ class TensorDataModule(FederatedDataModule):
             raise FileNotFoundError(
                 f"data.path={self.path!r} does not exist; point data.path at a .pt or .npz file."
             )
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                return {k: f[k] for k in f.files}
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as f:
+                    if not isinstance(f, np.lib.npyio.NpzFile):
+                        raise ValueError("it holds a single array, not named arrays")
+                    return {k: f[k] for k in f.files}
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - re-raised with the path and the expected format
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(
+                f"data.path={self.path!r} could not be read ({type(err).__name__}: {first}). "
+                f"Expected {self._FORMATS[path.suffix]}."
+            ) from err
         if not isinstance(obj, dict):
             raise ValueError(f"data.path={self.path!r} holds a {type(obj).__name__}; save a dict of tensors.")
         return obj
@@ -298,6 +336,28 @@ class TensorDataModule(FederatedDataModule):
             )
         return data[key]
 
+    def _tensor(self, data: dict, key: str, field: str) -> Tensor:
+        value = self._get(data, key, field)
+        try:
+            return torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"{self.path}: {key!r} holds {type(value).__name__} that is not numbers ({err}); save a tensor or a "
+                f"numeric array."
+            ) from err
+
+    def _class_ids(self, values: Tensor, key: str) -> Tensor:
+        """Labels as int64; float labels must be whole numbers (``.long()`` would truncate 0.7 to class 0)."""
+        if values.is_floating_point():
+            bad = (values != values.round()) | ~torch.isfinite(values)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{self.path}: labels {key!r} hold {int(bad.sum())} of {values.numel()} values that are not "
+                    f"whole numbers (e.g. {values[bad][0].item():g}); classification needs integer class ids "
+                    f"0, 1, ..., not scores or probabilities. Save the class of each example."
+                )
+        return values.long().reshape(-1)
+
     @staticmethod
     def _group_ids(values: np.ndarray | Tensor) -> Tensor:
         arr = values.cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
@@ -307,8 +367,8 @@ class TensorDataModule(FederatedDataModule):
 
     def load(self) -> FederatedArrays:
         data = self._read()
-        x = torch.as_tensor(self._get(data, self.x_key, "x_key")).float()
-        y = torch.as_tensor(self._get(data, self.y_key, "y_key")).long().reshape(-1)
+        x = self._tensor(data, self.x_key, "x_key").float()
+        y = self._class_ids(self._tensor(data, self.y_key, "y_key"), self.y_key)
         groups = (
             None if self.group_key is None else self._group_ids(self._get(data, self.group_key, "group_key"))
         )
@@ -321,13 +381,15 @@ class TensorDataModule(FederatedDataModule):
         if (xt_key in data) != (yt_key in data):
             raise KeyError(f"{self.path} has only one of {xt_key!r} / {yt_key!r}; save both or neither.")
         if xt_key in data:
-            test = (torch.as_tensor(data[xt_key]).float(), torch.as_tensor(data[yt_key]).long().reshape(-1))
+            test = (self._tensor(data, xt_key, "x_key").float(), self._class_ids(self._tensor(data, yt_key, "y_key"), yt_key))
+            if len(test[0]) != len(test[1]):
+                raise ValueError(f"{self.path}: {len(test[0])} test inputs but {len(test[1])} test labels.")
             train_idx = torch.arange(len(y))
         else:
             train_idx, test_idx = stratified_split(y, self.test_fraction, self.seed, "tensor")
             test = (x[test_idx], y[test_idx])
         y_train = y[train_idx]
-        num_classes = int(torch.cat([y, test[1]]).max()) + 1
+        num_classes = self.num_classes if self.num_classes is not None else int(torch.cat([y, test[1]]).max()) + 1
         return FederatedArrays(
             train=(x[train_idx], y_train),
             test=test,

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightfed.data.text import IGNORE_INDEX, PAD_ID, VOCAB_SIZE
+from lightfed.models._args import check_optimizer, check_positive_int
 
 __all__ = ["CharLSTM"]
 
@@ -47,6 +48,10 @@ class CharLSTM(L.LightningModule):
         super().__init__()
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"model.optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
+        check_optimizer(lr, momentum, weight_decay, example_lr=0.8)
+        check_positive_int(vocab_size, "vocab_size", 2)
+        for value, field in ((embed_dim, "embed_dim"), (hidden, "hidden"), (num_layers, "num_layers")):
+            check_positive_int(value, field)
         self.save_hyperparameters()
         self.lr, self.optimizer_name, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID if PAD_ID < vocab_size else None)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from lightfed.models._args import check_fraction, check_optimizer
 from lightfed.models.vision import CNNClassifier
 
 __all__ = ["HFSequenceClassifier", "LoRACNNClassifier", "add_lora", "load_pretrained_encoder", "packaged_model_dir", "require"]
@@ -193,6 +194,8 @@ class HFSequenceClassifier(L.LightningModule):
             raise ValueError(f"model.pooling must be 'mean' or 'cls', got {pooling!r}.")
         if num_classes < 2:
             raise ValueError(f"model.num_classes must be >= 2, got {num_classes}.")
+        check_optimizer(lr, momentum, weight_decay, example_lr=1e-3)
+        check_fraction(dropout, "dropout")
         self.save_hyperparameters()
         self.num_classes, self.pooling, self.lr, self.weight_decay = num_classes, pooling, lr, weight_decay
         self.optimizer_name, self.momentum = optimizer, momentum

@@ -8,16 +8,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from lightfed.models._args import check_optimizer, check_positive_int
+
 
 class _Classifier(L.LightningModule):
     """Shared steps: cross-entropy loss, accuracy logged as ``{stage}_acc``, SGD or Adam."""
 
     net: nn.Module
 
-    def __init__(self, num_classes: int, lr: float, momentum: float, optimizer: str, weight_decay: float) -> None:
+    def __init__(
+        self, num_classes: int, lr: float, momentum: float, optimizer: str, weight_decay: float, example_lr: float
+    ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"model.optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
+        check_optimizer(lr, momentum, weight_decay, example_lr)
+        check_positive_int(num_classes, "num_classes", 2, " (one class gives a loss of 0: nothing to learn)")
         self.num_classes = num_classes
         self.lr, self.momentum, self.optimizer_name, self.weight_decay = lr, momentum, optimizer, weight_decay
 
@@ -68,7 +74,10 @@ class MLPClassifier(_Classifier):
         optimizer: str = "sgd",
         weight_decay: float = 0.0,
     ) -> None:
-        super().__init__(num_classes, lr, momentum, optimizer, weight_decay)
+        super().__init__(num_classes, lr, momentum, optimizer, weight_decay, example_lr=0.1)
+        check_positive_int(in_features, "in_features")
+        if hidden is not None:
+            check_positive_int(hidden, "hidden")
         self.save_hyperparameters()
         sizes = [in_features, *(hidden if hidden is not None else [64])]
         layers: list[nn.Module] = [nn.Flatten()]
@@ -106,7 +115,12 @@ class CNNClassifier(_Classifier):
         weight_decay: float = 0.0,
         channels_last: bool = False,
     ) -> None:
-        super().__init__(num_classes, lr, momentum, optimizer, weight_decay)
+        super().__init__(num_classes, lr, momentum, optimizer, weight_decay, example_lr=0.05)
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(image_size, "image_size", 4, " (two 2x2 poolings)")
+        check_positive_int(hidden, "hidden")
+        if not (isinstance(width, int) and width >= 4 and width % 4 == 0):
+            raise ValueError(f"model.init_args.width must be a multiple of 4 (GroupNorm's 4 groups), got {width!r}; e.g. 32.")
         self.save_hyperparameters()
         side = image_size // 4
         self.features = nn.Sequential(
