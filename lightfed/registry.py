@@ -10,6 +10,9 @@ A plugin reaches lightfed in one of three ways:
 3. a dotted ``class_path`` in a YAML config, which jsonargparse imports directly.
 
 lightfed's own ``plugins/`` package takes route 2, exactly as a third-party package does.
+
+An entry point that fails to import is remembered (:class:`FailedEntryPoint`): selecting a name it could
+provide then reports the import error instead of "unknown strategy".
 """
 
 from __future__ import annotations
@@ -32,6 +35,31 @@ class RegistryEntry:
     origin: str
 
 
+@dataclass(frozen=True)
+class FailedEntryPoint:
+    """An installed entry point whose ``load()`` raised: what it is, where it comes from, and the error."""
+
+    name: str
+    value: str
+    group: str
+    distribution: str | None
+    error: BaseException
+
+    def describe(self) -> str:
+        """``entry point <name> = <value> of <distribution> <version>``."""
+        where = f" of {self.distribution}" if self.distribution else ""
+        return f"entry point {self.name} = {self.value}{where}"
+
+    def error_text(self) -> str:
+        return f"{type(self.error).__name__}: {self.error}"
+
+    def could_provide(self, name: str) -> bool:
+        """Whether ``name`` is this entry point's name, the class it names, or the last part of its module."""
+        module, _, attr = self.value.partition(":")
+        candidates = {self.name, attr.strip().split(".")[-1], module.strip().split(".")[-1]}
+        return name.lower() in {c.lower() for c in candidates if c}
+
+
 class Registry(Generic[T]):
     """A name -> class mapping with entry-point discovery.
 
@@ -43,6 +71,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self.group = group
         self._entries: dict[str, RegistryEntry] = {}
+        self._failed: dict[str, FailedEntryPoint] = {}
         self._loaded_entry_points = False
 
     def register(
@@ -93,16 +122,24 @@ class Registry(Generic[T]):
         self._loaded_entry_points = True
         if force:
             importlib.invalidate_caches()
+        self._failed = {}
         for ep in importlib.metadata.entry_points(group=self.group):
             before = set(self._entries)
+            dist = ep.dist
             try:
                 obj = ep.load()
             except Exception as err:  # noqa: BLE001 - one broken plugin must not break the others
-                warnings.warn(f"could not load {self.kind} plugin {ep.name!r} ({ep.value}): {err}", RuntimeWarning, stacklevel=2)
+                failed = FailedEntryPoint(
+                    ep.name, ep.value, self.group, None if dist is None else f"{dist.name} {dist.version}", err
+                )
+                self._failed[ep.name.lower()] = failed
+                warnings.warn(
+                    f"could not load {self.kind} plugin {ep.name!r} ({failed.describe()}): {failed.error_text()}",
+                    RuntimeWarning, stacklevel=2,
+                )
                 continue
             if inspect.isclass(obj) and not any(e.cls is obj for e in self._entries.values()):
                 self.add(obj, name=ep.name, origin=f"entry point {ep.value}")
-            dist = getattr(ep, "dist", None)
             where = f"{dist.name} (entry point {ep.name})" if dist is not None else f"entry point {ep.name}"
             for key, entry in list(self._entries.items()):
                 if key not in before or _defined_under(entry.cls, obj):
@@ -121,15 +158,35 @@ class Registry(Generic[T]):
         return self._entries.pop(key)
 
     def get(self, name: str) -> type:
-        """The class registered as ``name``; lists the known names if there is none."""
+        """The class registered as ``name``.
+
+        Raises:
+            KeyError: if there is none: naming the installed plugin that could provide ``name`` and its
+                import error, if one failed to import, else listing the known names (and every plugin of
+                :attr:`group` that failed to import).
+        """
         self.load_entry_points()
         entry = self._entries.get(name.lower())
-        if entry is None:
+        if entry is not None:
+            return entry.cls
+        failed = self._failed.get(name.lower()) or next((f for f in self._failed.values() if f.could_provide(name)), None)
+        if failed is not None:
             raise KeyError(
-                f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or '(none)'}. "
-                f"Use one of these names, or a dotted class_path to your own class."
-            )
-        return entry.cls
+                f"{self.kind} {name!r} is installed ({failed.describe()}) but failed to import: "
+                f"{failed.error_text()}. Fix that package's environment (install what it imports) or reinstall it."
+            ) from failed.error
+        broken = "".join(
+            f" Installed but failed to import: {f.name} ({f.describe()}): {f.error_text()}." for f in self.failed()
+        )
+        raise KeyError(
+            f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or '(none)'}. "
+            f"Use one of these names, or a dotted class_path to your own class.{broken}"
+        )
+
+    def failed(self) -> list[FailedEntryPoint]:
+        """The entry points of :attr:`group` that failed to import, by name."""
+        self.load_entry_points()
+        return sorted(self._failed.values(), key=lambda f: f.name.lower())
 
     def create(self, name: str, **kwargs: Any) -> Any:
         """Instantiate the class registered as ``name``."""
