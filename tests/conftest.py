@@ -1,15 +1,26 @@
-"""Shared "Boring" fixtures: a tiny synthetic federated dataset and a tiny classifier."""
+"""Shared "Boring" fixtures: a tiny synthetic federated dataset and a tiny classifier.
+
+The environment the suite needs is set here, before torch or transformers is imported, so the README's
+``python -m pytest -q`` needs no exported variables: Hugging Face offline (every model is a local folder;
+tests/models/test_hf.py also refuses sockets) and one OpenMP thread (the tests' tensors are tiny). A value
+already in the environment wins.
+"""
 
 from __future__ import annotations
 
-import lightning as L
-import pytest
-import torch
+import os
 
-from lightfed.data.datamodule import FederatedArrays, FederatedDataModule
-from lightfed.data.partition import IID, Partitioner
-from lightfed.models import MLPClassifier
-from lightfed.seeding import make_generator
+for _name, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}.items():
+    os.environ.setdefault(_name, _value)
+
+import lightning as L  # noqa: E402 - after the environment above
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lightfed.data.datamodule import FederatedArrays, FederatedDataModule  # noqa: E402
+from lightfed.data.partition import IID, Partitioner  # noqa: E402
+from lightfed.models import MLPClassifier  # noqa: E402
+from lightfed.seeding import make_generator  # noqa: E402
 
 
 class BoringFederatedData(FederatedDataModule):
