@@ -126,13 +126,18 @@ class CentralCLI(LightningCLI):
         print(f"model weights: {exported}  (use as trainer.init_checkpoint of a federated config)")
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of ``lightfed central <fit|validate|test> --config X.yaml`` (``args``: what follows ``central``)."""
+def main(args: list[str] | None = None, **cli_kwargs: Any) -> None:
+    """Entry point of ``lightfed central <fit|validate|test> --config X.yaml`` (``args``: what follows ``central``).
+
+    Args:
+        args: The command line after ``central``; ``None`` reads ``sys.argv``.
+        **cli_kwargs: Passed to :class:`CentralCLI` (``lightfed``'s ``main`` passes ``parser_kwargs``).
+    """
     if args is None:
-        CentralCLI()
+        CentralCLI(**cli_kwargs)
         return
     argv, sys.argv = sys.argv, sys.argv[:1]  # `args` already holds the command line; keep Lightning from warning
     try:
-        CentralCLI(args=args)
+        CentralCLI(args=args, **cli_kwargs)
     finally:
         sys.argv = argv

@@ -133,3 +133,113 @@ def test_data_command_prints_statistics_and_plots(tmp_path, capsys):
 def test_console_script_help_runs():
     out = subprocess.run([sys.executable, "-m", "lightfed.cli", "fit", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--trainer.rounds" in out.stdout and "--strategy" in out.stdout
+
+
+# ---- a CLI that speaks plainly -------------------------------------------------------------------------
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr without the lines other libraries print on their own (Lightning's ``Seed set to 0``)."""
+    return [line for line in err.splitlines() if line.strip() and not line.startswith("Seed set")]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "override", "expected"),
+    [
+        # jsonargparse validation: an unknown key, a value of the wrong type, a missing file
+        (lambda c: c["trainer"].update(roundz=3), [], "does not accept option 'trainer.roundz'. Did you mean 'trainer.rounds'?"),
+        (lambda c: None, ["--trainer.roundz", "3"], "Did you mean --trainer.rounds?"),
+        (lambda c: None, ["--trainer.rounds", "fast"], "trainer.rounds: expected int, got 'fast'."),
+        (lambda c: c.update(strategy={"class_path": "FedProx", "init_args": {"muu": 1}}), [],
+         "strategy: plugins.strategies.FedProx: Option 'muu' is not accepted. Did you mean 'mu'?"),
+        # a plugin's __init__ raising inside jsonargparse (reported by it as a failed Union): the plugin's own text
+        (lambda c: c.update(strategy={"class_path": "FedProx", "init_args": {"mu": -1.0}}), [],
+         "FedProx mu must be >= 0 (0 is FedAvg), got -1.0 (`strategy.init_args.mu`)."),
+        (lambda c: c["trainer"].update(sampler={"class_path": "lightfed.PoissonSampler", "init_args": {"sampling_rate": 2.0}}), [],
+         "PoissonSampler sampling_rate must be in (0, 1], got 2.0."),
+        # lightfed's checks while the run is set up: ValueError and FileNotFoundError
+        (lambda c: c.update(strategy="FedNope"), [], "strategy: unknown strategy 'FedNope'; registered: "),
+        (lambda c: c["trainer"].update(clients_per_round=50), [], "clients_per_round=50 but the data has only 20 clients"),
+        (lambda c: c["trainer"].update(init_checkpoint="/nonexistent/w.ckpt"), [], "checkpoint '/nonexistent/w.ckpt' does not exist"),
+    ],
+    ids=["unknown-key", "unknown-flag", "wrong-type", "unknown-init-arg", "plugin-init", "sampler-init", "unknown-name",
+         "setup-check", "missing-file"],
+)
+def test_config_error_is_one_line_and_exit_status_2(tmp_path, capsys, monkeypatch, mutate, override, expected):
+    # Prepare
+    monkeypatch.delenv("LIGHTFED_TRACEBACK", raising=False)
+    cfg = yaml.safe_load(Path(write_config(tmp_path, logger=False)).read_text())
+    mutate(cfg)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # Execute
+    code, _, err = run_main(["fit", "--config", str(tmp_path / "config.yaml"), *override], capsys)
+    # Assert
+    lines = error_lines(err)
+    assert code == 2
+    assert len(lines) == 1, err
+    assert lines[0].startswith("lightfed: error: ") and expected in lines[0]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_traceback_env_var_shows_the_exception(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTFED_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="clients_per_round=50 but the data has only 20 clients"):
+        main(["fit", "--config", write_config(tmp_path, logger=False, clients_per_round=50)])
+
+
+def test_a_crash_keeps_its_traceback():
+    from lightfed.cli import is_config_error
+
+    with pytest.raises(TypeError) as crash:  # raised by torch, not by a check of lightfed's
+        torch.zeros(2) + "x"
+    assert not is_config_error(crash.value)
+
+
+def test_console_script_config_error_is_one_line(tmp_path):
+    cfg = write_config(tmp_path, logger=False, clients_per_round=50)
+    out = subprocess.run([sys.executable, "-m", "lightfed.cli", "fit", "--config", cfg],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert error_lines(out.stderr) == [
+        "lightfed: error: clients_per_round=50 but the data has only 20 clients; lower `trainer.clients_per_round` "
+        "or raise `data.num_clients`."
+    ]
+
+
+@pytest.mark.parametrize("args", [["--help"], [], ["-h"]])
+def test_top_level_help_lists_every_subcommand(capsys, args):
+    if args:
+        main(args)
+        out = capsys.readouterr().out
+    else:
+        code, out, _ = run_main(args, capsys)
+        assert code == 2
+    listed = [line.split()[0] for line in out.split("commands:\n")[1].splitlines() if line.startswith("  ")]
+    assert listed == ["fit", "test", "data", "strategies", "central"]
+
+
+def test_unknown_command_is_one_line(capsys):
+    code, _, err = run_main(["fitt", "--config", "x.yaml"], capsys)
+    assert code == 2 and error_lines(err) == [
+        "lightfed: error: unknown command 'fitt'; the commands are fit, test, data, strategies, central. Did you mean 'fit'?"
+    ]
+
+
+def test_central_config_error_is_one_line(tmp_path, capsys):
+    code, _, err = run_main(["central", "fit", "--trainer.max_epochz", "1"], capsys)
+    assert code == 2 and len(error_lines(err)) == 1 and "lightfed central fit --help" in err
+
+
+def test_strategies_lists_every_executor_in_a_fresh_process():
+    # a fresh interpreter: nothing else has imported lightfed.executors, which registers vmap
+    out = subprocess.run([sys.executable, "-m", "lightfed.cli", "strategies"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    executors = out.stdout.split("lightfed.executors:")[1]
+    assert "sequential" in executors and "vmap" in executors
