@@ -28,10 +28,13 @@ class FedOpt(WeightedMean):
     paper requires ``v_{-1} >= tau^2``). Reddi, Charles, Zaheer, Garrett, Rush, Konecny, Kumar, McMahan,
     "Adaptive Federated Optimization", ICLR 2021.
 
-    Paper vs. popular code: the paper has no bias correction and starts ``v`` at ``tau^2``; Flower's
-    ``FedAdam`` multiplies ``eta`` by ``sqrt(1 - beta2^t) / (1 - beta1^t)`` and its ``FedOpt`` strategies
-    start ``v`` at zero. The paper averages client updates uniformly (``weighted=False``); ``weighted=True``
-    (the default, as for every linear strategy here) uses example-count weights.
+    Paper vs. popular code: the paper has no bias correction and starts ``v`` at ``tau^2``, and so does
+    this implementation. Flower's ``FedAdam`` (checked in 1.22 to 1.28, both ``flwr.server.strategy`` and
+    ``flwr.serverapp.strategy``) multiplies ``eta`` by ``sqrt(1 - beta2^(t+1)) / (1 - beta1^(t+1))`` where
+    ``t`` is its 1-based ``server_round`` (so round 1 already uses ``beta^2``), and its ``FedOpt``
+    strategies start ``m`` and ``v`` at zero. The paper averages client updates uniformly
+    (``weighted=False``); ``weighted=True`` (the default, as for every linear strategy here) uses
+    example-count weights.
     """
 
     #: Name used in error messages.
