@@ -179,14 +179,14 @@ class FederatedTrainer:
         return self.fabric.is_global_zero
 
     def _setup(self, model: nn.Module, datamodule: FederatedDataModule) -> None:
-        self.fabric.launch()
-        if self.num_threads is not None:
-            torch.set_num_threads(self.num_threads)
-        if self.secure_aggregation is not None and self.fabric.world_size > 1:
+        if self.secure_aggregation is not None and self.fabric.world_size > 1:  # refused before any process starts
             raise ValueError(
                 "secure_aggregation runs the protocol in one process; use trainer.devices=1 with it "
                 "(sharding a SecAgg round over processes is not supported)."
             )
+        self.fabric.launch()
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
         plan = self.privacy.noise_plan() if self.privacy is not None else None
         if plan is not None and plan.placement == "distributed" and self.secure_aggregation is None:
             raise ValueError(
@@ -515,7 +515,7 @@ def _resolve_strategy(strategy: Strategy | str | None) -> Strategy:
         try:
             return STRATEGIES.create(strategy)
         except KeyError as err:
-            raise ValueError(f"strategy: {err.args[0]}") from None
+            raise ValueError(err.args[0]) from err
     if not isinstance(strategy, Strategy):
         raise TypeError(f"strategy must be a lightfed Strategy or a registered name, got {type(strategy).__name__}.")
     return strategy
