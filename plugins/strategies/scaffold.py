@@ -48,6 +48,9 @@ class SCAFFOLD(WeightedMean):
     practice. Under ``precision="16-mixed"`` the gradients are loss-scaled when the correction is added, so
     use 32-bit or ``bf16`` precision with SCAFFOLD. Control variates cover the payload's parameters; buffers
     (BatchNorm statistics) carry 0.
+    ``|S|`` is the aggregate's released ``num_clients``: the realised count without privacy, and under
+    client-level DP the public expected cohort ``m`` (DP never releases the realised count), so the step is
+    ``q * mean(Delta c)`` there.
     ``c`` travels to clients each round (``bytes_down`` doubles) and ``Delta c_i`` is an extra of the
     update, summed with the same weight as ``Delta y_i``. The paper averages uniformly (``weighted=False``);
     with ``weighted=True`` both means use example-count weights. ``c`` is server state (checkpointed), each
