@@ -165,7 +165,7 @@ def error_lines(err: str) -> list[str]:
         (lambda c: c["trainer"].update(sampler={"class_path": "lightfed.PoissonSampler", "init_args": {"sampling_rate": 2.0}}), [],
          "PoissonSampler sampling_rate must be in (0, 1], got 2.0."),
         # lightfed's checks while the run is set up: ValueError and FileNotFoundError
-        (lambda c: c.update(strategy="FedNope"), [], "strategy: unknown strategy 'FedNope'; registered: "),
+        (lambda c: c.update(strategy="FedNope"), [], "unknown strategy 'FedNope'; registered: "),
         (lambda c: c["trainer"].update(clients_per_round=50), [], "clients_per_round=50 but the data has only 20 clients"),
         (lambda c: c["trainer"].update(init_checkpoint="/nonexistent/w.ckpt"), [], "checkpoint '/nonexistent/w.ckpt' does not exist"),
     ],
