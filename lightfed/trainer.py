@@ -13,6 +13,7 @@ what ``lightfed fit`` builds from the ``trainer:`` section of a config. A round 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -77,7 +78,10 @@ class FederatedTrainer:
         fabric_strategy: Lightning Fabric strategy for multi-process runs (``auto``, ``ddp``).
         executor: How a process trains its clients (``sequential`` or an :class:`Executor`).
         seed: Seed of every random choice of the run (sampling, batch order, dropout, noise).
-        stop_on_failed_round: Stop training (with a checkpoint) when a round produces no aggregate.
+        stop_on_failed_round: Stop with an error (after a checkpoint) as soon as a round releases no update.
+        max_failed_rounds: Stop with an error (after a checkpoint) after this many consecutive rounds that
+            released no client update (every update NaN/Inf, or secure aggregation failed closed). A run in
+            which every round failed always ends with an error, never with an exported model.
         num_threads: ``torch.set_num_threads`` for the run. Small clients run fastest on one thread per
             process (measured: a tiny client visit took 58 ms with the default threads on a busy 2-core
             machine, 2.8 ms with one); ``None`` leaves torch's default.
@@ -114,6 +118,7 @@ class FederatedTrainer:
         executor: Executor | str = "sequential",
         seed: int = 0,
         stop_on_failed_round: bool = False,
+        max_failed_rounds: int = 5,
         num_threads: int | None = None,
     ) -> None:
         _check(rounds >= 1, f"trainer.rounds must be >= 1, got {rounds}.")
@@ -144,6 +149,8 @@ class FederatedTrainer:
         self.enable_progress_bar = enable_progress_bar
         self.seed = seed
         self.stop_on_failed_round = stop_on_failed_round
+        _check(max_failed_rounds >= 1, f"trainer.max_failed_rounds must be >= 1, got {max_failed_rounds}.")
+        self.max_failed_rounds = max_failed_rounds
         _check(num_threads is None or num_threads >= 1, f"trainer.num_threads must be >= 1 or null, got {num_threads}.")
         self.num_threads = num_threads
         self.executor = _resolve_executor(executor)
@@ -242,6 +249,13 @@ class FederatedTrainer:
             self.logger.log_hyperparams({"rounds": self.rounds, "strategy": type(self.strategy).__name__})
         self._write_config()
         bar = self._progress_bar()
+        failed: list[int] = []  # rounds that released no update of any client
+        streak = 0
+        if self.round_idx >= self.rounds:
+            raise ValueError(
+                f"the checkpoint is at round {self.round_idx} but trainer.rounds={self.rounds}: nothing to train. "
+                f"Raise trainer.rounds above {self.round_idx} to continue, or use `lightfed test` to evaluate it."
+            )
         while self.round_idx < self.rounds:
             r = self.round_idx
             if self.privacy is not None and not self.privacy.can_run_round(r):
@@ -258,11 +272,16 @@ class FederatedTrainer:
                 bar.set_postfix(_postfix(result.metrics), refresh=False)
             if self.checkpoint_every and self.round_idx % self.checkpoint_every == 0 and not last:
                 self.save_checkpoint()
-            if result.skipped and self.stop_on_failed_round:
-                log.warning("round %d failed and stop_on_failed_round is set: stopping.", r)
-                break
+            round_failed = result.skipped or (result.num_updates == 0 and bool(result.rejected))
+            streak = streak + 1 if round_failed else 0
+            failed += [r] if round_failed else []
+            if round_failed and (self.stop_on_failed_round or streak >= self.max_failed_rounds):
+                self._fail(bar, f"{streak} consecutive round(s) ending with round {r} released no client update "
+                                f"({_why_failed(result)}); trainer.{'stop_on_failed_round is set' if self.stop_on_failed_round else f'max_failed_rounds={self.max_failed_rounds}'}")
         if bar is not None:
             bar.close()
+        if failed and len(failed) == len(self.history):
+            self._fail(None, f"every round ({len(failed)}) released no client update ({_why_failed(result)})")
         self.save_checkpoint()
         self.exported_model = self.export(self.log_dir / "global_model.safetensors")
         if self.is_global_zero and self.enable_progress_bar:
@@ -270,6 +289,16 @@ class FederatedTrainer:
         if self.logger is not None:
             self.logger.finalize("success")
         return self.history
+
+    def _fail(self, bar: Any, why: str) -> None:
+        """Stop the run with a checkpoint of where it is and an error (non-zero exit): never a silent result."""
+        if bar is not None:
+            bar.close()
+        path = self.save_checkpoint()
+        raise RunFailedError(
+            f"{why}. The global model was not exported; the checkpoint {path} holds the run so far. Check the "
+            f"client training (a NaN loss, NaN data, a learning rate too high) or secure aggregation's dropouts."
+        )
 
     def test(self, model: nn.Module, datamodule: FederatedDataModule, ckpt_path: str | None = None) -> dict[str, float]:
         """Evaluate the global model (from ``ckpt_path`` if given) on the central test set."""
@@ -439,7 +468,7 @@ class FederatedTrainer:
         """Everything needed to continue the run exactly where it stopped."""
         assert self.module is not None and self.spec is not None and self.global_params is not None
         self.local.spec.assign(self.local.tensors, self.global_params)
-        return ckpt_io.to_cpu({
+        state = ckpt_io.to_cpu({
             "format": ckpt_io.CHECKPOINT_FORMAT,
             "round": self.round_idx,
             "seed": self.seed,
@@ -453,7 +482,10 @@ class FederatedTrainer:
             "secagg_state": self.secure_aggregation.state_dict() if self.secure_aggregation is not None else {},
             "history": self.history,
             "config": self.config_yaml or "",
+            "num_clients": self.num_clients,
         })
+        state["digest"] = _digest(state)
+        return state
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Write a checkpoint (atomically) and point ``last.ckpt`` at it."""
@@ -471,9 +503,36 @@ class FederatedTrainer:
         assert self.spec is not None and self.module is not None
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist; point it at a lightfed checkpoint (…/checkpoints/last.ckpt).")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, and what to do
+            raise ValueError(
+                f"--ckpt_path {ckpt_path!r} could not be read ({type(err).__name__}: {_first_line(err)}); it is truncated "
+                f"or not a lightfed checkpoint. Resume from another one (checkpoints/round-XXXXX.ckpt)."
+            ) from err
         if not isinstance(state, dict) or state.get("format") != ckpt_io.CHECKPOINT_FORMAT:
             raise ValueError(f"{ckpt_path!r} is not a lightfed checkpoint; to start from its weights use `trainer.init_checkpoint`.")
+        if state.get("digest") != _digest(state):
+            raise ValueError(
+                f"--ckpt_path {ckpt_path!r} is corrupted: its tensors do not match the integrity hash written with "
+                f"them. Resume from another checkpoint (checkpoints/round-XXXXX.ckpt)."
+            )
+        if int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"--ckpt_path {ckpt_path!r} was written with seed_everything={state['seed']}, this run has {self.seed}: "
+                f"an exact resume needs the same seed. Use --seed_everything {state['seed']}."
+            )
+        if "num_clients" in state and int(state["num_clients"]) != self.num_clients:
+            raise ValueError(
+                f"--ckpt_path {ckpt_path!r} was written for {state['num_clients']} clients, this run's data has "
+                f"{self.num_clients}: resume with the same data and partitioner."
+            )
+        if state["privacy_state"] and self.privacy is None:
+            raise ValueError(
+                f"--ckpt_path {ckpt_path!r} was written by a DP run ({state['privacy_state'].get('mechanism')}), but this "
+                f"run has no privacy section: resuming would silently drop DP and its accountant. Resume with the same "
+                f"`privacy:` section."
+            )
         if list(state["payload_names"]) != list(self.spec.names):
             raise ValueError(
                 f"{ckpt_path!r} was written for another payload (first names {state['payload_names'][:3]} vs "
@@ -492,6 +551,12 @@ class FederatedTrainer:
             self.secure_aggregation.load_state_dict(state["secagg_state"])
         self.history = list(state["history"])
         self.round_idx = int(state["round"])
+        stored = self.spec.flatten(self.spec.tensors(self.module)).to(self.global_params.device)
+        if not torch.equal(stored.to(self.global_params.dtype), self.global_params):
+            raise ValueError(
+                f"--ckpt_path {ckpt_path!r} is inconsistent: its global payload and its model state disagree. "
+                f"Resume from another checkpoint."
+            )
 
     def export(self, path: str | Path) -> Path:
         """Write the global model as a plain state dict (``.safetensors``, or torch for other suffixes)."""
@@ -503,6 +568,31 @@ class FederatedTrainer:
 
 
 # ---------------------------------------------------------------------- helpers
+class RunFailedError(RuntimeError):
+    """The run could not produce a trained model (its rounds released no client update)."""
+
+
+def _why_failed(result: RoundResult) -> str:
+    if result.rejected and result.num_updates == 0:
+        return f"all {len(result.rejected)} updates of round {result.round_idx} had NaN/Inf"
+    return f"round {result.round_idx} produced no aggregate (no update arrived, or secure aggregation failed closed)"
+
+
+def _digest(state: dict[str, Any]) -> str:
+    """SHA-256 over the checkpoint's global payload and model state (bytes, names and shapes)."""
+    h = hashlib.sha256()
+    tensors = [("global_params", state["global_params"]), *sorted(state["model_state"].items())]
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)

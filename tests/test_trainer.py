@@ -211,3 +211,79 @@ def test_round_client_statistics_by_hand_and_with_non_finite_metrics(tmp_path):
     assert math.isnan(out["client/f1_mean"]) and out["client/f1_std"] == 0.0  # one client logged it
     assert math.isinf(out["client/acc_mean"]) and math.isnan(out["client/acc_std"])
     assert out["round/bytes_up_per_client"] == 4 * 3
+
+
+# ---------------------------------------------------------------------- nothing silent (issue 16)
+class NaNLoss(type(boring_model())):
+    """Every training loss is NaN: every update of every round is rejected."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * float("nan")
+
+
+def test_a_run_whose_every_update_is_nan_fails_loudly_and_exports_nothing(tmp_path):
+    from lightfed.trainer import RunFailedError
+
+    L_seed = boring_model()  # same initial weights as NaNLoss below
+    model = NaNLoss(in_features=8, hidden=[16], num_classes=3, lr=0.1)
+    model.load_state_dict(L_seed.state_dict())
+    trainer = make_trainer(tmp_path, rounds=4, fed_eval_fraction=0, max_failed_rounds=3)
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"), pytest.raises(RunFailedError, match=r"3 consecutive round\(s\).*NaN/Inf.*max_failed_rounds=3"):
+        trainer.fit(model, BoringFederatedData())
+    assert len(trainer.history) == 3 and trainer.exported_model is None
+    assert not (tmp_path / "global_model.safetensors").exists()
+    assert trainer.last_checkpoint is not None and trainer.last_checkpoint.is_file()
+
+
+def test_resume_with_rounds_below_the_checkpoint_is_refused(tmp_path):
+    trainer = make_trainer(tmp_path, rounds=2, fed_eval_fraction=0)
+    trainer.fit(boring_model(), BoringFederatedData())
+    again = make_trainer(tmp_path / "b", rounds=2, fed_eval_fraction=0)
+    with pytest.raises(ValueError, match=r"checkpoint is at round 2 but trainer.rounds=2: nothing to train"):
+        again.fit(boring_model(), BoringFederatedData(), ckpt_path=str(trainer.last_checkpoint))
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    trainer = make_trainer(tmp_path / "run", rounds=2, fed_eval_fraction=0, checkpoint_every=1)
+    trainer.fit(boring_model(), BoringFederatedData())
+    return trainer.log_dir / "checkpoints" / "round-00001.ckpt"
+
+
+def _resume(tmp_path, ckpt, **kwargs):
+    kwargs.setdefault("rounds", 3)
+    return make_trainer(tmp_path / "again", fed_eval_fraction=0, **kwargs).fit(boring_model(), BoringFederatedData(), ckpt_path=str(ckpt))
+
+
+def test_a_truncated_checkpoint_is_refused_naming_the_path(tmp_path, finished_run):
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(finished_run.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cut\.ckpt' could not be read .*truncated"):
+        _resume(tmp_path, cut)
+
+
+def test_a_corrupted_checkpoint_is_refused_by_its_integrity_hash(tmp_path, finished_run):
+    state = torch.load(finished_run, weights_only=True)
+    state["global_params"][3] += 438.0  # still a valid file: only the hash can tell
+    bad = tmp_path / "bad.ckpt"
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match="corrupted"):
+        _resume(tmp_path, bad)
+
+
+def test_resume_with_another_seed_is_refused(tmp_path, finished_run):
+    with pytest.raises(ValueError, match=r"seed_everything=0, this run has 7"):
+        _resume(tmp_path, finished_run, seed=7)
+    assert len(_resume(tmp_path, finished_run)) == 3  # the same settings resume
+
+
+def test_a_dp_checkpoint_resumed_without_privacy_is_refused(tmp_path):
+    from lightfed import PoissonSampler
+    from lightfed.privacy import DPFixedClipping
+
+    dp = make_trainer(tmp_path / "dp", rounds=1, fed_eval_fraction=0, sampler=PoissonSampler(0.5),
+                      strategy=__import__("lightfed").FedAvg(weighted=False),
+                      privacy=DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, verbose=False))
+    dp.fit(boring_model(), BoringFederatedData())
+    with pytest.raises(ValueError, match="silently drop DP"):
+        _resume(tmp_path, dp.last_checkpoint, rounds=2)

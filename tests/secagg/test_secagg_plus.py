@@ -19,6 +19,7 @@ from lightfed.privacy import DPFixedClipping, sum_noise_std
 from lightfed.registry import SECURE_AGGREGATION, STRATEGIES
 from lightfed.secagg import ScheduledDropout, SecAggPlus
 from lightfed.strategy import FedAvg
+from lightfed.trainer import RunFailedError
 from tests.conftest import BoringFederatedData, boring_model
 from tests.secagg.helpers import make_protocol, make_updates, run_round
 
@@ -146,8 +147,11 @@ def test_failed_rounds_leave_the_model_unchanged_and_can_stop_training(tmp_path)
                                logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path / "a"), fed_eval_fraction=0.0)
     model = boring_model()
     start = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-    history = trainer.fit(model, BoringFederatedData())
+    with pytest.raises(RunFailedError, match=r"every round \(3\) released no client update .*failed closed"):
+        trainer.fit(model, BoringFederatedData())  # a run that never aggregated must not exit 0
+    history = trainer.history
     assert torch.equal(trainer.global_params, start)
+    assert trainer.exported_model is None and trainer.last_checkpoint.is_file()
     assert [h["secagg/failed"] for h in history] == [1.0, 1.0, 1.0]
     assert history[-1]["secagg/failed_rounds"] == 3.0
     assert trainer.secure_aggregation.state_dict() == {"failed_rounds": 3, "rounds_run": 3}
@@ -155,7 +159,9 @@ def test_failed_rounds_leave_the_model_unchanged_and_can_stop_training(tmp_path)
     stopping = FederatedTrainer(rounds=3, clients_per_round=4, stop_on_failed_round=True,
                                 secure_aggregation=SecAggPlus(dropout=everyone_drops, max_weight=50.0), logger=False,
                                 enable_progress_bar=False, default_root_dir=str(tmp_path / "b"), fed_eval_fraction=0.0)
-    assert len(stopping.fit(boring_model(), BoringFederatedData())) == 1
+    with pytest.raises(RunFailedError, match="stop_on_failed_round"):
+        stopping.fit(boring_model(), BoringFederatedData())
+    assert len(stopping.history) == 1
 
 
 def test_state_dict_round_trip():
