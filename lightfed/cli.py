@@ -36,7 +36,7 @@ from lightfed.privacy.base import PrivacyMechanism
 from lightfed.registry import EXECUTORS, PRIVACY, SECURE_AGGREGATION, STRATEGIES, load_all_plugins
 from lightfed.secagg.base import SecureAggregation
 from lightfed.strategy import Strategy
-from lightfed.trainer import FederatedTrainer
+from lightfed.trainer import FederatedTrainer, RunFailedError
 
 _PLUGIN_SECTIONS = ("strategy", "privacy", "secure_aggregation")
 
@@ -229,6 +229,11 @@ def plain_errors(command: str = "fit") -> Iterator[None]:
     """
     try:
         yield
+    except RunFailedError as err:  # the run ran but produced no trained model: one line, exit status 1
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(f"lightfed: error: {_single_line(str(err))}", file=sys.stderr)
+        raise SystemExit(1) from None
     except CONFIG_ERRORS as err:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or not is_config_error(err):
             raise

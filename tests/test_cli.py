@@ -243,3 +243,21 @@ def test_strategies_lists_every_executor_in_a_fresh_process():
     assert out.returncode == 0
     executors = out.stdout.split("lightfed.executors:")[1]
     assert "sequential" in executors and "vmap" in executors
+
+
+def test_a_run_whose_rounds_all_fail_exits_1_with_one_line(tmp_path):
+    """Issue 16: every update NaN (here: a learning rate that diverges at once) must not end with exit 0."""
+    import subprocess
+    import sys
+
+    cfg = write_config(tmp_path, logger=False, rounds=2)
+    out = subprocess.run(
+        [sys.executable, "-m", "lightfed.cli", "fit", "--config", cfg, "--trainer.default_root_dir", str(tmp_path / "r"),
+         "--model.init_args.lr", "1e30", "--trainer.max_failed_rounds", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 1, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("lightfed: error: ") and "released no client update" in last
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "r" / "global_model.safetensors").exists()
