@@ -5,6 +5,7 @@ plugins use, samplers, the federated datamodule, and the typed messages between 
 """
 
 from lightfed.aggregation import Aggregator, CollectAll, StreamingSum
+from lightfed.callbacks import Callback
 from lightfed.context import ClientContext
 from lightfed.data.client_data import ClientData, Partition
 from lightfed.data.datamodule import FederatedArrays, FederatedDataModule
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EXECUTORS", "PRIVACY", "SECURE_AGGREGATION", "STRATEGIES",
-    "Aggregator", "ClientContext", "ClientData", "ClientSampler", "ClientUpdate", "CollectAll", "Executor",
+    "Aggregator", "Callback", "ClientContext", "ClientData", "ClientSampler", "ClientUpdate", "CollectAll", "Executor",
     "FedAvg", "FederatedArrays", "FederatedDataModule", "FederatedTrainer", "FullParticipation", "ParamSpec",
     "Partition", "PoissonSampler", "PrivacyMechanism", "Registry", "RoundAggregate", "RoundResult",
     "SecureAggregation", "SequentialExecutor", "StreamingSum", "Strategy", "UniformSampler",
