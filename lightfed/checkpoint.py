@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             f"(a state dict) or a .safetensors file."
         ) from err
     if isinstance(obj, dict):
+        if obj.get("format") == 2 and isinstance(obj.get("model"), dict):
+            # a lightfed checkpoint: what trained (frozen base parameters are only fingerprinted; they come
+            # from the model's own initialisation: skip them with `trainer.init_ignore` if they are reported missing)
+            obj = obj["model"]["state"]
         for key in ("state_dict", "model_state"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
@@ -112,3 +117,80 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device) for v in obj)
     return obj
+
+
+def write_checkpoint(state: dict[str, Any], target: Path, rotate: bool = True, keep: int | None = None) -> None:
+    """Save ``state`` atomically to ``target``; with ``rotate``, point ``last.ckpt`` beside it at it and keep
+    only the newest ``keep`` ``round-*.ckpt`` files.
+
+    Raises:
+        OSError: naming the path (a full disk, a read-only folder).
+    """
+    try:
+        save_atomic(state, target)
+        if rotate:
+            _link(target, target.parent / "last.ckpt")
+            if keep is not None:
+                for old in sorted(target.parent.glob("round-*.ckpt"))[:-keep]:
+                    old.unlink(missing_ok=True)
+    except OSError as err:
+        raise OSError(
+            f"could not write the checkpoint {str(target)!r}: {err}. Free space or fix the permissions of "
+            f"{str(target.parent)!r} (trainer.default_root_dir)."
+        ) from err
+
+
+def _link(target: Path, link: Path) -> None:
+    """Point ``link`` at ``target``: a relative symlink, else a hard link, else a copy."""
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(target.name, tmp)
+    except OSError:
+        try:
+            os.link(target, tmp)
+        except OSError:
+            shutil.copyfile(target, tmp)
+    os.replace(tmp, link)
+
+
+def claim_directory(root: Path, resumed: bool) -> Path:
+    """Take ``root/.lightfed.lock`` for this process; returns the lock file (delete it to release).
+
+    Raises:
+        ValueError: another live run holds the lock, or ``root`` already holds a run's checkpoints and this
+            run does not resume it (an unversioned directory would be overwritten).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / ".lightfed.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pid = lock.read_text().strip()
+        if pid.isdigit() and _alive(int(pid)):
+            raise ValueError(
+                f"trainer.default_root_dir {str(root)!r} is in use by another lightfed run (pid {pid}); with logger: "
+                f"false runs are not versioned. Give each run its own default_root_dir, or enable the logger."
+            ) from None
+        lock.unlink(missing_ok=True)  # the lock of a run that died
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    if not resumed and (root / "checkpoints" / "last.ckpt").exists():
+        lock.unlink(missing_ok=True)
+        raise ValueError(
+            f"trainer.default_root_dir {str(root)!r} already holds a run's checkpoints (logger: false does not version "
+            f"runs): resume it with --ckpt_path {str(root / 'checkpoints' / 'last.ckpt')!r}, or use another "
+            f"default_root_dir."
+        )
+    return lock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

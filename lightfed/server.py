@@ -25,6 +25,7 @@ is summed, all-reduced and secure-summed by construction: nothing is counted on 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor
 
 from lightfed.aggregation import Aggregator, CollectAll, StreamingSum
-from lightfed.messages import ClientUpdate, RoundAggregate, all_finite
+from lightfed.messages import ClientUpdate, RoundAggregate, RoundResult, all_finite
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.secagg.base import SecureAggregation
 from lightfed.strategy import Strategy
@@ -146,6 +147,27 @@ class RoundServer:
         return {f"privacy/{k}": v for k, v in self.privacy.after_round(round_idx, cohort).items()}
 
 
+def round_statistics(
+    result: RoundResult, client_metrics: list[dict[str, float]], payload_bytes: int, payload: dict, seconds: float
+) -> dict[str, float]:
+    """``round/*`` bookkeeping and the mean and std of every client training metric (``client/<m>_mean|_std``)."""
+    extra = sum(v.numel() * v.element_size() for v in payload.values() if isinstance(v, Tensor))
+    out = {
+        "round/clients": float(len(result.cohort)),
+        "round/updates": float(result.num_updates),
+        "round/rejected": float(len(result.rejected)),
+        "round/seconds": seconds,
+        "round/bytes_down_per_client": float(payload_bytes + extra),
+        "round/bytes_up_per_client": float(payload_bytes),
+    }
+    for k in sorted({k for m in client_metrics for k in m}):  # Python floats: cheaper than a tensor per key
+        vals = [float(m[k]) for m in client_metrics if k in m]
+        mean = math.fsum(vals) / len(vals)
+        out[f"client/{k}_mean"] = mean
+        out[f"client/{k}_std"] = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return out
+
+
 def run_server_round(
     strategy: Strategy,
     global_params: Tensor,
@@ -170,4 +192,4 @@ def run_server_round(
     return new
 
 
-__all__ = ["RoundServer", "ShardResult", "run_server_round"]
+__all__ = ["RoundServer", "ShardResult", "round_statistics", "run_server_round"]

@@ -1,22 +1,21 @@
-"""The federated round loop: sample, train clients, aggregate, evaluate, log, checkpoint.
+"""The federated round loop: sample, train the cohort, hand it to the server side, run the callbacks.
 
 :class:`FederatedTrainer` plays the role ``lightning.Trainer`` plays for centralised training, and is
 what ``lightfed fit`` builds from the ``trainer:`` section of a config. A round is:
 
 1. sample a cohort (the strategy may override the sampler), deterministically from (seed, round);
-2. train each client from the current global weights (the executor; no Trainer per client);
-3. drop updates with NaN/Inf (warn with the client id), apply privacy post-processing, feed the rest
-   to the aggregator (running weighted sums, or every update for robust strategies);
-4. let the strategy turn the sums into the new global weights;
-5. evaluate centrally / federatedly every ``eval_every`` rounds, log to TensorBoard, checkpoint.
+2. each process trains its shard of the cohort (the executor; no Trainer per client) and feeds the updates
+   to the server side (:mod:`lightfed.server`: privacy, the sum, secure aggregation); the shards are
+   merged with one all-reduce (:mod:`lightfed.distributed`);
+3. the server side releases the sums, the strategy steps, privacy accounts for the round;
+4. callbacks: evaluation (:mod:`lightfed.evaluation`), the user's ``trainer.callbacks``, reporting
+   (:mod:`lightfed.reporting`) and checkpoints (:mod:`lightfed.resume`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,23 +27,24 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor, nn
 
 from lightfed import checkpoint as ckpt_io
+from lightfed import resume
 from lightfed.callbacks import Callback
 from lightfed.client import LocalTrainer
 from lightfed.data.datamodule import FederatedDataModule
 from lightfed.distributed import merge_round, shard_cohort
+from lightfed.evaluation import Evaluation, evaluate_central
 from lightfed.executor import Executor, SequentialExecutor
 from lightfed.messages import ClientUpdate, RoundResult
 from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.registry import EXECUTORS, STRATEGIES
-from lightfed.sampling import ClientSampler, UniformSampler, worst_fraction_mean
+from lightfed.reporting import Reporting
+from lightfed.sampling import ClientSampler, UniformSampler
 from lightfed.secagg.base import SecureAggregation
-from lightfed.server import RoundServer, ShardResult
-from lightfed.seeding import make_generator
+from lightfed.server import RoundServer, ShardResult, round_statistics
 from lightfed.strategy import FedAvg, Strategy
 
 log = logging.getLogger("lightfed")
-_CONFIG_HEADER = "# lightfed: resolved config of this run (use it with --config)\n"
 
 
 class FederatedTrainer:
@@ -70,9 +70,13 @@ class FederatedTrainer:
         fed_eval_metric: Logged metric (or its suffix, e.g. ``acc`` matches ``val_acc``) used for the
             federated evaluation mean and worst-10% figure.
         checkpoint_every: Save a checkpoint every this many rounds (and after the last); 0: only last.
+        keep_checkpoints: Keep only the newest this many ``round-*.ckpt`` files (``None``: all).
+            ``last.ckpt`` is a link to the newest, not a copy.
         default_root_dir: Where logs, checkpoints and the exported model go.
-        logger: ``True`` for TensorBoard under ``default_root_dir/lightning_logs``, ``False`` for none,
-            or any Lightning logger.
+        logger: ``True`` for TensorBoard under ``default_root_dir/<name>/version_N``, ``False`` for none
+            (files go to ``default_root_dir``, which one run at a time may use), or any Lightning logger.
+        name: The run's name: TensorBoard's folder under ``default_root_dir`` (``lightfed fit --config
+            X.yaml`` names it after the config file).
         enable_progress_bar: A progress bar over rounds.
         accelerator: Lightning accelerator (``cpu``, ``gpu``, ``auto``).
         devices: Lightning devices.
@@ -111,8 +115,10 @@ class FederatedTrainer:
         fed_eval_fraction: float = 0.2,
         fed_eval_metric: str = "acc",
         checkpoint_every: int = 5,
+        keep_checkpoints: int | None = None,
         default_root_dir: str = ".",
         logger: Logger | bool = True,
+        name: str | None = None,
         enable_progress_bar: bool = True,
         accelerator: str = "auto",
         devices: int | str | list[int] = 1,
@@ -150,6 +156,8 @@ class FederatedTrainer:
         self.fed_eval_fraction = fed_eval_fraction
         self.fed_eval_metric = fed_eval_metric
         self.checkpoint_every = checkpoint_every
+        _check(keep_checkpoints is None or keep_checkpoints >= 1, f"trainer.keep_checkpoints must be >= 1 or null, got {keep_checkpoints}.")
+        self.keep_checkpoints = keep_checkpoints
         self.default_root_dir = default_root_dir
         self.enable_progress_bar = enable_progress_bar
         self.seed = seed
@@ -168,7 +176,7 @@ class FederatedTrainer:
             strategy=fabric_strategy,
         )
         if logger is True:
-            logger = TensorBoardLogger(save_dir=default_root_dir, name="lightning_logs")
+            logger = TensorBoardLogger(save_dir=default_root_dir, name=name or "lightning_logs")
         self.logger: Logger | None = logger or None
         #: The resolved config of a CLI run; saved in checkpoints and next to the logs.
         self.config_yaml: str | None = None
@@ -182,6 +190,11 @@ class FederatedTrainer:
         self.datamodule: FederatedDataModule | None = None
         self.last_checkpoint: Path | None = None
         self.exported_model: Path | None = None
+        self.reporting = Reporting()
+        self._lock: Path | None = None
+
+        #: Built-in evaluation first, then the user's callbacks, then reporting (history, logs, progress).
+        self._all: list[Callback] = [Evaluation(), *self.callbacks, self.reporting]
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -243,7 +256,7 @@ class FederatedTrainer:
         if self.privacy is not None:
             self.local = self.privacy.wrap_local_trainer(self.local)
         self.executor.setup(self.local)
-        for cb in self.callbacks:
+        for cb in self._all:
             cb.setup(self)
 
     # ------------------------------------------------------------------ public entry points
@@ -252,23 +265,22 @@ class FederatedTrainer:
 
         Returns:
             The per-round metrics (also written to the logger).
+
+        Raises:
+            RunFailedError: the rounds released no client update (see ``max_failed_rounds``).
         """
         self._setup(model, datamodule)
         if ckpt_path:
-            self._restore(ckpt_path)
-        elif self.logger is not None and self.is_global_zero and self.config_yaml is None:
-            self.logger.log_hyperparams({"rounds": self.rounds, "strategy": type(self.strategy).__name__})
-        self._write_config()
-        bar = self._progress_bar()
-        failed: list[int] = []  # rounds that released no update of any client
-        streak = 0
+            resume.restore(self, ckpt_path)
+        self._claim_log_dir(resumed=bool(ckpt_path))
         if self.round_idx >= self.rounds:
             raise ValueError(
                 f"the checkpoint is at round {self.round_idx} but trainer.rounds={self.rounds}: nothing to train. "
                 f"Raise trainer.rounds above {self.round_idx} to continue, or use `lightfed test` to evaluate it."
             )
-        for cb in self.callbacks:
+        for cb in self._all:
             cb.on_fit_start(self)
+        failed, streak, result = 0, 0, None
         while self.round_idx < self.rounds:
             r = self.round_idx
             if self.privacy is not None and not self.privacy.can_run_round(r):
@@ -276,42 +288,32 @@ class FederatedTrainer:
                 break
             result = self.run_round(r)
             self.round_idx = r + 1
-            last = self.round_idx == self.rounds
-            if (self.round_idx % self.eval_every == 0) or last:
-                result.metrics.update(self.evaluate_round(r))
-            for cb in self.callbacks:
+            for cb in self._all:
                 cb.on_round_end(self, result)
-            self._log(result)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(_postfix(result.metrics), refresh=False)
-            if self.checkpoint_every and self.round_idx % self.checkpoint_every == 0 and not last:
+            if self.checkpoint_every and self.round_idx % self.checkpoint_every == 0 and self.round_idx != self.rounds:
                 self.save_checkpoint()
             round_failed = result.skipped or (result.num_updates == 0 and bool(result.rejected))
-            streak = streak + 1 if round_failed else 0
-            failed += [r] if round_failed else []
+            streak, failed = (streak + 1, failed + 1) if round_failed else (0, failed)
             if round_failed and (self.stop_on_failed_round or streak >= self.max_failed_rounds):
-                self._fail(bar, f"{streak} consecutive round(s) ending with round {r} released no client update "
-                                f"({_why_failed(result)}); trainer.{'stop_on_failed_round is set' if self.stop_on_failed_round else f'max_failed_rounds={self.max_failed_rounds}'}")
-        if bar is not None:
-            bar.close()
-        if failed and len(failed) == len(self.history):
-            self._fail(None, f"every round ({len(failed)}) released no client update ({_why_failed(result)})")
+                why = "stop_on_failed_round is set" if self.stop_on_failed_round else f"max_failed_rounds={self.max_failed_rounds}"
+                self._fail(f"{streak} consecutive round(s) ending with round {r} released no client update "
+                           f"({_why_failed(result)}); trainer.{why}")
+        if result is not None and failed == len(self.history):
+            self._fail(f"every round ({failed}) released no client update ({_why_failed(result)})")
         self.save_checkpoint()
         self.exported_model = self.export(self.log_dir / "global_model.safetensors")
-        if self.is_global_zero and self.enable_progress_bar:
-            print(f"global model: {self.exported_model}\ncheckpoint:   {self.last_checkpoint}")
-        for cb in self.callbacks:
+        for cb in self._all:
             cb.on_fit_end(self)
         if self.logger is not None:
             self.logger.finalize("success")
+        self._release_log_dir()
         return self.history
 
-    def _fail(self, bar: Any, why: str) -> None:
+    def _fail(self, why: str) -> None:
         """Stop the run with a checkpoint of where it is and an error (non-zero exit): never a silent result."""
-        if bar is not None:
-            bar.close()
+        self.reporting.close()
         path = self.save_checkpoint()
+        self._release_log_dir()
         raise RunFailedError(
             f"{why}. The global model was not exported; the checkpoint {path} holds the run so far. Check the "
             f"client training (a NaN loss, NaN data, a learning rate too high) or secure aggregation's dropouts."
@@ -321,8 +323,8 @@ class FederatedTrainer:
         """Evaluate the global model (from ``ckpt_path`` if given) on the central test set."""
         self._setup(model, datamodule)
         if ckpt_path:
-            self._restore(ckpt_path)
-        metrics = self.evaluate_central()
+            resume.restore(self, ckpt_path)
+        metrics = evaluate_central(self)
         for k, v in metrics.items():
             print(f"{k}: {v:.4f}")
         return metrics
@@ -336,7 +338,7 @@ class FederatedTrainer:
         """Train the round's cohort (this rank's shard of it) and update the global model."""
         start = time.perf_counter()
         cohort = self.sample(round_idx)
-        for cb in self.callbacks:
+        for cb in self._all:
             cb.on_round_start(self, round_idx, cohort)
         payload = self.strategy.client_payload(round_idx)
         shard = self.train_shard(round_idx, cohort, payload, self.fabric.global_rank, self.fabric.world_size)
@@ -383,7 +385,8 @@ class FederatedTrainer:
             # the server only learns sums: per-client statistics come from the secure sum, not from plaintext
             client_metrics = []
             result.num_updates = int(secure.get("survivors", result.num_updates))
-        result.metrics.update(self._round_metrics(result, client_metrics, payload, time.perf_counter() - start))
+        assert self.spec is not None
+        result.metrics.update(round_statistics(result, client_metrics, self.spec.num_bytes, payload, time.perf_counter() - start))
         return result
 
     def _client_state(self, client_id: int) -> dict[str, Tensor]:
@@ -397,191 +400,34 @@ class FederatedTrainer:
         if client_id in self._pending_states:
             self.client_states[client_id] = self._pending_states.pop(client_id)
 
-    def _round_metrics(
-        self, result: RoundResult, client_metrics: list[dict[str, float]], payload: dict[str, Any], seconds: float
-    ) -> dict[str, float]:
-        assert self.spec is not None
-        out = {
-            "round/clients": float(len(result.cohort)),
-            "round/updates": float(result.num_updates),
-            "round/rejected": float(len(result.rejected)),
-            "round/seconds": seconds,
-            "round/bytes_down_per_client": float(self.spec.num_bytes + _payload_bytes(payload)),
-            "round/bytes_up_per_client": float(self.spec.num_bytes),
-        }
-        keys = sorted({k for m in client_metrics for k in m})
-        for k in keys:  # Python floats (a tensor per key and round costs more); NaN/Inf propagate
-            vals = [float(m[k]) for m in client_metrics if k in m]
-            mean = math.fsum(vals) / len(vals)
-            out[f"client/{k}_mean"] = mean
-            out[f"client/{k}_std"] = (
-                math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-            )
-        return out
-
-    # ------------------------------------------------------------------ evaluation
-    def evaluate_central(self) -> dict[str, float]:
-        """The global model on the central test set (the module's ``test_step``)."""
-        assert self.datamodule is not None and self.global_params is not None
-        metrics = self.local.evaluate(self.datamodule.test_data(), self.global_params, "test", self.eval_batch_size)
-        return {f"central/{k}": v for k, v in metrics.items()}
-
-    def evaluate_federated(self, round_idx: int) -> dict[str, float]:
-        """The global (or personalised) model on a seeded fraction of the clients' own validation splits.
-
-        Reports the mean over clients and the mean of the worst 10% of clients (fairness).
-        """
-        assert self.datamodule is not None and self.global_params is not None
-        n = self.num_clients
-        k = max(1, math.ceil(self.fed_eval_fraction * n))
-        gen = make_generator(self.seed, "fed_eval", round_idx)
-        chosen = sorted(torch.randperm(n, generator=gen)[:k].tolist())
-        values: list[float] = []
-        key = None
-        for cid in chosen:
-            data = self.datamodule.client_val(cid)
-            if len(data) == 0:
-                continue
-            params = self.strategy.eval_params(cid, self.client_states.get(cid, {}), self.global_params)
-            metrics = self.local.evaluate(data, params, "val", self.eval_batch_size)
-            key = key or _metric_key(metrics, self.fed_eval_metric)
-            values.append(metrics[key])
-        if not values or key is None:
-            return {}
-        return {
-            f"federated/{key}_mean": sum(values) / len(values),
-            f"federated/{key}_worst10": worst_fraction_mean(values, 0.1),
-            "federated/clients": float(len(values)),
-        }
-
     def evaluate_round(self, round_idx: int) -> dict[str, float]:
-        metrics = self.evaluate_central()
-        if self.fed_eval_fraction > 0:
-            metrics.update(self.evaluate_federated(round_idx))
-        return metrics
+        """Central and federated evaluation of the current global model (what the built-in callback runs)."""
+        from lightfed.evaluation import evaluate_round
 
-    # ------------------------------------------------------------------ logging
-    def _progress_bar(self) -> Any:
-        if not self.enable_progress_bar or not self.is_global_zero:
-            return None
-        from tqdm.auto import tqdm
+        return evaluate_round(self, round_idx)
 
-        return tqdm(total=self.rounds, initial=self.round_idx, desc="rounds", unit="round", dynamic_ncols=True)
-
-    def _log(self, result: RoundResult) -> None:
-        row = {"round": float(result.round_idx), **result.metrics}
-        self.history.append(row)
-        if self.logger is not None and self.is_global_zero:
-            self.logger.log_metrics(result.metrics, step=result.round_idx)
-
-    def _write_config(self) -> None:
-        """Save the resolved config next to the logs (usable as ``--config``); never overwrite a user's file."""
-        if not self.config_yaml or not self.is_global_zero:
-            return
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        target = self.log_dir / "config.yaml"
-        if target.exists() and not target.read_text().startswith(_CONFIG_HEADER):
-            target = self.log_dir / "lightfed_config.yaml"
-        target.write_text(_CONFIG_HEADER + self.config_yaml)
-
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints and files
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly where it stopped."""
-        assert self.module is not None and self.spec is not None and self.global_params is not None
-        self.local.spec.assign(self.local.tensors, self.global_params)
-        state = ckpt_io.to_cpu({
-            "format": ckpt_io.CHECKPOINT_FORMAT,
-            "round": self.round_idx,
-            "seed": self.seed,
-            "payload_names": list(self.spec.names),
-            "global_params": self.global_params,
-            "model_state": self.module.state_dict(),
-            "strategy": type(self.strategy).__name__,
-            "strategy_state": self.strategy.state_dict(),
-            "client_states": self.client_states,
-            "privacy_state": self.privacy.state_dict() if self.privacy is not None else {},
-            "secagg_state": self.secure_aggregation.state_dict() if self.secure_aggregation is not None else {},
-            "history": self.history,
-            "config": self.config_yaml or "",
-            "num_clients": self.num_clients,
-            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
-        })
-        state["digest"] = _digest(state)
-        return state
+        """Everything needed to continue the run exactly where it stopped (see :mod:`lightfed.resume`)."""
+        return resume.collect(self)
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        """Write a checkpoint (atomically) and point ``last.ckpt`` at it."""
-        ckpt_dir = self.log_dir / "checkpoints"
-        target = Path(path) if path is not None else ckpt_dir / f"round-{self.round_idx:05d}.ckpt"
+        """Write a checkpoint atomically; ``last.ckpt`` links to the newest; prune to ``keep_checkpoints``."""
+        target = Path(path) if path is not None else self.log_dir / "checkpoints" / f"round-{self.round_idx:05d}.ckpt"
         if self.is_global_zero:
-            state = self.state_dict()
-            ckpt_io.save_atomic(state, target)
-            if path is None:
-                ckpt_io.save_atomic(state, ckpt_dir / "last.ckpt")
+            ckpt_io.write_checkpoint(self.state_dict(), target, rotate=path is None, keep=self.keep_checkpoints)
         self.last_checkpoint = target
         return target
 
-    def _restore(self, ckpt_path: str) -> None:
-        assert self.spec is not None and self.module is not None
-        if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist; point it at a lightfed checkpoint (…/checkpoints/last.ckpt).")
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, and what to do
-            raise ValueError(
-                f"--ckpt_path {ckpt_path!r} could not be read ({type(err).__name__}: {_first_line(err)}); it is truncated "
-                f"or not a lightfed checkpoint. Resume from another one (checkpoints/round-XXXXX.ckpt)."
-            ) from err
-        if not isinstance(state, dict) or state.get("format") != ckpt_io.CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_path!r} is not a lightfed checkpoint; to start from its weights use `trainer.init_checkpoint`.")
-        if state.get("digest") != _digest(state):
-            raise ValueError(
-                f"--ckpt_path {ckpt_path!r} is corrupted: its tensors do not match the integrity hash written with "
-                f"them. Resume from another checkpoint (checkpoints/round-XXXXX.ckpt)."
-            )
-        if int(state["seed"]) != self.seed:
-            raise ValueError(
-                f"--ckpt_path {ckpt_path!r} was written with seed_everything={state['seed']}, this run has {self.seed}: "
-                f"an exact resume needs the same seed. Use --seed_everything {state['seed']}."
-            )
-        if "num_clients" in state and int(state["num_clients"]) != self.num_clients:
-            raise ValueError(
-                f"--ckpt_path {ckpt_path!r} was written for {state['num_clients']} clients, this run's data has "
-                f"{self.num_clients}: resume with the same data and partitioner."
-            )
-        if state["privacy_state"] and self.privacy is None:
-            raise ValueError(
-                f"--ckpt_path {ckpt_path!r} was written by a DP run ({state['privacy_state'].get('mechanism')}), but this "
-                f"run has no privacy section: resuming would silently drop DP and its accountant. Resume with the same "
-                f"`privacy:` section."
-            )
-        if list(state["payload_names"]) != list(self.spec.names):
-            raise ValueError(
-                f"{ckpt_path!r} was written for another payload (first names {state['payload_names'][:3]} vs "
-                f"{list(self.spec.names)[:3]}); resume with the same model and `trainer.trainable`."
-            )
-        if state["strategy"] != type(self.strategy).__name__:
-            raise ValueError(f"{ckpt_path!r} was written by strategy {state['strategy']}, this run uses {type(self.strategy).__name__}.")
-        device = self.fabric.device
-        ckpt_io.load_into(self.module, state["model_state"], source=f"checkpoint {ckpt_path!r}")
-        self.global_params = state["global_params"].to(device)
-        self.strategy.load_state_dict(ckpt_io.to_device(state["strategy_state"], device))
-        self.client_states = ckpt_io.to_device(state["client_states"], device)
-        if self.privacy is not None:
-            self.privacy.load_state_dict(state["privacy_state"])
-        if self.secure_aggregation is not None:
-            self.secure_aggregation.load_state_dict(state["secagg_state"])
-        self.history = list(state["history"])
-        self.round_idx = int(state["round"])
-        for cb in self.callbacks:
-            if type(cb).__name__ in state.get("callbacks", {}):
-                cb.load_state_dict(state["callbacks"][type(cb).__name__])
-        stored = self.spec.flatten(self.spec.tensors(self.module)).to(self.global_params.device)
-        if not torch.equal(stored.to(self.global_params.dtype), self.global_params):
-            raise ValueError(
-                f"--ckpt_path {ckpt_path!r} is inconsistent: its global payload and its model state disagree. "
-                f"Resume from another checkpoint."
-            )
+    def _claim_log_dir(self, resumed: bool) -> None:
+        """Without a versioned logger, one run at a time owns ``default_root_dir``: never overwrite another's files."""
+        if self.logger is None and self.is_global_zero:
+            self._lock = ckpt_io.claim_directory(self.log_dir, resumed)
+
+    def _release_log_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.unlink(missing_ok=True)
+            self._lock = None
 
     def export(self, path: str | Path) -> Path:
         """Write the global model as a plain state dict (``.safetensors``, or torch for other suffixes)."""
@@ -602,20 +448,6 @@ def _why_failed(result: RoundResult) -> str:
         return f"all {len(result.rejected)} updates of round {result.round_idx} had NaN/Inf"
     return f"round {result.round_idx} produced no aggregate (no update arrived, or secure aggregation failed closed)"
 
-
-def _digest(state: dict[str, Any]) -> str:
-    """SHA-256 over the checkpoint's global payload and model state (bytes, names and shapes)."""
-    h = hashlib.sha256()
-    tensors = [("global_params", state["global_params"]), *sorted(state["model_state"].items())]
-    for name, t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -646,25 +478,3 @@ def _resolve_executor(executor: Executor | str) -> Executor:
         return EXECUTORS.create(executor)
     except KeyError as err:
         raise ValueError(f"trainer.executor: {err.args[0]}") from None
-
-
-def _payload_bytes(payload: dict[str, Any]) -> int:
-    return sum(v.numel() * v.element_size() for v in payload.values() if isinstance(v, Tensor))
-
-
-def _metric_key(metrics: dict[str, float], wanted: str) -> str:
-    if wanted in metrics:
-        return wanted
-    matches = [k for k in metrics if k.endswith(wanted)]
-    if len(matches) != 1:
-        raise ValueError(
-            f"trainer.fed_eval_metric={wanted!r} matches {matches or 'none'} of the logged metrics {sorted(metrics)}; "
-            f"set it to one of them."
-        )
-    return matches[0]
-
-
-def _postfix(metrics: dict[str, float]) -> dict[str, str]:
-    keep = {k.split("/", 1)[-1]: v for k, v in metrics.items() if k.startswith(("central/", "privacy/epsilon"))}
-    keep.setdefault("loss", metrics.get("client/loss_mean", float("nan")))
-    return {k: f"{v:.4g}" for k, v in list(keep.items())[:4]}

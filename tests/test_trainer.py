@@ -200,12 +200,12 @@ def test_round_client_statistics_by_hand_and_with_non_finite_metrics(tmp_path):
 
     from lightfed.messages import RoundResult
     from lightfed.params import ParamSpec
+    from lightfed.server import round_statistics
 
-    trainer = FederatedTrainer(rounds=1, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
-    trainer.spec = ParamSpec.from_module(torch.nn.Linear(2, 1))
+    spec = ParamSpec.from_module(torch.nn.Linear(2, 1))
     result = RoundResult(round_idx=0, cohort=[0, 1, 2], num_updates=3)
     metrics = [{"loss": 1.0, "f1": float("nan")}, {"loss": 3.0, "acc": 0.5}, {"loss": 8.0, "acc": float("inf")}]
-    out = trainer._round_metrics(result, metrics, {}, 0.0)
+    out = round_statistics(result, metrics, spec.num_bytes, {}, 0.0)
     assert out["client/loss_mean"] == pytest.approx(4.0)
     assert out["client/loss_std"] == pytest.approx(math.sqrt((9 + 1 + 16) / 2))  # sample std, n - 1
     assert math.isnan(out["client/f1_mean"]) and out["client/f1_std"] == 0.0  # one client logged it
@@ -264,7 +264,7 @@ def test_a_truncated_checkpoint_is_refused_naming_the_path(tmp_path, finished_ru
 
 def test_a_corrupted_checkpoint_is_refused_by_its_integrity_hash(tmp_path, finished_run):
     state = torch.load(finished_run, weights_only=True)
-    state["global_params"][3] += 438.0  # still a valid file: only the hash can tell
+    state["model"]["global_params"][3] += 438.0  # still a valid file: only the hash can tell
     bad = tmp_path / "bad.ckpt"
     torch.save(state, bad)
     with pytest.raises(ValueError, match="corrupted"):

@@ -26,7 +26,7 @@ from lightfed.privacy.dpsgd import DPSGD, DPSGDLocalTrainer
 from lightfed.privacy.local import LocalDP
 
 __all__ = [
-    "DPSGD", "DPAdaptiveClipping", "DPFixedClipping", "DPSGDLocalTrainer", "LocalDP", "PrivacyMechanism",
+    "DPSGD", "DPAdaptiveClipping", "DPFixedClipping", "DPSGDLocalTrainer", "LocalDP", "NoisePlan", "PrivacyMechanism",
     "RoundAccountant", "SamplingScheme", "adaptive_update_noise_multiplier", "calibrate_noise_multiplier",
     "default_delta", "epsilon_for", "round_event", "sum_noise_std",
 ]

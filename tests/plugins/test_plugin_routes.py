@@ -162,8 +162,8 @@ def test_entry_point_plugin_is_found_by_name_from_yaml(registry, tmp_path, monke
     cfg = write_config(tmp_path, "strategy:\n  class_path: FedMeanClip\n  init_args: {max_norm: 0.01}")
     main(["fit", "--config", cfg])
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["strategy"] == "FedMeanClip" and ckpt["strategy_state"] == {"clipped_rounds": 2}
-    assert [round(row["round/update_norm"], 6) for row in ckpt["history"]] == [0.01, 0.01]
+    assert ckpt["strategy"] == {"name": "FedMeanClip", "state": {"clipped_rounds": 2}}
+    assert [round(row["round/update_norm"], 6) for row in ckpt["progress"]["history"]] == [0.01, 0.01]
 
     capsys.readouterr()
     main(["strategies"])

@@ -42,5 +42,5 @@ def test_scaffold_config_runs(tmp_path):
     main(["fit", "--config", str(EXPERIMENTS / "strategy_scaffold.yaml"), "--trainer.rounds", "1",
           "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["strategy"] == "SCAFFOLD" and ckpt["round"] == 1
-    assert len(ckpt["client_states"]) == 10 and float(ckpt["strategy_state"]["c"].abs().sum()) > 0
+    assert ckpt["strategy"]["name"] == "SCAFFOLD" and ckpt["progress"]["round"] == 1
+    assert len(ckpt["client_states"]) == 10 and float(ckpt["strategy"]["state"]["c"].abs().sum()) > 0

@@ -50,7 +50,7 @@ def test_two_rounds_two_clients_revisited_end_to_end(tmp_path):
     assert not any(hasattr(m, "autograd_grad_sample_hooks") for m in trainer.module.modules())
     assert history[-1]["central/test_acc"] > 0.3  # it learns despite the noise (10 classes: chance is 0.1)
     # the per-client accountants are in the checkpoint and come back
-    state = torch.load(trainer.last_checkpoint, weights_only=True)["privacy_state"]
+    state = torch.load(trainer.last_checkpoint, weights_only=True)["privacy"]
     again = DPSGD(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-4, verbose=False)
     again.load_state_dict(state)
     assert again.clients == mech.clients

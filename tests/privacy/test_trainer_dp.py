@@ -49,7 +49,7 @@ def test_max_epsilon_stops_before_the_round_that_would_exceed_it(tmp_path):
     assert len(trainer.history) == 2 and trainer.round_idx == 2
     assert trainer.history[-1]["privacy/epsilon"] <= budget < expected_eps(3)
     state = torch.load(trainer.last_checkpoint, weights_only=True)
-    assert state["round"] == 2 and state["privacy_state"]["accountant"]["rounds"] == 2
+    assert state["progress"]["round"] == 2 and state["privacy"]["accountant"]["rounds"] == 2
 
 
 def test_resume_neither_resets_nor_double_counts(tmp_path):

@@ -64,7 +64,7 @@ def test_adaptive_clip_bits_are_secure_summed_not_counted_per_client():
     # what the server saw: masked vectors (uniform-looking) and the unmasked *sum* of the inputs
     assert view_a.unmasked_sum is not None and not view_a.failed
     encoded_bits = []
-    for cid, masked in view_a.masked_inputs.items():
+    for _cid, masked in view_a.masked_inputs.items():
         assert masked.dtype.kind in "ui" and len(np.unique(masked)) > len(masked) // 2
         encoded_bits.append(int(masked[-2]))  # the count coordinate, masked: no 0/1 pattern survives
     assert len(set(encoded_bits)) == len(encoded_bits)

@@ -1,0 +1,89 @@
+"""Central and federated evaluation of the global model, and the built-in callback that runs them.
+
+Central: the module's ``test_step`` on the held-out test set. Federated: a seeded fraction of the clients
+evaluate the global (or, for personalised strategies, their own) model on their validation split; the
+mean and the mean of the worst 10% (fairness) are reported.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from lightfed.callbacks import Callback
+from lightfed.messages import RoundResult
+from lightfed.sampling import worst_fraction_mean
+from lightfed.seeding import make_generator
+
+if TYPE_CHECKING:
+    from lightfed.trainer import FederatedTrainer
+
+
+def evaluate_central(trainer: FederatedTrainer) -> dict[str, float]:
+    """The global model on the central test set (the module's ``test_step``), as ``central/<metric>``."""
+    assert trainer.datamodule is not None and trainer.global_params is not None
+    metrics = trainer.local.evaluate(trainer.datamodule.test_data(), trainer.global_params, "test", trainer.eval_batch_size)
+    return {f"central/{k}": v for k, v in metrics.items()}
+
+
+def evaluate_federated(trainer: FederatedTrainer, round_idx: int) -> dict[str, float]:
+    """The global (or personalised) model on a seeded fraction of the clients' own validation splits."""
+    assert trainer.datamodule is not None and trainer.global_params is not None
+    n = trainer.num_clients
+    k = max(1, math.ceil(trainer.fed_eval_fraction * n))
+    chosen = sorted(torch.randperm(n, generator=make_generator(trainer.seed, "fed_eval", round_idx))[:k].tolist())
+    values: list[float] = []
+    key = None
+    for cid in chosen:
+        data = trainer.datamodule.client_val(cid)
+        if len(data) == 0:
+            continue
+        params = trainer.strategy.eval_params(cid, trainer.client_states.get(cid, {}), trainer.global_params)
+        metrics = trainer.local.evaluate(data, params, "val", trainer.eval_batch_size)
+        key = key or metric_key(metrics, trainer.fed_eval_metric)
+        values.append(metrics[key])
+    if not values or key is None:
+        return {}
+    return {
+        f"federated/{key}_mean": sum(values) / len(values),
+        f"federated/{key}_worst10": worst_fraction_mean(values, 0.1),
+        "federated/clients": float(len(values)),
+    }
+
+
+def evaluate_round(trainer: FederatedTrainer, round_idx: int) -> dict[str, float]:
+    """Central and (if ``fed_eval_fraction > 0``) federated evaluation, plus ``round/eval_seconds``."""
+    start = time.perf_counter()
+    metrics = evaluate_central(trainer)
+    if trainer.fed_eval_fraction > 0:
+        metrics.update(evaluate_federated(trainer, round_idx))
+    metrics["round/eval_seconds"] = time.perf_counter() - start
+    return metrics
+
+
+def metric_key(metrics: dict[str, float], wanted: str) -> str:
+    """The logged metric named ``wanted``, or the one ending with it (``acc`` matches ``val_acc``)."""
+    if wanted in metrics:
+        return wanted
+    matches = [k for k in metrics if k.endswith(wanted)]
+    if len(matches) != 1:
+        raise ValueError(
+            f"trainer.fed_eval_metric={wanted!r} matches {matches or 'none'} of the logged metrics {sorted(metrics)}; "
+            f"set it to one of them."
+        )
+    return matches[0]
+
+
+class Evaluation(Callback):
+    """Built in: evaluate every ``trainer.eval_every`` rounds and after the last one."""
+
+    def on_round_end(self, trainer: FederatedTrainer, result: RoundResult) -> None:
+        done = result.round_idx + 1
+        if done % trainer.eval_every == 0 or done == trainer.rounds:
+            result.metrics.update(evaluate_round(trainer, result.round_idx))
+
+
+__all__ = ["Evaluation", "evaluate_central", "evaluate_federated", "evaluate_round", "metric_key"]

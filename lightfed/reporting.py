@@ -1,0 +1,141 @@
+"""Built-in callbacks that report a run: the round history, TensorBoard, the progress bar and a summary."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from lightfed.callbacks import Callback
+from lightfed.messages import RoundResult
+
+if TYPE_CHECKING:
+    from lightfed.trainer import FederatedTrainer
+
+_CONFIG_HEADER = "# lightfed: resolved config of this run (use it with --config)\n"
+
+
+class Reporting(Callback):
+    """History, TensorBoard scalars (step = round), config and privacy plan as text, hparams with the final
+    metrics (the HParams tab compares runs), a progress bar that keeps the last evaluation, a summary."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.start = 0.0
+        self.shown: dict[str, float] = {}
+
+    def on_fit_start(self, trainer: FederatedTrainer) -> None:
+        self.start = time.perf_counter()
+        if not trainer.is_global_zero:
+            return
+        write_config(trainer)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_text"):
+            if trainer.config_yaml:
+                experiment.add_text("config", _as_markdown(trainer.config_yaml), global_step=trainer.round_idx)
+            plan = getattr(trainer.privacy, "plan", None)
+            if callable(plan):
+                experiment.add_text("privacy/plan", _as_markdown(plan()), global_step=trainer.round_idx)
+        if trainer.enable_progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=trainer.rounds, initial=trainer.round_idx, desc="rounds", unit="round", dynamic_ncols=True)
+
+    def on_round_end(self, trainer: FederatedTrainer, result: RoundResult) -> None:
+        trainer.history.append({"round": float(result.round_idx), **result.metrics})
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics(result.metrics, step=result.round_idx)
+        if self.bar is not None:
+            self.shown.update({k.split("/", 1)[-1]: v for k, v in result.metrics.items() if k.startswith("central/")})
+            if "privacy/epsilon" in result.metrics:
+                self.shown["epsilon"] = result.metrics["privacy/epsilon"]
+            shown = {**dict(list(self.shown.items())[:3]), "loss": result.metrics.get("client/loss_mean", math.nan)}
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_fit_end(self, trainer: FederatedTrainer) -> None:
+        self.close()
+        if not trainer.is_global_zero:
+            return
+        final = summary_metrics(trainer.history)
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams(_hparams(trainer), final)
+        if trainer.enable_progress_bar:
+            print(format_summary(trainer, final, time.perf_counter() - self.start), flush=True)
+
+
+def summary_metrics(history: list[dict[str, float]]) -> dict[str, float]:
+    """Final and best central metrics, the last worst-10% client metric, epsilon, bytes per client."""
+    out: dict[str, float] = {}
+    for row in history:
+        for k, v in row.items():
+            if k.startswith(("central/", "federated/", "privacy/epsilon")) or k.startswith("round/bytes_"):
+                out[f"final/{k}"] = v
+    for k in {k for row in history for k in row if k.startswith("central/")}:
+        values = [row[k] for row in history if k in row and math.isfinite(row[k])]
+        if values:
+            out[f"best/{k}"] = (min if k.endswith("loss") else max)(values)
+    return out
+
+
+def format_summary(trainer: FederatedTrainer, final: dict[str, float], seconds: float) -> str:
+    """A few lines that say how the run ended and where its files are."""
+    lines = [f"lightfed: {len(trainer.history)} rounds in {seconds:.1f} s"]
+    for k in sorted(k for k in final if k.startswith("final/central/")):
+        name = k.split("/", 1)[1]
+        best = final.get(f"best/{name}")
+        lines.append(f"  {name}: final {final[k]:.4f}" + (f", best {best:.4f}" if best is not None else ""))
+    for k in sorted(k for k in final if k.startswith("final/federated/") and k.endswith("worst10")):
+        lines.append(f"  {k.split('/', 1)[1]} (worst-10% clients): {final[k]:.4f}")
+    if "final/privacy/epsilon" in final:
+        lines.append(f"  privacy: epsilon {final['final/privacy/epsilon']:.4g} at delta {trainer.history[-1].get('privacy/delta', math.nan):.3g}")
+    up, down = final.get("final/round/bytes_up_per_client"), final.get("final/round/bytes_down_per_client")
+    if up is not None and down is not None:
+        lines.append(f"  bytes per client per round: up {up:,.0f}, down {down:,.0f}")
+    lines.append(f"  global model: {trainer.exported_model}")
+    lines.append(f"  checkpoint:   {trainer.last_checkpoint}")
+    lines.append(f"  logs:         {trainer.log_dir}")
+    return "\n".join(lines)
+
+
+def write_config(trainer: FederatedTrainer) -> None:
+    """Save the resolved config next to the logs (usable as ``--config``); never overwrite a user's file."""
+    if not trainer.config_yaml:
+        return
+    trainer.log_dir.mkdir(parents=True, exist_ok=True)
+    target = trainer.log_dir / "config.yaml"
+    if target.exists() and not target.read_text().startswith(_CONFIG_HEADER):
+        target = trainer.log_dir / "lightfed_config.yaml"
+    target.write_text(_CONFIG_HEADER + trainer.config_yaml)
+
+
+def _hparams(trainer: FederatedTrainer) -> dict[str, Any]:
+    if not trainer.config_yaml:
+        return {"rounds": trainer.rounds, "strategy": type(trainer.strategy).__name__}
+    flat: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(obj, list):
+            flat[prefix[:-1]] = str(obj)
+        else:
+            flat[prefix[:-1]] = obj if isinstance(obj, (int, float, str, bool)) else str(obj)
+
+    walk(yaml.safe_load(trainer.config_yaml) or {}, "")
+    return flat
+
+
+def _as_markdown(text: str) -> str:
+    return "    " + text.replace("\n", "\n    ")  # TensorBoard renders text as markdown: keep it verbatim
+
+
+__all__ = ["Reporting", "format_summary", "summary_metrics", "write_config"]

@@ -1,0 +1,213 @@
+"""A run's checkpoint: a dict over its stateful parts, written and read back with every check a resume needs.
+
+Format 2 (format 1 checkpoints are refused; lightfed has no users to migrate yet)::
+
+    {"format": 2, "digest": sha256 of every tensor below,
+     "progress": {round, seed, num_clients, history, config},
+     "model": {payload_names, global_params, state, frozen},
+     "strategy": {name, state}, "privacy": {...}, "secure_aggregation": {...},
+     "client_states": {cid: {...}}, "callbacks": {class name: {...}}}
+
+``model.state`` holds every tensor of the module except frozen parameters, which a fine-tuning run never
+changes: they are replaced by ``model.frozen``, a SHA-256 fingerprint over their names and bytes, and a
+resume refuses a module whose frozen weights differ. A LoRA checkpoint therefore costs what is trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from lightfed import checkpoint as ckpt_io
+
+if TYPE_CHECKING:
+    from lightfed.trainer import FederatedTrainer
+
+log = logging.getLogger("lightfed")
+FORMAT = 2
+
+#: Config keys a resume may change: they do not touch the sequence of global models.
+SAFE_TO_CHANGE = (
+    "ckpt_path", "config", "trainer.rounds", "trainer.eval_every", "trainer.eval_batch_size", "trainer.checkpoint_every",
+    "trainer.keep_checkpoints", "trainer.logger", "trainer.enable_progress_bar", "trainer.default_root_dir",
+    "trainer.name", "trainer.num_threads", "trainer.max_failed_rounds", "trainer.stop_on_failed_round",
+    "trainer.fed_eval_fraction", "trainer.fed_eval_metric", "trainer.callbacks", "trainer.accelerator",
+    "trainer.devices", "trainer.num_nodes", "trainer.fabric_strategy", "privacy.init_args.verbose",
+    "privacy.init_args.max_epsilon",
+)
+
+
+def frozen_parameters(module: nn.Module, payload_names: list[str]) -> dict[str, Tensor]:
+    """Parameters that never train in this run (not in the payload and ``requires_grad=False``)."""
+    payload = set(payload_names)
+    return {n: p for n, p in module.named_parameters() if n not in payload and not p.requires_grad}
+
+
+def fingerprint(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def digest(state: dict[str, Any]) -> str:
+    """The integrity hash of a checkpoint: its global payload and model state."""
+    model = state["model"]
+    return fingerprint({"\0global_params": model["global_params"], **model["state"]})
+
+
+def collect(trainer: FederatedTrainer) -> dict[str, Any]:
+    """Everything needed to continue ``trainer``'s run exactly where it stopped (on CPU)."""
+    assert trainer.module is not None and trainer.spec is not None and trainer.global_params is not None
+    trainer.local.spec.assign(trainer.local.tensors, trainer.global_params)
+    names = list(trainer.spec.names)
+    frozen = frozen_parameters(trainer.module, names)
+    state = ckpt_io.to_cpu({
+        "format": FORMAT,
+        "progress": {"round": trainer.round_idx, "seed": trainer.seed, "num_clients": trainer.num_clients,
+                     "history": trainer.history, "config": trainer.config_yaml or ""},
+        "model": {"payload_names": names, "global_params": trainer.global_params,
+                  "state": {k: v for k, v in trainer.module.state_dict().items() if k not in frozen},
+                  "frozen": fingerprint(frozen)},
+        "strategy": {"name": type(trainer.strategy).__name__, "state": trainer.strategy.state_dict()},
+        "privacy": trainer.privacy.state_dict() if trainer.privacy is not None else {},
+        "secure_aggregation": trainer.secure_aggregation.state_dict() if trainer.secure_aggregation is not None else {},
+        "client_states": trainer.client_states,
+        "callbacks": {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks},
+    })
+    state["digest"] = digest(state)
+    return state
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file, checked for format and integrity.
+
+    Raises:
+        FileNotFoundError, ValueError: naming the path and what to do.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--ckpt_path {str(p)!r} does not exist; point it at a lightfed checkpoint (…/checkpoints/last.ckpt).")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, and what to do
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"--ckpt_path {str(p)!r} could not be read ({type(err).__name__}: {first}); it is truncated or not a "
+            f"lightfed checkpoint. Resume from another one (checkpoints/round-XXXXX.ckpt)."
+        ) from err
+    if not isinstance(state, dict) or "format" not in state:
+        raise ValueError(f"{str(p)!r} is not a lightfed checkpoint; to start from its weights use `trainer.init_checkpoint`.")
+    if state["format"] != FORMAT:
+        raise ValueError(
+            f"{str(p)!r} is a lightfed checkpoint of format {state['format']}, this lightfed reads format {FORMAT} "
+            f"(checkpoints became a dict over the run's stateful parts). Start the run again."
+        )
+    if state.get("digest") != digest(state):
+        raise ValueError(
+            f"--ckpt_path {str(p)!r} is corrupted: its tensors do not match the integrity hash written with them. "
+            f"Resume from another checkpoint (checkpoints/round-XXXXX.ckpt)."
+        )
+    return state
+
+
+def config_changes(old_yaml: str, new_yaml: str) -> tuple[list[str], list[str]]:
+    """``(unsafe, safe)`` dotted keys whose values differ between two resolved configs."""
+    old, new = _flatten(yaml.safe_load(old_yaml) or {}), _flatten(yaml.safe_load(new_yaml) or {})
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    safe = [k for k in changed if k.startswith(SAFE_TO_CHANGE)]
+    return [k for k in changed if k not in safe], safe
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def check_compatible(trainer: FederatedTrainer, state: dict[str, Any], where: str) -> None:
+    """Refuse a resume that cannot be exact, naming what differs."""
+    progress, model = state["progress"], state["model"]
+    if int(progress["seed"]) != trainer.seed:
+        raise ValueError(
+            f"{where} was written with seed_everything={progress['seed']}, this run has {trainer.seed}: an exact "
+            f"resume needs the same seed. Use --seed_everything {progress['seed']}."
+        )
+    if int(progress["num_clients"]) != trainer.num_clients:
+        raise ValueError(
+            f"{where} was written for {progress['num_clients']} clients, this run's data has {trainer.num_clients}: "
+            f"resume with the same data and partitioner."
+        )
+    if state["privacy"] and trainer.privacy is None:
+        raise ValueError(
+            f"{where} was written by a DP run ({state['privacy'].get('mechanism')}), but this run has no privacy "
+            f"section: resuming would silently drop DP and its accountant. Resume with the same `privacy:` section."
+        )
+    assert trainer.spec is not None and trainer.module is not None
+    if list(model["payload_names"]) != list(trainer.spec.names):
+        raise ValueError(
+            f"{where} was written for another payload (first names {model['payload_names'][:3]} vs "
+            f"{list(trainer.spec.names)[:3]}); resume with the same model and `trainer.trainable`."
+        )
+    if model["frozen"] != fingerprint(frozen_parameters(trainer.module, list(trainer.spec.names))):
+        raise ValueError(
+            f"{where} was trained on another frozen base model (the fingerprint of the frozen weights differs); "
+            f"resume with the same pretrained model and `trainer.init_checkpoint`."
+        )
+    if state["strategy"]["name"] != type(trainer.strategy).__name__:
+        raise ValueError(f"{where} was written by strategy {state['strategy']['name']}, this run uses {type(trainer.strategy).__name__}.")
+    if progress["config"] and trainer.config_yaml:
+        unsafe, safe = config_changes(progress["config"], trainer.config_yaml)
+        target_eps = "privacy.init_args.target_epsilon" in _flatten(yaml.safe_load(trainer.config_yaml) or {})
+        if target_eps and "trainer.rounds" in safe:
+            unsafe.append("trainer.rounds (the noise was calibrated for the planned rounds: target_epsilon)")
+        if unsafe:
+            raise ValueError(
+                f"{where} was written with another config; these keys differ and break an exact resume: "
+                f"{', '.join(unsafe[:8])}{' ...' if len(unsafe) > 8 else ''}. Resume with the checkpoint's config "
+                f"(its config.yaml) changing only: rounds, evaluation, logging and checkpoint settings."
+            )
+        if safe:
+            log.warning("resuming %s with changed settings: %s", where, ", ".join(safe))
+
+
+def restore(trainer: FederatedTrainer, path: str | Path) -> None:
+    """Load a checkpoint into a set-up trainer, after every check."""
+    where = f"--ckpt_path {str(path)!r}"
+    state = read(path)
+    check_compatible(trainer, state, where)
+    assert trainer.module is not None and trainer.spec is not None
+    device = trainer.fabric.device
+    frozen = frozen_parameters(trainer.module, list(trainer.spec.names))
+    ckpt_io.load_into(trainer.module, state["model"]["state"], ignore=list(frozen), source=f"checkpoint {str(path)!r}")
+    trainer.global_params = state["model"]["global_params"].to(device)
+    stored = trainer.spec.flatten(trainer.spec.tensors(trainer.module)).to(device)
+    if not torch.equal(stored.to(trainer.global_params.dtype), trainer.global_params):
+        raise ValueError(f"{where} is inconsistent: its global payload and its model state disagree. Resume from another checkpoint.")
+    trainer.strategy.load_state_dict(ckpt_io.to_device(state["strategy"]["state"], device))
+    trainer.client_states = ckpt_io.to_device(state["client_states"], device)
+    if trainer.privacy is not None:
+        trainer.privacy.load_state_dict(state["privacy"])
+    if trainer.secure_aggregation is not None:
+        trainer.secure_aggregation.load_state_dict(state["secure_aggregation"])
+    for cb in trainer.callbacks:
+        if type(cb).__name__ in state["callbacks"]:
+            cb.load_state_dict(state["callbacks"][type(cb).__name__])
+    trainer.history = list(state["progress"]["history"])
+    trainer.round_idx = int(state["progress"]["round"])
+
+
+__all__ = ["FORMAT", "check_compatible", "collect", "config_changes", "digest", "fingerprint", "read", "restore"]
