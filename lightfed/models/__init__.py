@@ -1,10 +1,37 @@
 """Ready-made LightningModules for the example configs (any LightningModule works with lightfed).
 
-The Hugging Face models import transformers/peft only when instantiated.
+Names are imported on first use (PEP 562), so a plugin that needs only :mod:`lightfed.models.lora` (the
+LoRA payload layout) does not import Lightning; the Hugging Face models import transformers/peft only
+when instantiated.
 """
 
-from lightfed.models.charlm import CharLSTM
-from lightfed.models.hf import HFSequenceClassifier, LoRACNNClassifier
-from lightfed.models.vision import CNNClassifier, MLPClassifier
+from __future__ import annotations
 
-__all__ = ["CNNClassifier", "CharLSTM", "HFSequenceClassifier", "LoRACNNClassifier", "MLPClassifier"]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "CNNClassifier": "lightfed.models.vision",
+    "CharLSTM": "lightfed.models.charlm",
+    "HFSequenceClassifier": "lightfed.models.hf",
+    "LoRACNNClassifier": "lightfed.models.hf",
+    "LoRALayout": "lightfed.models.lora",
+    "MLPClassifier": "lightfed.models.vision",
+    "RankTiers": "lightfed.models.lora",
+    "export_peft": "lightfed.models.hf",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightfed.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})

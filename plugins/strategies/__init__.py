@@ -11,11 +11,12 @@ from plugins.strategies.fednova import FedNova
 from plugins.strategies.fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
 from plugins.strategies.fedprox import FedProx
 from plugins.strategies.krum import Bulyan, Krum, MultiKrum
+from plugins.strategies.lora import FedITLoRA, FedSALoRA, FFALoRA, FLoRA
 from plugins.strategies.qfedavg import QFedAvg
 from plugins.strategies.robust import FedMedian, FedTrimmedAvg
 from plugins.strategies.scaffold import SCAFFOLD
 
 __all__ = [
-    "SCAFFOLD", "Bulyan", "Ditto", "FedAdagrad", "FedAdam", "FedAvgM", "FedMedian", "FedNova", "FedOpt",
-    "FedProx", "FedTrimmedAvg", "FedYogi", "Krum", "MultiKrum", "QFedAvg",
+    "FFALoRA", "FLoRA", "SCAFFOLD", "Bulyan", "Ditto", "FedAdagrad", "FedAdam", "FedAvgM", "FedITLoRA", "FedMedian",
+    "FedNova", "FedOpt", "FedProx", "FedSALoRA", "FedTrimmedAvg", "FedYogi", "Krum", "MultiKrum", "QFedAvg",
 ]
