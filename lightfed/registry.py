@@ -4,9 +4,9 @@ A plugin reaches lightfed in one of three ways:
 
 1. ``@STRATEGIES.register()`` on the class, in a module that gets imported;
 2. an entry point in its package's metadata, group ``lightfed.strategies`` (or ``lightfed.privacy``,
-   ``lightfed.secure_aggregation``), whose value is a module or a class; loading it is enough, the
-   decorator inside does the registration (a class that is not yet registered is registered under its
-   own name);
+   ``lightfed.secure_aggregation``, ``lightfed.executors``, ``lightfed.audits``), whose value is a module
+   or a class; loading it is enough, the decorator inside does the registration (a class that is not yet
+   registered is registered under its own name);
 3. a dotted ``class_path`` in a YAML config, which jsonargparse imports directly.
 
 lightfed's own ``plugins/`` package takes route 2, exactly as a third-party package does.
@@ -218,9 +218,11 @@ STRATEGIES: Registry = Registry("strategy", "lightfed.strategies")
 PRIVACY: Registry = Registry("privacy mechanism", "lightfed.privacy")
 SECURE_AGGREGATION: Registry = Registry("secure aggregation protocol", "lightfed.secure_aggregation")
 EXECUTORS: Registry = Registry("executor", "lightfed.executors")
+#: Empirical privacy audits and attacks (:mod:`lightfed.audit`): callbacks that measure what a run leaks.
+AUDITS: Registry = Registry("audit", "lightfed.audits")
 
 
 def load_all_plugins() -> None:
     """Import every installed plugin, so jsonargparse can resolve their class names too."""
-    for registry in (STRATEGIES, PRIVACY, SECURE_AGGREGATION, EXECUTORS):
+    for registry in (STRATEGIES, PRIVACY, SECURE_AGGREGATION, EXECUTORS, AUDITS):
         registry.load_entry_points()

@@ -1,0 +1,26 @@
+"""Measured privacy: empirical audits and attacks beside the accountant's epsilon.
+
+* :class:`OneShotCanaryAudit` - one-shot empirical epsilon for client-level DP from random canary clients
+  (Andrew et al., ICLR 2024), a :class:`~lightfed.callbacks.Callback` configured under ``trainer.callbacks``;
+* :mod:`lightfed.audit.estimators` - the pure maths: the epsilon of two Gaussians, bootstrap intervals, and
+  the one-run lower bound of Steinke, Nasr & Jagielski (NeurIPS 2023).
+
+Every audit is registered in :data:`lightfed.registry.AUDITS` (entry-point group ``lightfed.audits``). An audit
+gives an estimate or a lower bound for one attack, never a proof of privacy: see docs/auditing.md.
+"""
+
+from lightfed.audit.canary import OneShotCanaryAudit
+from lightfed.audit.estimators import (
+    GaussianFit,
+    best_one_run_bound,
+    bootstrap_interval,
+    epsilon_two_gaussians,
+    gdp_epsilon,
+    one_run_epsilon_lower_bound,
+    one_run_p_value,
+)
+
+__all__ = [
+    "GaussianFit", "OneShotCanaryAudit", "best_one_run_bound", "bootstrap_interval", "epsilon_two_gaussians",
+    "gdp_epsilon", "one_run_epsilon_lower_bound", "one_run_p_value",
+]

@@ -1,0 +1,399 @@
+"""One-shot empirical epsilon for client-level DP: random canary clients, measured in the same training run.
+
+Andrew, Kairouz, Oh, Oprea, McMahan & Suriyakumar (ICLR 2024), "One-shot Empirical Privacy Estimation for
+Federated Learning". ``2k`` canary directions ``c_i`` are drawn uniformly on the unit sphere of the payload
+(``d`` parameters); the first ``k`` are *inserted*: in the rounds they take part in, a canary client sends the
+update ``C * c_i`` (``C``: the round's clip norm). The other ``k`` are *held out* and never sent. Then
+
+* **final model**: ``s_i = cos(theta_T - theta_0, c_i)``;
+* **all iterates**: ``s_i = max_t cos(theta_{t+1} - theta_t, c_i)`` (the adversary sees every round's model);
+
+for each threat model, Gaussians are fitted to the inserted and the held-out statistics, and the estimate is
+the epsilon at the run's delta of the best test between the two fits (:func:`epsilon_two_gaussians`: the
+hockey-stick divergence of two Gaussians, both directions). In high dimension a held-out canary's cosine is
+``N(0, 1/d)`` whatever the model did; an inserted canary's is shifted by what the run released of it. For the
+Gaussian mechanism with canaries in every round, the estimate converges to the true epsilon as ``d``, ``k``
+grow (the paper's Theorem 3.2).
+
+**Where canaries enter.** Canary updates come from :meth:`Callback.extra_updates` on global rank 0 and travel
+the server path of every client update: client- and server-side clipping, the DP weight, the sum, the noise,
+the fixed denominator. The audit therefore measures what the configured pipeline releases, bugs included.
+
+**How canaries take part** (``participation``):
+
+* ``"sampled"`` (default): each canary joins each round independently with the sampler's rate ``q`` (drawn
+  from ``(seed, round)``), as a real client would under Poisson sampling. The epsilon the mechanism claims
+  for a canary is then the accountant's epsilon of the run (computed for Poisson sampling at ``q``), and the
+  estimate reads directly beside it;
+* ``"every_round"``: every canary takes part in every round (the paper's analysed setting, no amplification
+  by sampling). The claim for a canary is then ``T`` unsampled Gaussian rounds, larger than the run's
+  accountant epsilon; the estimate is tight against it.
+
+**Limits.** The estimate needs the canaries to be a small part of the model's change (the paper's
+``d -> infinity``): when ``k`` canaries in ``T`` rounds make up most of it (``k q^2 T`` comparable to ``d z^2``),
+every cosine is normalised by the canaries' own mass and the estimate saturates near ``sqrt(d / k)`` standard
+deviations. The report gives ``canary_share_of_update`` and warns above one half.
+
+**What stays out of utility metrics.** Canaries have no data and no training metrics: they never enter the
+``client/...`` means, ``round/updates`` is corrected to count real clients only, and evaluation never sees
+them. They do move the model a little (``k q C / m`` per round in random directions, ``m`` the expected
+cohort), as in the paper, which reports no measurable utility cost.
+
+**What the number means.** An *estimate* of what this attack (cosine with a known direction) learns; not a
+lower bound with a guarantee and never a proof of privacy. An estimate clearly above the claimed epsilon
+(above its bootstrap interval) means the pipeline adds less noise, or clips less, than it claims.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightfed.audit.estimators import GaussianFit, bootstrap_interval, epsilon_two_gaussians
+from lightfed.callbacks import Callback
+from lightfed.messages import ClientUpdate, RoundResult
+from lightfed.privacy.accounting import SamplingScheme, default_delta, epsilon_for
+from lightfed.registry import AUDITS
+from lightfed.seeding import derive_seed, make_generator
+
+if TYPE_CHECKING:
+    from lightfed.trainer import FederatedTrainer
+
+log = logging.getLogger("lightfed")
+Participation = Literal["sampled", "every_round"]
+#: Directions are kept in memory; refuse set-ups whose canary matrix would exceed this.
+MAX_CANARY_BYTES = 1 << 30
+
+
+@AUDITS.register("OneShotCanary")
+class OneShotCanaryAudit(Callback):
+    """Empirical client-level epsilon from random canary clients, final model and all iterates (Andrew et al. 2024).
+
+    Configure it under ``trainer.callbacks``::
+
+        trainer:
+          callbacks:
+            - class_path: lightfed.audit.OneShotCanaryAudit
+              init_args: {num_canaries: 100}
+
+    Args:
+        num_canaries: ``k``, canaries inserted into training.
+        num_held_out: Canaries drawn but never inserted (default ``k``).
+        participation: ``"sampled"`` (each canary joins a round with the sampler's rate) or ``"every_round"``.
+        canary_norm: L2 norm of a canary update. Default: the privacy mechanism's clip norm of the round
+            times ``clip_multiple`` (a run without client-level clipping must set it).
+        clip_multiple: Canaries at this multiple of the clip (``> 1`` tests that clipping happens: a correct
+            pipeline clips them back to ``C``).
+        delta: Delta of the estimate; default the privacy mechanism's, else ``1 / N^1.1``.
+        confidence: Level of the bootstrap interval over canaries.
+        bootstrap: Bootstrap draws (0: no interval).
+        seed: Seed of directions and participation; default the trainer's seed.
+        report_name: JSON report written in ``trainer.log_dir``.
+
+    Raises:
+        ValueError: at construction for fewer than 2 canaries of either kind, and at set-up (before any
+            round) for more canaries than clients, directions too many to be nearly orthogonal
+            (``2k > d / 2``), secure aggregation, a sampler without a rate, or no clip to scale canaries to.
+    """
+
+    def __init__(
+        self,
+        num_canaries: int = 100,
+        num_held_out: int | None = None,
+        participation: Participation = "sampled",
+        canary_norm: float | None = None,
+        clip_multiple: float = 1.0,
+        delta: float | None = None,
+        confidence: float = 0.95,
+        bootstrap: int = 200,
+        seed: int | None = None,
+        report_name: str = "audit_one_shot.json",
+    ) -> None:
+        held_out = num_canaries if num_held_out is None else num_held_out
+        if num_canaries < 2 or held_out < 2:
+            raise ValueError(
+                f"OneShotCanaryAudit needs at least 2 inserted and 2 held-out canaries to fit Gaussians, got "
+                f"num_canaries={num_canaries}, num_held_out={held_out}; use 100 or more for a useful estimate."
+            )
+        if participation not in ("sampled", "every_round"):
+            raise ValueError(f"OneShotCanaryAudit participation must be 'sampled' or 'every_round', got {participation!r}.")
+        if canary_norm is not None and not canary_norm > 0:
+            raise ValueError(f"OneShotCanaryAudit canary_norm must be > 0 or null, got {canary_norm}.")
+        if not clip_multiple > 0:
+            raise ValueError(f"OneShotCanaryAudit clip_multiple must be > 0, got {clip_multiple}.")
+        if delta is not None and not 0 < delta < 1:
+            raise ValueError(f"OneShotCanaryAudit delta must be in (0, 1), got {delta}.")
+        if not 0 < confidence < 1:
+            raise ValueError(f"OneShotCanaryAudit confidence must be in (0, 1), got {confidence}.")
+        self.num_canaries = int(num_canaries)
+        self.num_held_out = int(held_out)
+        self.participation: Participation = participation
+        self.canary_norm = canary_norm
+        self.clip_multiple = float(clip_multiple)
+        self.delta = delta
+        self.confidence = confidence
+        self.bootstrap = int(bootstrap)
+        self.seed = seed
+        self.report_name = report_name
+        self.report: dict[str, Any] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.directions: Tensor | None = None  # (2k, d) unit rows: inserted first, then held out
+        self.initial: Tensor | None = None
+        self.max_cos: Tensor | None = None
+        self.appearances: Tensor | None = None
+        self.rounds_seen = 0
+        self.accountant_epsilon: float | None = None
+        self.run_delta: float | None = None
+        self._before: Tensor | None = None
+        self._present: list[int] = []
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: FederatedTrainer) -> None:
+        assert trainer.spec is not None and trainer.global_params is not None
+        self._reset()
+        n, d, total = trainer.num_clients, trainer.spec.numel, self.num_canaries + self.num_held_out
+        if self.num_canaries > n:
+            raise ValueError(
+                f"OneShotCanaryAudit num_canaries={self.num_canaries} exceeds the population of {n} clients: the "
+                f"canaries would outnumber the real clients and dominate the model. Use at most {n} (the paper "
+                f"inserts far fewer canaries than clients)."
+            )
+        if 2 * total > d:
+            raise ValueError(
+                f"OneShotCanaryAudit: {total} canary directions in a payload of {d} parameters are not nearly "
+                f"orthogonal (need num_canaries + num_held_out <= d / 2 = {d // 2}); use fewer canaries."
+            )
+        if total * d * 4 > MAX_CANARY_BYTES:
+            raise ValueError(
+                f"OneShotCanaryAudit would hold {total} x {d} canary directions ({total * d * 4 / 2**30:.1f} GiB); "
+                f"use fewer canaries or audit a smaller trainable payload (`trainer.trainable`)."
+            )
+        if trainer.secure_aggregation is not None:
+            raise ValueError(
+                "OneShotCanaryAudit cannot insert canary clients under secure aggregation yet: the protocol's cohort "
+                "is fixed before the canaries arrive. Audit the same run without the secure_aggregation section "
+                "(secure aggregation releases the same sum)."
+            )
+        plan = trainer.privacy.noise_plan() if trainer.privacy is not None else None
+        if self.canary_norm is None and (plan is None or plan.clip_norm is None or plan.placement not in ("server", "distributed")):
+            what = "has no privacy section" if trainer.privacy is None else f"uses {type(trainer.privacy).__name__}, which clips no client's whole update"
+            raise ValueError(
+                f"OneShotCanaryAudit scales canaries to the client-level DP clip, but this run {what}. Use a "
+                f"client-level mechanism (DPFixedClipping, DPAdaptiveClipping) or set the audit's canary_norm "
+                f"(e.g. the typical norm of a client's update) to audit a run without client-level DP."
+            )
+        self.rate = 1.0 if self.participation == "every_round" else float(trainer.sampler.rate(n))
+        seed = trainer.seed if self.seed is None else self.seed
+        self._seed = seed
+        device = trainer.global_params.device
+        rows = []
+        for i in range(total):
+            v = torch.randn(d, generator=make_generator(seed, "canary", i), dtype=torch.float32)
+            rows.append(v / v.norm())
+        self.directions = torch.stack(rows).to(device)
+        self.max_cos = torch.full((total,), -1.0, dtype=torch.float64)
+        self.appearances = torch.zeros(self.num_canaries, dtype=torch.int64)
+        sizes = trainer.datamodule.client_num_examples() if trainer.datamodule is not None else None
+        self.canary_examples = int(sizes.float().median().round()) if sizes is not None and len(sizes) else 1
+        self.num_clients = n
+        self.dimension = d
+
+    def on_fit_start(self, trainer: FederatedTrainer) -> None:
+        assert trainer.global_params is not None
+        if self.initial is None:
+            self.initial = trainer.global_params.detach().clone()
+
+    # ------------------------------------------------------------------ a round
+    def present(self, round_idx: int) -> list[int]:
+        """The inserted canaries that take part in ``round_idx`` (the same on every process)."""
+        if self.participation == "every_round":
+            return list(range(self.num_canaries))
+        draws = torch.rand(self.num_canaries, generator=make_generator(self._seed, "canary_participation", round_idx))
+        return torch.nonzero(draws < self.rate).flatten().tolist()
+
+    def on_round_start(self, trainer: FederatedTrainer, round_idx: int, cohort: list[int]) -> None:
+        assert trainer.global_params is not None
+        self._before = trainer.global_params.detach().clone()
+        self._present = self.present(round_idx)
+
+    def _norm(self, trainer: FederatedTrainer) -> float:
+        if self.canary_norm is not None:
+            return float(self.canary_norm)
+        assert trainer.privacy is not None
+        clip = trainer.privacy.noise_plan().clip_norm
+        assert clip is not None
+        return float(clip) * self.clip_multiple
+
+    def extra_updates(self, trainer: FederatedTrainer, round_idx: int, cohort: list[int]) -> list[ClientUpdate]:
+        assert self.directions is not None
+        norm = self._norm(trainer)
+        return [
+            ClientUpdate(self.num_clients + i, self.directions[i] * norm, num_examples=self.canary_examples, num_steps=1)
+            for i in self._present
+        ]
+
+    def on_round_end(self, trainer: FederatedTrainer, result: RoundResult) -> None:
+        assert self.directions is not None and self.max_cos is not None and self.appearances is not None
+        inserted = len(self._present)
+        if not result.skipped:  # canaries are not clients: keep the utility and participation counts honest
+            result.num_updates -= inserted
+            if "round/updates" in result.metrics:
+                result.metrics["round/updates"] -= inserted
+            self.appearances[self._present] += 1
+        result.metrics["audit/canaries_inserted"] = float(0 if result.skipped else inserted)
+        if "privacy/epsilon" in result.metrics:
+            self.accountant_epsilon = float(result.metrics["privacy/epsilon"])
+        if "privacy/delta" in result.metrics:
+            self.run_delta = float(result.metrics["privacy/delta"])
+        assert trainer.global_params is not None and self._before is not None
+        step = (trainer.global_params - self._before).to(self.directions.dtype)
+        norm = float(step.norm())
+        if norm > 0:
+            self.max_cos = torch.maximum(self.max_cos, (self.directions @ step).double().cpu() / norm)
+        self.rounds_seen += 1
+        if trainer.round_idx >= trainer.rounds:  # the last round: report with it (logged at its step)
+            result.metrics.update(self.finish(trainer))
+
+    def on_fit_end(self, trainer: FederatedTrainer) -> None:
+        if self.report is None or self.report["rounds"] != self.rounds_seen:  # stopped early (privacy budget)
+            metrics = self.finish(trainer)
+            if trainer.logger is not None and trainer.is_global_zero and trainer.history:
+                trainer.logger.log_metrics(metrics, step=int(trainer.history[-1]["round"]))
+        if trainer.is_global_zero and self.report is not None:
+            r = self.report
+            print(
+                f"[lightfed audit] one-shot empirical epsilon (delta {r['delta']:.3g}): final model "
+                f"{_fmt(r['final_model'])}, all iterates {_fmt(r['all_iterates'])}; claimed for a canary "
+                f"{r['claimed_epsilon']:.4g}, accountant {_num(r['accountant_epsilon'])}  -> {r['path']}",
+                flush=True,
+            )
+
+    # ------------------------------------------------------------------ the estimate
+    def statistics(self, trainer: FederatedTrainer) -> tuple[np.ndarray, np.ndarray]:
+        """Per-canary statistics (final model, all iterates), inserted canaries first."""
+        assert self.directions is not None and self.initial is not None and self.max_cos is not None
+        assert trainer.global_params is not None
+        total_step = (trainer.global_params - self.initial).to(self.directions.dtype)
+        norm = float(total_step.norm())
+        final = (self.directions @ total_step).double().cpu() / norm if norm > 0 else torch.zeros(len(self.directions))
+        return final.numpy(), self.max_cos.numpy()
+
+    def finish(self, trainer: FederatedTrainer) -> dict[str, float]:
+        """Fit, estimate, write the JSON report (rank 0); return the ``audit/...`` metrics."""
+        final, iterates = self.statistics(trainer)
+        delta = self.delta or self.run_delta or default_delta(self.num_clients)
+        claimed = self.claimed_epsilon(trainer, delta)
+        k = self.num_canaries
+        # Share of the model's change that the inserted canaries themselves make up (their directions are
+        # nearly orthonormal, so it is the sum of their squared cosines, less what random directions get).
+        share = max(0.0, float(np.sum(final[:k] ** 2)) - k / self.dimension)
+        if share > 0.5 and trainer.is_global_zero:
+            log.warning(
+                "the canaries make up %.0f%% of the model's change: the estimate is capped near sqrt(d / k) standard "
+                "deviations and understates the leakage. Use fewer canaries or a larger payload.", 100 * share,
+            )
+        report: dict[str, Any] = {
+            "audit": "OneShotCanaryAudit",
+            "paper": "Andrew et al., One-shot Empirical Privacy Estimation for Federated Learning, ICLR 2024",
+            "seed": self._seed, "rounds": self.rounds_seen, "dimension": self.dimension,
+            "num_canaries": k, "num_held_out": self.num_held_out, "participation": self.participation,
+            "participation_rate": self.rate, "mean_appearances": float(self.appearances.double().mean()),
+            "canary_norm": self.canary_norm, "clip_multiple": self.clip_multiple, "delta": delta,
+            "confidence": self.confidence, "canary_share_of_update": share, "claimed_epsilon": claimed, "accountant_epsilon": self.accountant_epsilon,
+        }
+        metrics = {"audit/epsilon_claimed": claimed}
+        if self.accountant_epsilon is not None:
+            metrics["audit/epsilon_accountant"] = self.accountant_epsilon
+        for name, stat in (("final_model", final), ("all_iterates", iterates)):
+            part = self._estimate(stat[:k], stat[k:], delta, derive_seed(self._seed, "bootstrap", name))
+            report[name] = part
+            tag = "final" if name == "final_model" else "all_iterates"
+            metrics[f"audit/epsilon_{tag}"] = part["epsilon"]
+            metrics[f"audit/epsilon_{tag}_low"] = part["interval"][0]
+            metrics[f"audit/epsilon_{tag}_high"] = part["interval"][1]
+        path = trainer.log_dir / self.report_name
+        report["path"] = str(path)
+        report["metrics"] = metrics
+        self.report = report
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        return metrics
+
+    def _estimate(self, seen: np.ndarray, unseen: np.ndarray, delta: float, seed: int) -> dict[str, Any]:
+        def eps(a: np.ndarray, b: np.ndarray) -> float:
+            p, q = GaussianFit.of(a), GaussianFit.of(b)
+            if p.std <= 0 or q.std <= 0:
+                return math.inf if p.mean != q.mean else 0.0
+            return epsilon_two_gaussians(p, q, delta)
+
+        low, high = bootstrap_interval(eps, seen, unseen, draws=self.bootstrap, confidence=self.confidence, seed=seed)
+        p, q = GaussianFit.of(seen), GaussianFit.of(unseen)
+        return {
+            "epsilon": eps(seen, unseen), "interval": [low, high],
+            "inserted_mean": p.mean, "inserted_std": p.std, "held_out_mean": q.mean, "held_out_std": q.std,
+            "null_std": 1 / math.sqrt(self.dimension),
+        }
+
+    def claimed_epsilon(self, trainer: FederatedTrainer, delta: float) -> float:
+        """What the mechanism promises a canary: its update-sum noise over the canary's participation, at ``delta``.
+
+        ``inf`` without client-level noise on the sum (no DP, local DP, DP-SGD).
+        """
+        plan = trainer.privacy.noise_plan() if trainer.privacy is not None else None
+        if plan is None or plan.placement not in ("server", "distributed") or plan.noise_multiplier <= 0:
+            return math.inf
+        n = self.num_clients
+        if self.participation == "every_round":
+            scheme = SamplingScheme("full", n, 1.0, n)
+        else:
+            scheme = SamplingScheme("poisson", n, self.rate)
+        return epsilon_for(plan.noise_multiplier, scheme, self.rounds_seen, delta)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "initial": self.initial, "max_cos": self.max_cos, "appearances": self.appearances,
+            "rounds_seen": self.rounds_seen, "num_canaries": self.num_canaries, "num_held_out": self.num_held_out,
+            "participation": self.participation,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = (self.num_canaries, self.num_held_out, self.participation)
+        theirs = (state["num_canaries"], state["num_held_out"], state["participation"])
+        if mine != theirs:
+            raise ValueError(
+                f"the checkpoint's canary audit had (num_canaries, num_held_out, participation) = {theirs}, this run "
+                f"{mine}: resume with the same audit settings, or the estimate mixes two experiments."
+            )
+        device = self.directions.device if self.directions is not None else "cpu"
+        self.initial = state["initial"].to(device)
+        self.max_cos = state["max_cos"]
+        self.appearances = state["appearances"]
+        self.rounds_seen = int(state["rounds_seen"])
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _fmt(part: dict[str, Any]) -> str:
+    low, high = part["interval"]
+    return f"{part['epsilon']:.4g} [{low:.3g}, {high:.3g}]"
+
+
+__all__ = ["MAX_CANARY_BYTES", "OneShotCanaryAudit"]
