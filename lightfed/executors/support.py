@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightfed.client import LocalTrainer
+from lightfed.client import TRAIN_HOOKS, LocalTrainer
 from lightfed.strategy import Strategy
 
 __all__ = ["FIX", "VmapUnsupportedError", "check_vectorisable", "overrides"]
@@ -25,7 +25,9 @@ def check_vectorisable(local: LocalTrainer) -> None:
     """Raise :class:`VmapUnsupportedError` if ``local``'s set-up cannot be vectorised exactly.
 
     Checks what is known before any data is seen: the local trainer's type (privacy wrappers), precision,
-    the strategy's client-side hooks, batch-statistics buffers and dropout layers.
+    the loop's flags (gradient clipping, accumulation), the module's training hooks (the same
+    :class:`~lightfed.client.ModuleHooks` the sequential loop reads), the strategy's client-side hooks,
+    batch-statistics buffers and dropout layers. Evaluation hooks are fine: evaluation is the local trainer's.
     """
     if type(local) is not LocalTrainer:
         raise VmapUnsupportedError(
@@ -35,6 +37,20 @@ def check_vectorisable(local: LocalTrainer) -> None:
     precision = getattr(local.precision, "precision", "32-true")
     if str(precision) not in ("32-true", "32"):
         raise VmapUnsupportedError(f"trainer.precision={precision!r}: the vmap executor trains in 32-bit only. {FIX}")
+    if local.gradient_clip_val:
+        raise VmapUnsupportedError(
+            f"gradient_clip_val={local.gradient_clip_val}: the vmap executor does not clip gradients. {FIX}"
+        )
+    if local.accumulate_grad_batches != 1:
+        raise VmapUnsupportedError(
+            f"accumulate_grad_batches={local.accumulate_grad_batches}: the vmap executor steps every batch. {FIX}"
+        )
+    hooks = [h for h in TRAIN_HOOKS if h in local.hooks.overridden]
+    if hooks:
+        raise VmapUnsupportedError(
+            f"{type(local.module).__name__} overrides the training hook(s) {', '.join(hooks)}; the vmap executor "
+            f"trains the whole cohort in one vectorised program and calls no per-client training hook. {FIX}"
+        )
     strategy = local.strategy
     if overrides(strategy, "on_before_optimizer_step") or strategy.uses_client_state:
         what = "on_before_optimizer_step" if overrides(strategy, "on_before_optimizer_step") else "client state"

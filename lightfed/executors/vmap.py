@@ -36,6 +36,9 @@ The result equals the sequential executor's up to float rounding when
   MSE with ``reduction="mean"``, no class weights); this is checked on a real batch;
 * the model has no batch statistics (BatchNorm: GroupNorm and LayerNorm are fine) and no random ops
   (dropout): a random op raises, it is never silently made deterministic;
+* the module overrides none of the training hooks the sequential loop calls
+  (:data:`lightfed.client.TRAIN_HOOKS`, checked with the same :class:`~lightfed.client.ModuleHooks`), and
+  the loop uses neither ``gradient_clip_val`` nor ``accumulate_grad_batches``; evaluation hooks are fine;
 * the optimizer from ``configure_optimizers`` is ``torch.optim.SGD`` (lr, momentum, dampening,
   nesterov, weight decay, maximize, per parameter group) without schedulers, and precision is 32-bit;
 * the strategy's client side is at most ``on_client_start``, ``client_loss`` (a function of the weights,
@@ -376,10 +379,7 @@ class VmapExecutor(Executor):
         if overrides(self.strategy, "on_client_end"):
             vec = self._client_end(vec, round_idx, global_params, payload)
         local = self.local
-        short = LocalTrainer(
-            local.module, local.spec, local.strategy, local.precision, local.local_epochs, vec.num_steps,
-            local.batch_size, local.seed,
-        )
+        short = LocalTrainer(local.module, local.spec, local.strategy, **{**local.settings(), "local_steps": vec.num_steps})
         seq = short.fit_client(clients[i], round_idx, probe, global_params, {}, payload)
         scale = max(1.0, float(seq.delta.abs().max()))
         pairs = [("delta", vec.delta, seq.delta)] + [(k, vec.extras.get(k), v) for k, v in seq.extras.items()]

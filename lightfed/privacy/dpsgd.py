@@ -17,6 +17,7 @@ batch and has no per-example gradient, so it is refused with a pointer to GroupN
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import warnings
@@ -26,10 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightfed.client import LocalTrainer, LogCapture
-from lightfed.context import ClientContext
+from lightfed.client import LocalTrainer
+from lightfed.context import ClientContext, SchedulerConfig
 from lightfed.data.client_data import ClientData
-from lightfed.messages import ClientUpdate
 from lightfed.privacy.accounting import (
     DEFAULT_PLD_DISCRETIZATION,
     AccountantName,
@@ -40,7 +40,7 @@ from lightfed.privacy.accounting import (
 from lightfed.privacy.base import NoisePlan, PrivacyMechanism, check_noise_budget, check_positive
 from lightfed.registry import PRIVACY
 from lightfed.sampling import ClientSampler
-from lightfed.seeding import derive_seed, make_generator
+from lightfed.seeding import make_generator
 from lightfed.strategy import Strategy
 
 #: Metric a DP-SGD client reports: the number of noisy steps it took (the server's accountant reads it).
@@ -257,14 +257,49 @@ def _step_scheme(rate: float) -> SamplingScheme:
 
 
 class DPSGDLocalTrainer(LocalTrainer):
-    """A :class:`LocalTrainer` whose clients run DP-SGD: Poisson batches, per-example clip, Gaussian noise."""
+    """lightfed's client loop with DP-SGD in its seams: Poisson batches, per-example clip, Gaussian noise.
+
+    The loop, its hooks and its seeding are :class:`LocalTrainer`'s; this class fills the seams:
+
+    * :meth:`train_batches`: ``max(1, round(n / B))`` Poisson batches per local epoch, each example with
+      probability ``p`` (seeded by round, client and step); an empty batch still takes a pure-noise step,
+      as the accountant assumes, without calling ``training_step`` (``loss`` 0, no gradient);
+    * :meth:`visit_optimizer`: the module's optimizer wrapped in Opacus's ``DPOptimizer``;
+    * :meth:`visit_scope`: Opacus's per-example gradient hooks (``GradSampleModule``), removed after the visit.
+
+    Refused at set-up (they would edit or clip gradients that the ``DPOptimizer`` then overwrites, or change the
+    accounted step): ``gradient_clip_val``, ``accumulate_grad_batches > 1``, and modules overriding
+    ``on_after_backward``, ``on_before_optimizer_step`` or ``configure_gradient_clipping``.
+    """
+
+    #: Module hooks that see or edit the non-private summed gradient: refused under DP-SGD.
+    GRADIENT_HOOKS = ("on_after_backward", "on_before_optimizer_step", "configure_gradient_clipping")
 
     def __init__(self, local: LocalTrainer, mechanism: DPSGD) -> None:
-        super().__init__(
-            local.module, local.spec, local.strategy, local.precision, local.local_epochs, local.local_steps,
-            local.batch_size, local.seed,
-        )
+        settings = local.settings()
+        if settings["gradient_clip_val"]:
+            raise ValueError(
+                f"gradient_clip_val={settings['gradient_clip_val']} with DPSGD: DP-SGD already clips every example's "
+                f"gradient at max_grad_norm={mechanism.max_grad_norm} before the noise; a second clip of the noisy "
+                f"sum is not part of the accounted mechanism. Remove gradient_clip_val (set privacy.max_grad_norm)."
+            )
+        if settings["accumulate_grad_batches"] != 1:
+            raise ValueError(
+                f"accumulate_grad_batches={settings['accumulate_grad_batches']} with DPSGD: each DP-SGD step is one "
+                f"Poisson batch, as the accountant composes it. Raise batch_size instead."
+            )
+        super().__init__(local.module, local.spec, local.strategy, **settings)
+        hooks = sorted(self.hooks.overridden & set(self.GRADIENT_HOOKS))
+        if hooks:
+            raise ValueError(
+                f"{type(local.module).__name__} overrides LightningModule.{hooks[0]}, which sees or edits the summed "
+                f"gradient that DPSGD's DPOptimizer replaces with its clipped, noised one: an edit there would be "
+                f"silently lost. Remove it to train with DPSGD."
+            )
         self.mechanism = mechanism
+        self._rate, self._steps, self._epoch_len, self._z = 1.0, 0, 1, 0.0
+        self._empty = False
+        self._dp_optimizer: Any = None
 
     def poisson_batch(self, data: ClientData, rate: float, round_idx: int, client_id: int, step: int) -> tuple[Tensor, ...]:
         """Each example of the client independently with probability ``rate`` (seeded by round, client, step)."""
@@ -273,85 +308,63 @@ class DPSGDLocalTrainer(LocalTrainer):
         idx = data.indices[mask.to(data.indices.device)]
         return tuple(t[idx] for t in data.tensors)
 
-    def fit_client(
-        self,
-        client_id: int,
-        round_idx: int,
-        data: ClientData,
-        global_params: Tensor,
-        state: dict[str, Tensor] | None = None,
-        payload: dict[str, Any] | None = None,
-    ) -> ClientUpdate:
-        """Train ``client_id`` with DP-SGD from ``global_params``; the update reports its noisy steps."""
+    def batches_per_epoch(self, data: ClientData) -> int:
+        return max(1, round(len(data) / self.batch_size))
+
+    def train_batches(self, ctx: ClientContext, data: ClientData, epoch: int) -> Iterator[Any]:
+        start = epoch * self._epoch_len
+        for step in range(start, min(self._steps, start + self._epoch_len)):
+            yield self.poisson_batch(data, self._rate, ctx.round_idx, ctx.client_id, step)
+
+    def training_loss(self, batch: Any, batch_idx: int) -> Tensor | None:
+        self._empty = len(batch[0]) == 0
+        if self._empty:  # no example: no forward; the step is pure noise
+            return torch.zeros((), device=self.tensors[0].device)
+        loss = super().training_loss(batch, batch_idx)
+        if loss is None:
+            raise ValueError("DPSGD needs training_step to return a loss for every batch.")
+        return loss
+
+    def backward(self, loss: Tensor) -> None:
+        if self._empty:
+            for p in self._dp_optimizer.params:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        else:
+            super().backward(loss)
+
+    def visit_optimizer(self, ctx: ClientContext, data: ClientData) -> tuple[Any, list[SchedulerConfig]]:
         opacus = require_opacus()
-        module = self.module
-        self.spec.assign(self.tensors, global_params)
-        module.train()
-        torch.manual_seed(derive_seed(self.seed, "client_rng", round_idx, client_id))
-        rate, total_steps = dpsgd_schedule(len(data), self.batch_size, self.local_epochs, self.local_steps)
-        epoch_len = max(1, round(len(data) / self.batch_size))
-        z = self.mechanism.noise_multiplier_for(rate, total_steps)
-
-        def batches(epoch: int) -> Iterator[Any]:
-            return data.batches(self.batch_size, make_generator(self.seed, "batches", round_idx, client_id, epoch))
-
-        optimizer, schedulers = self.make_optimizer()
-        ctx = ClientContext(
-            client_id=client_id, round_idx=round_idx, module=module, spec=self.spec, global_params=global_params,
-            payload=payload or {}, state=state if state is not None else {}, num_examples=len(data),
-            batches=batches, make_optimizer=lambda: self.make_optimizer()[0], optimizer=optimizer,
-        )
-        self.strategy.on_client_start(ctx)
-        device = global_params.device
-        dp_optimizer = opacus.optimizers.DPOptimizer(
-            optimizer, noise_multiplier=z, max_grad_norm=self.mechanism.max_grad_norm,
-            expected_batch_size=rate * len(data), loss_reduction="mean",
-            generator=make_generator(self.seed, "dpsgd_noise", round_idx, client_id, device=device),
+        optimizer, schedulers = super().visit_optimizer(ctx, data)
+        device = ctx.global_params.device
+        self._dp_optimizer = opacus.optimizers.DPOptimizer(
+            optimizer, noise_multiplier=self._z, max_grad_norm=self.mechanism.max_grad_norm,
+            expected_batch_size=self._rate * len(data), loss_reduction="mean",
+            generator=make_generator(self.seed, "dpsgd_noise", ctx.round_idx, ctx.client_id, device=device),
             secure_mode=self.mechanism.secure_mode,
         )
-        # Fresh hooks for this visit, removed in `finally`: re-wrapping never sees old hooks.
-        gsm = opacus.GradSampleModule(module, loss_reduction="mean", strict=True)
-        capture = LogCapture()
-        loss_sum = torch.zeros((), device=device)
-        seen = steps = 0
+        return self._dp_optimizer, schedulers
+
+    @contextlib.contextmanager
+    def visit_scope(self, ctx: ClientContext, data: ClientData) -> Iterator[dict[str, float]]:
+        """Opacus's hooks for this visit only (re-wrapping never sees old ones); reports the visit's DP figures."""
+        opacus = require_opacus()
+        self._rate, self._steps = dpsgd_schedule(len(data), self.batch_size, self.local_epochs, self.local_steps)
+        self._epoch_len = self.batches_per_epoch(data)
+        self._z = self.mechanism.noise_multiplier_for(self._rate, self._steps)
+        gsm = opacus.GradSampleModule(self.module, loss_reduction="mean", strict=True)
+        extra: dict[str, float] = {}
         try:
-            with capture.attach(module), warnings.catch_warnings():
+            with warnings.catch_warnings():
                 # Opacus's backward hooks fire on outputs when the inputs need no gradient (always, here).
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                for step in range(total_steps):
-                    batch = self.poisson_batch(data, rate, round_idx, client_id, step)
-                    bs = len(batch[0])
-                    dp_optimizer.zero_grad(set_to_none=True)
-                    if bs == 0:  # an empty Poisson batch still takes a (pure-noise) step, as the accountant assumes
-                        for p in dp_optimizer.params:
-                            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-                    else:
-                        capture.batch_size = bs
-                        loss = self.training_loss(batch, step)
-                        if loss is None:
-                            raise ValueError("DPSGD needs training_step to return a loss for every batch.")
-                        loss.backward()
-                        loss_sum += loss.detach().float() * bs
-                        seen += bs
-                    dp_optimizer.step()
-                    ctx.step = steps = steps + 1
-                    for s in schedulers:
-                        if s.get("interval", "epoch") == "step" or steps % epoch_len == 0:
-                            s["scheduler"].step()
+                yield extra
+            extra.update({STEPS_METRIC: float(ctx.step), "dp_sample_rate": self._rate, "dp_noise_multiplier": self._z})
         finally:
-            dp_optimizer.zero_grad(set_to_none=True)
+            if self._dp_optimizer is not None:
+                self._dp_optimizer.zero_grad(set_to_none=True)
+                self._dp_optimizer = None
             gsm._close()
-            for p in module.parameters():
+            for p in self.module.parameters():
                 for attr in ("summed_grad", "grad_sample"):
                     if hasattr(p, attr):
                         delattr(p, attr)
-        metrics = capture.results()
-        metrics["loss"] = float(loss_sum) / max(seen, 1)
-        metrics[STEPS_METRIC] = float(steps)
-        metrics["dp_sample_rate"] = rate
-        metrics["dp_noise_multiplier"] = z
-        local = self.spec.flatten(self.tensors)
-        update = ClientUpdate(
-            client_id=client_id, delta=local - global_params, num_examples=len(data), num_steps=steps, metrics=metrics,
-        )
-        return self.strategy.on_client_end(ctx, update)
