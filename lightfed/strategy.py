@@ -77,6 +77,10 @@ class Strategy:
     def setup(self, spec: ParamSpec, num_clients: int, global_params: Tensor) -> None:
         """Called once before the first round (and before a checkpoint's state is loaded)."""
 
+    def check_cohort(self, cohort_size: float) -> None:
+        """Raise ``ValueError`` at set-up if rounds of ``cohort_size`` clients (the sampler's fixed or expected
+        size) are too small for this strategy (Krum needs ``n >= f + 3``), before any client trains."""
+
     # ------------------------------------------------------------------ who and what
     def sample_clients(self, round_idx: int, num_clients: int, seed: int) -> list[int] | None:
         """Pick this round's cohort; ``None`` (the default) uses the trainer's sampler."""

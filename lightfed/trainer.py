@@ -239,6 +239,8 @@ class FederatedTrainer:
         self.global_params = self.spec.flatten(self.spec.tensors(model)).to(device)
         self.num_clients = num_clients
         self.strategy.setup(self.spec, num_clients, self.global_params)
+        if not self.strategy.samples_own_cohort:
+            self.strategy.check_cohort(self.sampler.expected_cohort(num_clients))
         if self.privacy is not None:
             self.privacy.setup(
                 num_clients=num_clients, sampler=self.sampler, rounds=self.rounds, strategy=self.strategy,

@@ -86,6 +86,9 @@ class SignFlipAttack(Strategy):
     def round_metrics(self) -> dict[str, float]:
         return self.strategy.round_metrics()
 
+    def check_cohort(self, cohort_size: float) -> None:
+        self.strategy.check_cohort(cohort_size)
+
     def client_payload(self, round_idx: int) -> dict[str, Any]:
         return self.strategy.client_payload(round_idx)
 

@@ -287,3 +287,19 @@ def test_a_dp_checkpoint_resumed_without_privacy_is_refused(tmp_path):
     dp.fit(boring_model(), BoringFederatedData())
     with pytest.raises(ValueError, match="silently drop DP"):
         _resume(tmp_path, dp.last_checkpoint, rounds=2)
+
+
+@pytest.mark.parametrize(("name", "f", "need"), [("Krum", 2, 5), ("MultiKrum", 2, 5), ("Bulyan", 1, 7)])
+def test_robust_strategies_check_the_cohort_at_set_up(tmp_path, name, f, need):
+    """Issue 16: Krum's f is checked against the sampler's cohort before round 0 trains, not at its aggregation."""
+    from lightfed.registry import STRATEGIES, load_all_plugins
+
+    load_all_plugins()
+    t = make_trainer(tmp_path, rounds=1, clients_per_round=need - 1, strategy=STRATEGIES.get(name)(f=f))
+    model = boring_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"needs.* {need} updates per round, but the sampler gives {need - 1} clients"):
+        t.fit(model, BoringFederatedData())
+    assert t.history == [] and all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    assert len(make_trainer(tmp_path / "ok", rounds=1, clients_per_round=need, strategy=STRATEGIES.get(name)(f=f)).fit(
+        boring_model(), BoringFederatedData())) == 1

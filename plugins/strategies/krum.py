@@ -98,6 +98,14 @@ class Krum(Strategy):
             f"has only {num_clients} clients; lower `strategy.init_args.f` or raise the number of clients.",
         )
 
+    def check_cohort(self, cohort_size: float) -> None:
+        check(
+            cohort_size >= self.min_updates(),
+            f"{self.label} with f={self.f} needs at least {self.min_updates()} updates per round, but the sampler gives "
+            f"{cohort_size:g} clients per round; raise `trainer.clients_per_round` (or the sampling rate) or lower "
+            f"`strategy.init_args.f`.",
+        )
+
     def check_round(self, n: int) -> None:
         """Raise if ``n`` updates are too few for the score; warn once if the guarantee ``n > 2f + 2`` fails."""
         check(
@@ -213,6 +221,14 @@ class Bulyan(Strategy):
             num_clients >= self.min_updates(),
             f"Bulyan with f={self.f} needs n >= 4f + 3 = {self.min_updates()} updates per round, but the data has "
             f"only {num_clients} clients; lower `strategy.init_args.f` or raise the number of clients.",
+        )
+
+    def check_cohort(self, cohort_size: float) -> None:
+        check(
+            cohort_size >= self.min_updates(),
+            f"Bulyan with f={self.f} needs n >= 4f + 3 = {self.min_updates()} updates per round, but the sampler gives "
+            f"{cohort_size:g} clients per round; raise `trainer.clients_per_round` (or the sampling rate) or lower "
+            f"`strategy.init_args.f`.",
         )
 
     def aggregate_updates(
