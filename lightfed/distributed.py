@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightfed.aggregation import Aggregator, CollectAll, StreamingSum
+from lightfed.aggregation import CollectAll, StreamingSum
 from lightfed.checkpoint import to_cpu, to_device
 from lightfed.messages import ClientUpdate
 from lightfed.sampling import split_evenly
