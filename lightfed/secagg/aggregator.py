@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -17,8 +18,32 @@ from lightfed.secagg.dropout import STAGES
 from lightfed.secagg.protocol import SecAggClient, SecAggServer
 from lightfed.secagg.quantize import Layout
 
-if TYPE_CHECKING:
-    from lightfed.secagg.secagg_plus import SecAggPlus
+
+class RoundSettings(Protocol):
+    """What a round's aggregator reads from its protocol (:class:`~lightfed.secagg.secagg_plus.SecAggPlus`).
+
+    A structural type, so this module does not import the plugin that imports it.
+    """
+
+    clock: Callable[[], float]
+    codec: Any
+    dropout: Any
+    seed: int
+    key_source: str
+    num_neighbours: int | None
+    threshold: float
+    record_vectors: bool
+    max_weight: float
+    numel: int
+    clip: float
+
+    def min_survivors(self, cohort_size: int) -> int: ...
+    def noise_params(self) -> tuple[float, float]: ...
+    def noise_std_per_client(self, cohort_size: int) -> float: ...
+    def make_graph(self, round_idx: int) -> Any: ...
+    def layout_for(self, update: ClientUpdate) -> Layout: ...
+    def encode(self, update: ClientUpdate, weight: float, round_idx: int, layout: Layout, noise: tuple[float, float]) -> tuple[np.ndarray, int]: ...
+    def record_round(self, metrics: dict[str, float], view: Any) -> None: ...
 
 log = logging.getLogger("lightfed.secagg")
 
@@ -31,7 +56,7 @@ class SecAggPlusAggregator(Aggregator):
         server: The server (its :attr:`SecAggServer.view` is everything it knows).
     """
 
-    def __init__(self, protocol: SecAggPlus, round_idx: int, cohort: list[int]) -> None:
+    def __init__(self, protocol: RoundSettings, round_idx: int, cohort: list[int]) -> None:
         self.protocol = protocol
         self.clock = protocol.clock
         self.round_idx = round_idx
@@ -150,7 +175,7 @@ class SecAggPlusAggregator(Aggregator):
             log.warning("secure aggregation round %d failed closed (%s): nothing is revealed, the global model is unchanged.", self.round_idx, view.reason)
         else:
             aggregate = self._decode(total)
-        self.protocol._finish_round(self._metrics(aggregate), view)
+        self.protocol.record_round(self._metrics(aggregate), view)
         return aggregate
 
     def _decode(self, total: np.ndarray) -> RoundAggregate:

@@ -38,7 +38,6 @@ from lightfed.secagg.view import ServerView
 from lightfed.seeding import derive_seed, make_generator
 from lightfed.strategy import Strategy
 
-
 #: Clipping range of a count (a privacy mechanism's centred clip bit lies in [-1/2, 1/2]).
 COUNT_BOUND = 1.0
 
@@ -305,7 +304,8 @@ class SecAggPlus(SecureAggregation):
         return make
 
     # ------------------------------------------------------------------ bookkeeping
-    def _finish_round(self, metrics: dict[str, float], view: ServerView) -> None:
+    def record_round(self, metrics: dict[str, float], view: ServerView) -> None:
+        """Book-keeping of a finished round (called by its aggregator): metrics, failures, the saved view."""
         self.rounds_run += 1
         self.failed_rounds += int(view.failed)
         metrics["failed_rounds"] = float(self.failed_rounds)
