@@ -2,6 +2,8 @@
 
 * :class:`OneShotCanaryAudit` - one-shot empirical epsilon for client-level DP from random canary clients
   (Andrew et al., ICLR 2024), a :class:`~lightfed.callbacks.Callback` configured under ``trainer.callbacks``;
+* :mod:`lightfed.audit.membership` - membership inference on a released model (loss threshold, example- and
+  client-level; AUC, TPR at low FPR, ROC plot), run by ``lightfed audit`` (:mod:`lightfed.audit.cli`);
 * :mod:`lightfed.audit.estimators` - the pure maths: the epsilon of two Gaussians, bootstrap intervals, and
   the one-run lower bound of Steinke, Nasr & Jagielski (NeurIPS 2023).
 

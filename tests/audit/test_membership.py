@@ -1,0 +1,64 @@
+"""Membership inference: ROC summaries against hand-computed values, and the loss-threshold attack end to end
+(an overfit model is attacked successfully, a model of random weights is not)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lightfed.audit.membership import attack_result, client_level, example_losses, loss_threshold, roc_curve
+
+
+def test_roc_of_hand_computed_scores():
+    # Prepare: members 3, 2; non-members 2.5, 1, 0  -> thresholds 3, 2.5, 2, 1, 0
+    fpr, tpr = roc_curve(np.array([3.0, 2.0]), np.array([2.5, 1.0, 0.0]))
+    np.testing.assert_allclose(fpr, [0, 0, 1 / 3, 1 / 3, 2 / 3, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1, 1])
+    r = attack_result(np.array([3.0, 2.0]), np.array([2.5, 1.0, 0.0]))
+    assert r.auc == pytest.approx(5 / 6)  # 5 of the 6 (member, non-member) pairs are ordered right
+    assert r.tpr_at_1_fpr == 0.5 and r.tpr_at_0_1_fpr == 0.5
+
+
+def test_separable_and_identical_scores():
+    assert attack_result(np.arange(10.0) + 100, np.arange(10.0)).auc == 1.0
+    same = attack_result(np.zeros(5), np.zeros(5))
+    assert same.auc == pytest.approx(0.5) and same.tpr_at_1_fpr == 0.0
+    with pytest.raises(ValueError, match="empty"):
+        attack_result(np.zeros(0), np.zeros(3))
+
+
+def test_loss_threshold_and_client_level_see_a_memorised_set():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x_in, x_out = torch.randn(60, 4), torch.randn(60, 4)
+    y_in, y_out = torch.randint(0, 3, (60,)), torch.randint(0, 3, (60,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(300):  # memorise random labels
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x_in), y_in).backward()
+        opt.step()
+    members, non_members = example_losses(model, x_in, y_in), example_losses(model, x_out, y_out)
+    assert loss_threshold(members, non_members).auc > 0.6
+    assert client_level(list(members.split(6)), non_members).auc > 0.7
+    with pytest.raises(TypeError, match="cannot attack this model"):
+        example_losses(model, x_in, torch.randn(60))
+
+
+def test_lightfed_audit_on_a_finished_run(tmp_path, capsys):
+    from lightfed.audit.cli import main
+    from lightfed.cli import LightFedCLI
+    from tests.test_cli import write_config
+
+    cfg = write_config(tmp_path, logger=False, rounds=2)
+    cli = LightFedCLI(args=["--config", cfg, "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    main(["--config", cfg, "--ckpt_path", str(cli.trainer.last_checkpoint), "--out", str(tmp_path / "audit")])
+    report = json.loads((tmp_path / "audit" / "audit_membership.json").read_text())
+    assert 0 <= report["example"]["auc"] <= 1 and report["client"]["members"] > 0
+    assert (tmp_path / "audit" / "audit_membership_roc.png").stat().st_size > 0
+    assert "example-level loss threshold: AUC" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["--config", cfg, "--ckpt_path", str(tmp_path / "missing.ckpt")])
