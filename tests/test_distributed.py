@@ -62,3 +62,28 @@ def test_two_process_example_config_equals_the_quickstart(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("privacy", ["DPAdaptiveClipping", pytest.param("LocalDP", marks=pytest.mark.slow)])
+def test_private_rounds_on_two_processes_equal_one(tmp_path, privacy):
+    """Issue 11, finding 2, on real gloo processes: adaptive clipping's clip and LocalDP's accounting are the
+    same on two processes as on one (they used to be counted on each rank's shard), and so is the model."""
+    config = REPO / "experiments" / "digits_dp_adaptive_eps3.yaml"
+    extra = ["--trainer.rounds", "3", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+             "--trainer.eval_every", "3", "--trainer.checkpoint_every", "0", "--privacy.init_args.initial_clip", "1000"]
+    if privacy == "LocalDP":
+        extra += ["--privacy", "lightfed.privacy.LocalDP", "--privacy.init_args.target_epsilon", "20",
+                  "--privacy.init_args.clip_norm", "1.0"]
+        extra = [e for e in extra if e not in ("--privacy.init_args.initial_clip", "1000")]
+    run_cli(["--config", str(config), *extra, "--trainer.default_root_dir", str(tmp_path / "one")])
+    run_cli(["--config", str(config), *extra, "--trainer.default_root_dir", str(tmp_path / "two"),
+             "--trainer.devices", "2", "--trainer.fabric_strategy", "ddp"])
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)  # float32 sums in another order
+    ha = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["progress"]["history"]
+    hb = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)["progress"]["history"]
+    for ra, rb in zip(ha, hb):
+        for key in ("privacy/epsilon", "privacy/clip_norm", "privacy/next_clip_norm", "privacy/unclipped_fraction"):
+            if key in ra:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-9, abs=1e-12), key
