@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lightfed import checkpoint as ckpt_io
 from lightfed import resume
 from lightfed.callbacks import Callback
+from lightfed.checks import require
 from lightfed.client import LocalTrainer
 from lightfed.data.datamodule import FederatedDataModule
 from lightfed.distributed import merge_round, shard_cohort
@@ -132,13 +133,13 @@ class FederatedTrainer:
         num_threads: int | None = None,
         callbacks: list[Callback] | None = None,
     ) -> None:
-        _check(rounds >= 1, f"trainer.rounds must be >= 1, got {rounds}.")
-        _check(local_epochs >= 1, f"trainer.local_epochs must be >= 1, got {local_epochs}.")
-        _check(local_steps is None or local_steps >= 1, f"trainer.local_steps must be >= 1 or null, got {local_steps}.")
-        _check(batch_size >= 1, f"trainer.batch_size must be >= 1, got {batch_size}.")
-        _check(eval_every >= 1, f"trainer.eval_every must be >= 1, got {eval_every}.")
-        _check(checkpoint_every >= 0, f"trainer.checkpoint_every must be >= 0, got {checkpoint_every}.")
-        _check(0 <= fed_eval_fraction <= 1, f"trainer.fed_eval_fraction must be in [0, 1], got {fed_eval_fraction}.")
+        require(rounds >= 1, f"trainer.rounds must be >= 1, got {rounds}.")
+        require(local_epochs >= 1, f"trainer.local_epochs must be >= 1, got {local_epochs}.")
+        require(local_steps is None or local_steps >= 1, f"trainer.local_steps must be >= 1 or null, got {local_steps}.")
+        require(batch_size >= 1, f"trainer.batch_size must be >= 1, got {batch_size}.")
+        require(eval_every >= 1, f"trainer.eval_every must be >= 1, got {eval_every}.")
+        require(checkpoint_every >= 0, f"trainer.checkpoint_every must be >= 0, got {checkpoint_every}.")
+        require(0 <= fed_eval_fraction <= 1, f"trainer.fed_eval_fraction must be in [0, 1], got {fed_eval_fraction}.")
         self.rounds = rounds
         self.sampler = sampler if sampler is not None else UniformSampler(clients_per_round)
         self.strategy = _resolve_strategy(strategy)
@@ -156,15 +157,15 @@ class FederatedTrainer:
         self.fed_eval_fraction = fed_eval_fraction
         self.fed_eval_metric = fed_eval_metric
         self.checkpoint_every = checkpoint_every
-        _check(keep_checkpoints is None or keep_checkpoints >= 1, f"trainer.keep_checkpoints must be >= 1 or null, got {keep_checkpoints}.")
+        require(keep_checkpoints is None or keep_checkpoints >= 1, f"trainer.keep_checkpoints must be >= 1 or null, got {keep_checkpoints}.")
         self.keep_checkpoints = keep_checkpoints
         self.default_root_dir = default_root_dir
         self.enable_progress_bar = enable_progress_bar
         self.seed = seed
         self.stop_on_failed_round = stop_on_failed_round
-        _check(max_failed_rounds >= 1, f"trainer.max_failed_rounds must be >= 1, got {max_failed_rounds}.")
+        require(max_failed_rounds >= 1, f"trainer.max_failed_rounds must be >= 1, got {max_failed_rounds}.")
         self.max_failed_rounds = max_failed_rounds
-        _check(num_threads is None or num_threads >= 1, f"trainer.num_threads must be >= 1 or null, got {num_threads}.")
+        require(num_threads is None or num_threads >= 1, f"trainer.num_threads must be >= 1 or null, got {num_threads}.")
         self.num_threads = num_threads
         self.callbacks: list[Callback] = list(callbacks or [])
         for cb in self.callbacks:
@@ -450,11 +451,6 @@ def _why_failed(result: RoundResult) -> str:
         return f"all {len(result.rejected)} updates of round {result.round_idx} had NaN/Inf"
     return f"round {result.round_idx} produced no aggregate (no update arrived, or secure aggregation failed closed)"
 
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 def _resolve_strategy(strategy: Strategy | str | None) -> Strategy:

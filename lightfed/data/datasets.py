@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightfed.checks import check_range
 from lightfed.data.datamodule import FederatedArrays, FederatedDataModule
 from lightfed.data.partition import Partitioner
 from lightfed.seeding import make_generator
@@ -105,9 +106,7 @@ def stratified_split(
 
 
 def _check_fraction(value: float, field: str) -> float:
-    if not 0 < value < 1:
-        raise ValueError(f"data.{field} must be in (0, 1), got {value}.")
-    return float(value)
+    return check_range(value, f"data.{field}", 0, 1, low_open=True)
 
 
 # ---------------------------------------------------------------------------------------- digits

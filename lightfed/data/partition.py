@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
+from lightfed.checks import check_int
 from lightfed.data.client_data import Partition
 from lightfed.seeding import derive_seed
 
@@ -40,9 +41,7 @@ class Partitioner:
 
 # ---------------------------------------------------------------------------------------- helpers
 def _check_int(value: object, field: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"data.partitioner.{field} must be an int >= {minimum}, got {value!r}.")
-    return int(value)
+    return check_int(value, f"data.partitioner.{field}", minimum)
 
 
 def _check_clients(num_clients: int, n: int, name: str) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lightfed import checks
 from lightfed.client import LocalTrainer
 from lightfed.messages import ClientUpdate, RoundAggregate
 from lightfed.sampling import ClientSampler
@@ -29,8 +30,7 @@ from lightfed.strategy import Strategy
 
 def check_positive(value: float, field: str) -> None:
     """Raise a config error naming ``privacy.init_args.<field>`` unless ``value > 0``."""
-    if not value > 0:
-        raise ValueError(f"privacy.init_args.{field} must be > 0, got {value}.")
+    checks.check_positive(value, f"privacy.init_args.{field}")
 
 
 def check_noise_budget(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightfed.checks import require
 from lightfed.messages import ClientUpdate
 from lightfed.params import ParamSpec
 from lightfed.strategy import Strategy
@@ -22,17 +23,14 @@ class WeightedMean(Strategy):
     """
 
 
-def check(ok: bool, message: str) -> None:
-    """Raise ``ValueError(message)`` unless ``ok`` (hyper-parameter validation)."""
-    if not ok:
-        raise ValueError(message)
+#: Hyper-parameter validation: lightfed's own check (``check(ok, message)`` raises ``ValueError``).
+check = require
 
 
 def check_fraction(value: float, name: str, owner: str, low: float, high: float, high_open: bool = True) -> float:
     """``value`` as a float if ``low <= value < high`` (``<= high`` with ``high_open=False``), else ``ValueError``."""
     ok = low <= value < high if high_open else low <= value <= high
-    bracket = ")" if high_open else "]"
-    check(ok, f"{owner} {name} must be in [{low}, {high}{bracket}, got {value} (`strategy.init_args.{name}`).")
+    require(ok, f"{owner} {name} must be in [{low}, {high}{')' if high_open else ']'}, got {value} (`strategy.init_args.{name}`).")
     return float(value)
 
 
