@@ -119,3 +119,5 @@ class RoundResult:
     rejected: list[int] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
+    #: Updates a callback added (an audit's canaries): in the sum, never counted as clients.
+    extra_updates: int = 0

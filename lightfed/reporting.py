@@ -76,7 +76,7 @@ def summary_metrics(history: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for row in history:
         for k, v in row.items():
-            if k.startswith(("central/", "federated/", "privacy/epsilon")) or k.startswith("round/bytes_"):
+            if k.startswith(("central/", "federated/", "privacy/epsilon", "audit/epsilon")) or k.startswith("round/bytes_"):
                 out[f"final/{k}"] = v
     for k in {k for row in history for k in row if k.startswith("central/")}:
         values = [row[k] for row in history if k in row and math.isfinite(row[k])]
@@ -96,6 +96,9 @@ def format_summary(trainer: FederatedTrainer, final: dict[str, float], seconds: 
         lines.append(f"  {k.split('/', 1)[1]} (worst-10% clients): {final[k]:.4f}")
     if "final/privacy/epsilon" in final:
         lines.append(f"  privacy: epsilon {final['final/privacy/epsilon']:.4g} at delta {trainer.history[-1].get('privacy/delta', math.nan):.3g}")
+    audit = {k.split("/", 2)[2]: v for k, v in final.items() if k.startswith("final/audit/epsilon")}
+    if audit:
+        lines.append("  audit (empirical epsilon): " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(audit.items())))
     up, down = final.get("final/round/bytes_up_per_client"), final.get("final/round/bytes_down_per_client")
     if up is not None and down is not None:
         lines.append(f"  bytes per client per round: up {up:,.0f}, down {down:,.0f}")

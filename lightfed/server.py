@@ -25,9 +25,10 @@ is summed, all-reduced and secure-summed by construction: nothing is counted on 
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,8 @@ class ShardResult:
 
     aggregator: Aggregator
     metrics: list[dict[str, float]] = field(default_factory=list)
+    #: Updates added by callbacks (an audit's canaries): summed like any update, but not clients.
+    extra: int = 0
     rejected: list[int] = field(default_factory=list)
     states: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
@@ -84,11 +87,17 @@ class RoundServer:
         aggregator: Aggregator,
         updates: Iterable[ClientUpdate],
         commit_state: Callable[[int], None] = lambda cid: None,
+        extra: Iterable[ClientUpdate] = (),
     ) -> ShardResult:
-        """Steps 1-5 for this process's updates; ``commit_state(cid)`` keeps an accepted client's state."""
+        """Steps 1-5 for this process's updates; ``commit_state(cid)`` keeps an accepted client's state.
+
+        ``extra`` updates (a callback's, e.g. canaries) take the same path but are counted in
+        :attr:`ShardResult.extra`, not as clients, and stay out of the client statistics.
+        """
         shard = ShardResult(aggregator)
         privacy = self.privacy
-        for update in updates:
+        extra_ids: set[int] = set()
+        for update in itertools.chain(updates, _marked(extra, extra_ids)):
             if privacy is not None:
                 update = privacy.client_update(update, round_idx)
             if not update.is_finite():
@@ -105,7 +114,10 @@ class RoundServer:
                 weight = privacy.client_weight(update, weight)
                 update = privacy.server_update(update, round_idx)
             aggregator.add(update, weight)
-            shard.metrics.append(update.metrics)
+            if update.client_id in extra_ids:
+                shard.extra += 1
+            else:
+                shard.metrics.append(update.metrics)
         return shard
 
     def release(self, round_idx: int, aggregator: Aggregator, device: torch.device | None = None) -> RoundAggregate | None:
@@ -147,6 +159,12 @@ class RoundServer:
         return {f"privacy/{k}": v for k, v in self.privacy.after_round(round_idx, cohort).items()}
 
 
+def _marked(updates: Iterable[ClientUpdate], ids: set[int]) -> Iterator[ClientUpdate]:
+    for update in updates:
+        ids.add(update.client_id)
+        yield update
+
+
 def round_statistics(
     result: RoundResult, client_metrics: list[dict[str, float]], payload_bytes: int, payload: dict, seconds: float
 ) -> dict[str, float]:
@@ -160,6 +178,8 @@ def round_statistics(
         "round/bytes_down_per_client": float(payload_bytes + extra),
         "round/bytes_up_per_client": float(payload_bytes),
     }
+    if result.extra_updates:
+        out["round/extra_updates"] = float(result.extra_updates)
     for k in sorted({k for m in client_metrics for k in m}):  # Python floats: cheaper than a tensor per key
         vals = [float(m[k]) for m in client_metrics if k in m]
         mean = math.fsum(vals) / len(vals)

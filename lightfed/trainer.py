@@ -357,9 +357,9 @@ class FederatedTrainer:
         updates: Iterable[ClientUpdate] = self.executor.run(
             round_idx, mine, self.datamodule.client_train, self.global_params, payload, self._client_state
         )
-        if rank == 0 and self.callbacks:  # e.g. an audit's canaries: through the same server path
-            updates = itertools.chain(updates, *(cb.extra_updates(self, round_idx, cohort) for cb in self.callbacks))
-        shard = self.server.collect(round_idx, self.server.new_aggregator(round_idx, cohort), updates, self._commit_client_state)
+        extra = itertools.chain(*(cb.extra_updates(self, round_idx, cohort) for cb in self.callbacks)) if rank == 0 else ()
+        aggregator = self.server.new_aggregator(round_idx, cohort)
+        shard = self.server.collect(round_idx, aggregator, updates, self._commit_client_state, extra)
         self._pending_states.clear()
         shard.states = {c: self.client_states[c] for c in mine if c in self.client_states}
         return shard
@@ -370,7 +370,8 @@ class FederatedTrainer:
         """Release the (merged) sums, step the strategy, account for privacy (steps 6-8)."""
         assert self.global_params is not None
         self.client_states.update(shard.states)
-        result = RoundResult(round_idx=round_idx, cohort=cohort, num_updates=len(shard.metrics), rejected=shard.rejected)
+        result = RoundResult(round_idx=round_idx, cohort=cohort, num_updates=len(shard.metrics), rejected=shard.rejected,
+                             extra_updates=shard.extra)
         aggregate = self.server.release(round_idx, shard.aggregator, self.global_params.device)
         if aggregate is None:
             result.skipped = True

@@ -64,7 +64,9 @@ def test_extra_updates_go_through_the_server_path(tmp_path):
     pushed = _trainer(tmp_path / "b", Recorder(push=1.0), rounds=1, local_steps=1, batch_size=4)
     pushed.fit(boring_model(), BoringFederatedData(IID(num_clients=3), n=60))
     start = plain.history  # same seed: the clients' deltas are identical
-    assert pushed.history[0]["round/updates"] == plain.history[0]["round/updates"] + 1 == 4
+    # the extra update is summed but never counted as a client
+    assert pushed.history[0]["round/updates"] == plain.history[0]["round/updates"] == 3
+    assert pushed.history[0]["round/extra_updates"] == 1 and "round/extra_updates" not in plain.history[0]
     sizes = plain.datamodule.client_num_examples().tolist()
     n = sum(sizes)
     # FedAvg: (sum_k n_k d_k + 1 * 1) / (n + 1) versus sum_k n_k d_k / n

@@ -243,10 +243,7 @@ class OneShotCanaryAudit(Callback):
     def on_round_end(self, trainer: FederatedTrainer, result: RoundResult) -> None:
         assert self.directions is not None and self.max_cos is not None and self.appearances is not None
         inserted = len(self._present)
-        if not result.skipped:  # canaries are not clients: keep the utility and participation counts honest
-            result.num_updates -= inserted
-            if "round/updates" in result.metrics:
-                result.metrics["round/updates"] -= inserted
+        if not result.skipped:  # the trainer counts canaries as extra updates, never as clients
             self.appearances[self._present] += 1
         result.metrics["audit/canaries_inserted"] = float(0 if result.skipped else inserted)
         if "privacy/epsilon" in result.metrics:
