@@ -300,11 +300,14 @@ class LocalTrainer:
         self._submodules = list(module.modules())
         self._global_ref: Tensor | None = None
         self._global_views: list[Tensor] = []
+        self._detached: list[Tensor] = []
         self._flat_views: list[Tensor] | None = None
         self._batch_gen = torch.Generator()  # reseeded per (round, client, epoch); ClientData.batches is eager
         self._calls = _Hooks(module, self.hooks)
         self._strategy_loss = "client_loss" in strategy.client_hooks
         self._strategy_grads = "on_before_optimizer_step" in strategy.client_hooks
+        # Fabric's 32-bit Precision only forwards the calls: skipped on the hot path
+        self._precision = None if precision is None or type(precision) is _fabric_precision() else precision
         self._scaler = getattr(precision, "scaler", None)  # 16-mixed: hooks and clipping see unscaled gradients
         self._reusable: tuple[Optimizer, list[dict[str, Any]]] | None = None
         self._reuse_checked = False
@@ -325,16 +328,19 @@ class LocalTrainer:
         )
 
     # ------------------------------------------------------------------ weights
-    @torch.no_grad()
     def load_global(self, global_params: Tensor) -> None:
         """Copy ``global_params`` into the worker module in place.
 
-        The views of the flat vector are cut once per global vector (once per round), not once per client.
+        The views of the flat vector are cut once per global vector (once per round), not once per client;
+        the copy goes into detached aliases of the module's tensors (no ``no_grad`` context per visit).
         """
         if global_params is not self._global_ref:
             self._global_ref = global_params
             self._global_views = self.spec.unflatten(global_params)
-        torch._foreach_copy_(self.tensors, self._global_views)
+            self._detached = [t.detach() for t in self.tensors]
+        if any(d.data_ptr() != t.data_ptr() for d, t in zip(self._detached, self.tensors)):
+            self._detached = [t.detach() for t in self.tensors]
+        torch._foreach_copy_(self._detached, self._global_views)
 
     def local_params(self) -> Tensor:
         """Flat float32 copy of the worker module's payload (what :meth:`ParamSpec.flatten` returns).
@@ -354,7 +360,7 @@ class LocalTrainer:
             self.module.train()
 
     def _forward_context(self) -> contextlib.AbstractContextManager:
-        return self.precision.forward_context() if self.precision is not None else contextlib.nullcontext()
+        return self._precision.forward_context() if self._precision is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ optimizer
     def make_optimizer(self) -> tuple[Optimizer, list[SchedulerConfig]]:
@@ -374,7 +380,7 @@ class LocalTrainer:
             accumulate_grad_batches=self.accumulate_grad_batches, gradient_clip_val=self.gradient_clip_val,
             gradient_clip_algorithm=self.gradient_clip_algorithm,
         )
-        with probe.attached(list(self.hooks.lightning_modules)):
+        with probe.attached(self.hooks.lightning_modules):
             optimizer, schedulers = self.make_optimizer()
         self._reuse_checked = True
         if (
@@ -410,26 +416,27 @@ class LocalTrainer:
 
     def backward(self, loss: Tensor) -> None:
         """Seam: gradients of ``loss`` into ``.grad`` (through the precision plugin)."""
-        if self.precision is not None:
-            self.precision.backward(loss, self.module)
+        if self._precision is not None:
+            self._precision.backward(loss, self.module)
         else:
             loss.backward()
 
     def optimizer_step(self, optimizer: Optimizer) -> None:
         """Seam: one step of ``optimizer`` from the gradients (through the precision plugin)."""
-        if self.precision is not None:
-            self.precision.optimizer_step(optimizer)
+        if self._precision is not None:
+            self._precision.optimizer_step(optimizer)
         else:
             optimizer.step()
 
-    @contextlib.contextmanager
-    def visit_scope(self, ctx: ClientContext, data: ClientData) -> Iterator[dict[str, float]]:
-        """Seam: set-up and tear-down around a visit's training; yields extra metrics to report."""
-        yield {}
+    def visit_scope(self, ctx: ClientContext, data: ClientData) -> contextlib.AbstractContextManager[dict[str, float]]:
+        """Seam: set-up and tear-down around a visit's training; enters as a dict of extra metrics to report."""
+        return contextlib.nullcontext({})
 
     def training_loss(self, batch: Any, batch_idx: int) -> Tensor | None:
         """The module's ``training_step`` loss on ``batch`` (in the precision's forward context)."""
-        with self._forward_context():
+        if self._precision is None:
+            return step_loss(self.module.training_step(batch, batch_idx))
+        with self._precision.forward_context():
             return step_loss(self.module.training_step(batch, batch_idx))
 
     def visit_steps(self, data: ClientData) -> int:
@@ -463,7 +470,7 @@ class LocalTrainer:
         trainer.current_epoch = trainer.global_step = 0
         trainer.estimated_stepping_batches = self.visit_steps(data)
         capture = LogCapture()
-        with trainer.attached(list(self.hooks.lightning_modules)), capture.attach(self.module):
+        with trainer.attached(self.hooks.lightning_modules), capture.attach(self.module):
             with self.visit_scope(ctx, data) as extra:
                 optimizer, schedulers = self.visit_optimizer(ctx, data)
                 ctx.optimizer = optimizer
@@ -625,7 +632,7 @@ class LocalTrainer:
         trainer.training, trainer.validating, trainer.testing = False, name == "validation_step", name == "test_step"
         capture = LogCapture()
         try:
-            with trainer.attached(list(self.hooks.lightning_modules)), capture.attach(module):
+            with trainer.attached(self.hooks.lightning_modules), capture.attach(module):
                 hook("on_{stage}_model_eval", default=module.eval)
                 hook("on_{stage}_start")
                 hook("on_{stage}_epoch_start")
@@ -655,6 +662,12 @@ class LocalTrainer:
             return default() if default is not None else None
 
         return call
+
+
+def _fabric_precision() -> type:
+    from lightning.fabric.plugins.precision.precision import Precision
+
+    return Precision
 
 
 def _eval_step(module: nn.Module, stage: str) -> tuple[str, Any]:

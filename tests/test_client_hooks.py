@@ -374,3 +374,43 @@ def test_vmap_accepts_evaluation_hooks():
 
     m = EvalOnly()
     VmapExecutor().setup(LocalTrainer(m, ParamSpec.from_module(m), FedAvg()))
+
+
+def test_dpsgd_visit_does_not_call_torch_manual_seed(monkeypatch):
+    """The per-visit torch.manual_seed (~0.7 ms: it queues every accelerator backend's seeding) is gone."""
+    pytest.importorskip("opacus")
+    m = Plain()
+    local = _dpsgd(LocalTrainer(m, ParamSpec.from_module(m), FedAvg(), None, 1, None, 8))
+    start = local.spec.flatten(local.tensors).clone()
+    monkeypatch.setattr(torch, "manual_seed", lambda *a: pytest.fail("torch.manual_seed called per visit"))
+    local.fit_client(0, 0, client(16), start)
+
+
+def test_a_gradient_scaler_is_unscaled_before_the_hooks_and_the_clip():
+    """Under 16-mixed the module's on_before_optimizer_step and the clip see true (unscaled) gradients."""
+    order = []
+
+    class Scaled:  # the parts of Fabric's MixedPrecision the loop uses
+        scaler = object()
+
+        def forward_context(self):
+            return torch.autocast("cpu", enabled=False)
+
+        def backward(self, loss, module):
+            loss.backward()
+
+        def unscale_gradients(self, optimizer):
+            order.append("unscale")
+
+        def optimizer_step(self, optimizer):
+            order.append("step")
+            optimizer.step()
+
+    class Hooked(Plain):
+        def on_before_optimizer_step(self, optimizer):
+            order.append("on_before_optimizer_step")
+
+    m = Hooked()
+    local = LocalTrainer(m, ParamSpec.from_module(m), FedAvg(), Scaled(), 1, None, 8)
+    local.fit_client(0, 0, client(16), local.spec.flatten(local.tensors).clone())
+    assert order == ["unscale", "on_before_optimizer_step", "step"] * 2
