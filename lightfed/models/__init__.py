@@ -1,8 +1,8 @@
 """Ready-made LightningModules for the example configs (any LightningModule works with lightfed).
 
-Names are imported on first use (PEP 562), so a plugin that needs only :mod:`lightfed.models.lora` (the
-LoRA payload layout) does not import Lightning; the Hugging Face models import transformers/peft only
-when instantiated.
+The models are imported on first use (PEP 562), so a plugin that needs only :mod:`lightfed.models.lora`
+(the LoRA payload layout, rank tiers) does not import Lightning; the Hugging Face models import
+transformers/peft only when instantiated (:func:`lightfed.models.hf.export_peft` writes their adapters).
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ _WHERE = {
     "CharLSTM": "lightfed.models.charlm",
     "HFSequenceClassifier": "lightfed.models.hf",
     "LoRACNNClassifier": "lightfed.models.hf",
-    "LoRALayout": "lightfed.models.lora",
     "MLPClassifier": "lightfed.models.vision",
-    "RankTiers": "lightfed.models.lora",
-    "export_peft": "lightfed.models.hf",
 }
 
 __all__ = sorted(_WHERE)

