@@ -2,31 +2,67 @@
 
 The public API: the trainer that runs rounds, the strategy contract and FedAvg, the registries that
 plugins use, samplers, the federated datamodule, and the typed messages between them.
+
+The names are imported on first use (PEP 562 module ``__getattr__``), so ``import lightfed`` and
+commands that need no model -- ``lightfed --help``, ``lightfed strategies`` -- do not pay for importing
+Lightning; ``from lightfed import FederatedTrainer`` works as before.
 """
 
-from lightfed.aggregation import Aggregator, CollectAll, StreamingSum
-from lightfed.callbacks import Callback
-from lightfed.context import ClientContext
-from lightfed.data.client_data import ClientData, Partition
-from lightfed.data.datamodule import FederatedArrays, FederatedDataModule
-from lightfed.executor import Executor, SequentialExecutor
-from lightfed.messages import ClientUpdate, RoundAggregate, RoundResult
-from lightfed.params import ParamSpec
-from lightfed.privacy.base import PrivacyMechanism
-from lightfed.registry import EXECUTORS, PRIVACY, SECURE_AGGREGATION, STRATEGIES, Registry
-from lightfed.sampling import ClientSampler, FullParticipation, PoissonSampler, UniformSampler
-from lightfed.secagg.base import SecureAggregation
-from lightfed.seeding import derive_seed, make_generator
-from lightfed.strategy import FedAvg, Strategy
-from lightfed.trainer import FederatedTrainer
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "EXECUTORS", "PRIVACY", "SECURE_AGGREGATION", "STRATEGIES",
-    "Aggregator", "Callback", "ClientContext", "ClientData", "ClientSampler", "ClientUpdate", "CollectAll", "Executor",
-    "FedAvg", "FederatedArrays", "FederatedDataModule", "FederatedTrainer", "FullParticipation", "ParamSpec",
-    "Partition", "PoissonSampler", "PrivacyMechanism", "Registry", "RoundAggregate", "RoundResult",
-    "SecureAggregation", "SequentialExecutor", "StreamingSum", "Strategy", "UniformSampler",
-    "derive_seed", "make_generator",
-]
+#: Public name -> the module that defines it.
+_WHERE = {
+    "Aggregator": "lightfed.aggregation",
+    "CollectAll": "lightfed.aggregation",
+    "StreamingSum": "lightfed.aggregation",
+    "Callback": "lightfed.callbacks",
+    "ClientContext": "lightfed.context",
+    "ClientData": "lightfed.data.client_data",
+    "Partition": "lightfed.data.client_data",
+    "FederatedArrays": "lightfed.data.datamodule",
+    "FederatedDataModule": "lightfed.data.datamodule",
+    "Executor": "lightfed.executor",
+    "SequentialExecutor": "lightfed.executor",
+    "ClientUpdate": "lightfed.messages",
+    "RoundAggregate": "lightfed.messages",
+    "RoundResult": "lightfed.messages",
+    "ParamSpec": "lightfed.params",
+    "PrivacyMechanism": "lightfed.privacy.base",
+    "EXECUTORS": "lightfed.registry",
+    "PRIVACY": "lightfed.registry",
+    "SECURE_AGGREGATION": "lightfed.registry",
+    "STRATEGIES": "lightfed.registry",
+    "Registry": "lightfed.registry",
+    "ClientSampler": "lightfed.sampling",
+    "FullParticipation": "lightfed.sampling",
+    "PoissonSampler": "lightfed.sampling",
+    "UniformSampler": "lightfed.sampling",
+    "SecureAggregation": "lightfed.secagg.base",
+    "derive_seed": "lightfed.seeding",
+    "make_generator": "lightfed.seeding",
+    "FedAvg": "lightfed.strategy",
+    "Strategy": "lightfed.strategy",
+    "FederatedTrainer": "lightfed.trainer",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access and cache the name in this module."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightfed' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})
+

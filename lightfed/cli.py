@@ -1,4 +1,5 @@
-"""The ``lightfed`` command: LightningCLI for federated runs, plus ``strategies`` and ``data``.
+"""The ``lightfed`` command: LightningCLI for federated runs, plus ``strategies``, ``data``, ``central`` and
+``new-strategy``.
 
 ``lightfed fit --config experiments/digits_fedavg.yaml`` parses a YAML with the usual LightningCLI
 sections -- ``model`` and ``data`` (``class_path`` / ``init_args``), ``trainer`` (the
@@ -9,6 +10,10 @@ in Lightning.
 
 A mistake in the config ends the command with one line, ``lightfed: error: <what and how to fix it>``,
 and exit status 2; ``LIGHTFED_TRACEBACK=1`` shows the full traceback instead (:func:`main`).
+
+``lightfed test --ckpt_path C`` needs no ``--config``: a checkpoint holds the resolved config of its run.
+This module imports no Lightning (``lightfed --help`` and ``lightfed strategies`` stay quick); the
+LightningCLI subclass is :class:`lightfed.cli_lightning.LightFedCLI`.
 """
 
 from __future__ import annotations
@@ -26,91 +31,34 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from lightfed.data.datamodule import FederatedDataModule
-from lightfed.privacy.base import PrivacyMechanism
-from lightfed.registry import EXECUTORS, PRIVACY, SECURE_AGGREGATION, STRATEGIES, load_all_plugins
-from lightfed.secagg.base import SecureAggregation
-from lightfed.strategy import Strategy
-from lightfed.trainer import FederatedTrainer, RunFailedError
+# Nothing heavy at import time: `lightfed --help`, `strategies` and `new-strategy` never import Lightning.
+# LightFedCLI lives in lightfed.cli_lightning and is re-exported lazily (see __getattr__ below).
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningCLI
 
 _PLUGIN_SECTIONS = ("strategy", "privacy", "secure_aggregation")
 
 #: Every ``lightfed`` subcommand and what it does (the top-level ``--help``).
 COMMANDS = {
     "fit": "run the federated rounds of a config (lightfed fit --config X.yaml)",
-    "test": "evaluate a checkpoint on the central test set (lightfed test --config X.yaml --ckpt_path C)",
-    "data": "print a config's partition statistics and plot its label distribution",
+    "test": "evaluate a checkpoint on the central test set (lightfed test --ckpt_path C; the config is read from C)",
+    "data": "print a config's partition statistics and draw every client's label counts as a heatmap",
     "strategies": "list every registered strategy, privacy mechanism, secure aggregation protocol and executor",
     "central": "centralised Lightning training of the same model and data (lightfed central fit --config X.yaml)",
+    "new-strategy": "write a strategy plugin package: entry point, one strategy, a conformance test (NAME [--dir D])",
 }
 
 #: Set to 1 to see the full traceback of a config error instead of one line.
 TRACEBACK_ENV = "LIGHTFED_TRACEBACK"
 
 
-class LightFedCLI(LightningCLI):
-    """LightningCLI whose trainer is a :class:`FederatedTrainer` and whose data is federated."""
-
-    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
-        load_all_plugins()
-        kwargs.setdefault("seed_everything_default", 0)
-        super().__init__(
-            model_class=L.LightningModule,
-            datamodule_class=FederatedDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_class=FederatedTrainer,  # type: ignore[arg-type]
-            save_config_callback=None,
-            args=args,
-            run=run,
-            **kwargs,
-        )
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {"fit": {"model", "datamodule"}, "test": {"model", "datamodule"}}
-
-    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_class_arguments(
-            FederatedTrainer, "trainer", fail_untyped=False, instantiate=False, sub_configs=True,
-            skip={*_PLUGIN_SECTIONS, "seed"},
-        )
-        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=True)
-        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=True)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Every plugin section defaults to None, never to an instance: jsonargparse carries a default's
-        # init_args into any other class given later that has arguments of the same names (its issue #460),
-        # so a default FedAvg would hand its weighted=True to a third-party GeoMed(weighted=False).
-        parser.add_argument(
-            "--strategy", type=Strategy | str | None, default=None,
-            help="Aggregation strategy: a registered name (see `lightfed strategies`) or class_path/init_args; "
-                 "null is FedAvg.",
-        )
-        parser.add_argument(
-            "--privacy", type=PrivacyMechanism | None, default=None,
-            help="Differential privacy mechanism (class_path/init_args), or null.",
-        )
-        parser.add_argument(
-            "--secure_aggregation", type=SecureAggregation | None, default=None,
-            help="Secure aggregation protocol (class_path/init_args), or null.",
-        )
-
-    def instantiate_trainer(self, **kwargs: Any) -> FederatedTrainer:
-        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        extra = {key: init.get(key) for key in _PLUGIN_SECTIONS}
-        trainer = super().instantiate_trainer(**extra, seed=int(config.get("seed_everything") or 0), **kwargs)
-        trainer.config_yaml = self._parser(self.subcommand).dump(config)
-        return trainer
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> FederatedTrainer:  # type: ignore[override]
-        return FederatedTrainer(**config)
+def __getattr__(name: str) -> Any:
+    """``from lightfed.cli import LightFedCLI`` keeps working; Lightning is imported only then."""
+    if name in ("LightFedCLI", "DataOnlyCLI"):
+        return getattr(importlib.import_module("lightfed.cli_lightning"), name)
+    raise AttributeError(f"module 'lightfed.cli' has no attribute {name!r}")
 
 
 def print_plugins() -> None:
@@ -118,6 +66,7 @@ def print_plugins() -> None:
     import lightfed.executors  # noqa: F401 - registers the built-in executors (vmap)
     import lightfed.privacy  # noqa: F401 - registers the built-in privacy mechanisms
     import lightfed.secagg  # noqa: F401 - registers the built-in secure aggregation protocols
+    from lightfed.registry import EXECUTORS, PRIVACY, SECURE_AGGREGATION, STRATEGIES, load_all_plugins
 
     load_all_plugins()
     for registry in (STRATEGIES, PRIVACY, SECURE_AGGREGATION, EXECUTORS):
@@ -132,21 +81,60 @@ def print_plugins() -> None:
 
 
 def data_command(args: list[str]) -> None:
-    """``lightfed data --config X.yaml``: print the partition's statistics and plot its label histogram."""
-    from lightfed.data.stats import format_statistics, partition_statistics, plot_label_distribution
+    """``lightfed data --config X.yaml``: print the partition's statistics and draw its label heatmap.
 
-    cli = LightFedCLI(args=args, run=False, parser_kwargs=raising_parser_kwargs(LightFedCLI))
+    Only the datamodule (and the trainer, for where to write) is built: the model section is parsed but no
+    model is instantiated, so no pretrained weights are loaded.
+    """
+    from lightfed.cli_lightning import DataOnlyCLI
+    from lightfed.data.stats import format_statistics, log_partition, partition_statistics, plot_partition
+
+    cli = DataOnlyCLI(args=args, run=False, parser_kwargs=raising_parser_kwargs(DataOnlyCLI))
     dm = cli.datamodule
     stats = partition_statistics(dm)
     print(format_statistics(stats))
     out = Path(cli.trainer.default_root_dir) / "partition.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig = plot_label_distribution(dm, str(out))
-    print(f"label distribution plot: {out}")
-    if cli.trainer.logger is not None and hasattr(cli.trainer.logger, "experiment"):
-        cli.trainer.logger.experiment.add_figure("data/label_distribution", fig, global_step=0)
-        cli.trainer.logger.experiment.flush()
-        print(f"and in TensorBoard under {cli.trainer.log_dir} (tag data/label_distribution)")
+    plot_partition(dm, str(out), stats=stats)
+    print(f"partition heatmap ({stats['num_clients']} clients, sorted): {out}")
+    if log_partition(cli.trainer.logger, dm, stats=stats):
+        print(f"and in TensorBoard under {cli.trainer.log_dir} (tag data/partition)")
+
+
+def config_from_checkpoint(path: str) -> str:
+    """The resolved config (YAML) that a lightfed checkpoint was written with.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file holds no config (not a lightfed checkpoint, or written by the Python API).
+    """
+    import torch
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--ckpt_path {path!r} does not exist; point it at a lightfed checkpoint (.../checkpoints/last.ckpt).")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    progress = state.get("progress", {}) if isinstance(state, dict) else {}
+    config = (progress.get("config") if isinstance(progress, dict) else None) or (
+        state.get("config") if isinstance(state, dict) else None
+    )
+    if not config:
+        raise ValueError(
+            f"checkpoint {path!r} holds no config (not written by `lightfed fit`); give the run's config too: "
+            f"lightfed test --config X.yaml --ckpt_path {path}"
+        )
+    return str(config)
+
+
+def _with_checkpoint_config(args: list[str]) -> list[str]:
+    """``test --ckpt_path C`` without ``--config``: the config stored in ``C`` goes first on the command line."""
+    if any(a in ("-c", "--config") or a.startswith("--config=") for a in args):
+        return args
+    ckpt = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--ckpt_path"), None)
+    ckpt = ckpt or next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)
+    if ckpt is None or "--help" in args or "-h" in args:
+        return args
+    # jsonargparse's --config takes a path or the YAML itself; later arguments still override it
+    return [args[0], "--config", config_from_checkpoint(ckpt), *args[1:]]
 
 
 def usage() -> str:
@@ -189,6 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     with plain_errors(command=" ".join(args[:2] if args[0] == "central" else args[:1])):
         if args[0] in ("strategies", "plugins"):
             print_plugins()
+        elif args[0] == "new-strategy":
+            from lightfed.scaffold import main as new_strategy
+
+            new_strategy(args[1:])
         elif args[0] == "data":
             data_command(args[1:])
         elif args[0] == "central":
@@ -197,6 +189,10 @@ def main(argv: list[str] | None = None) -> None:
 
             central_main(args[1:], parser_kwargs=raising_parser_kwargs(CentralCLI))
         else:
+            from lightfed.cli_lightning import LightFedCLI
+
+            if args[0] == "test":
+                args = _with_checkpoint_config(args)
             LightFedCLI(args=args, parser_kwargs=raising_parser_kwargs(LightFedCLI))
 
 
@@ -229,16 +225,22 @@ def plain_errors(command: str = "fit") -> Iterator[None]:
     """
     try:
         yield
-    except RunFailedError as err:  # the run ran but produced no trained model: one line, exit status 1
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
-            raise
-        print(f"lightfed: error: {_single_line(str(err))}", file=sys.stderr)
-        raise SystemExit(1) from None
     except CONFIG_ERRORS as err:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or not is_config_error(err):
             raise
         print(f"lightfed: error: {error_line(err, command)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RuntimeError as err:
+        if not _is_run_failed(err) or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(f"lightfed: error: {_single_line(str(err))}", file=sys.stderr)  # the run produced no trained model
+        raise SystemExit(1) from None
+
+
+def _is_run_failed(err: BaseException) -> bool:
+    """Whether ``err`` is the trainer's :class:`~lightfed.trainer.RunFailedError` (looked up without importing it)."""
+    trainer = sys.modules.get("lightfed.trainer")  # not imported: no run happened, so no run failed
+    return trainer is not None and isinstance(err, trainer.RunFailedError)
 
 
 def is_config_error(err: BaseException) -> bool:
@@ -292,6 +294,8 @@ def _is_machinery(module: str) -> bool:
 
 def _own_packages() -> set[str]:
     """``lightfed`` and the top-level package of every registered plugin."""
+    from lightfed.registry import EXECUTORS, PRIVACY, SECURE_AGGREGATION, STRATEGIES
+
     registries = (STRATEGIES, PRIVACY, SECURE_AGGREGATION, EXECUTORS)
     return {"lightfed"} | {e.cls.__module__.split(".")[0] for r in registries for e in r.entries()}
 
@@ -348,9 +352,9 @@ def _tip(message: str, keys: list[str], class_paths: list[str], command: str) ->
     close: list[str] = []
     if m := re.search(r"(?:Group '([^']+)' )?does not accept option '([^']+)'", message):
         key = f"{m[1]}.{m[2]}" if m[1] else m[2]
-        close = [f"'{c}'" for c in difflib.get_close_matches(key, _known_keys(key), n=1)]
-    elif (m := re.search(r"unrecognized arguments: --([\w.]+)", message)) and command in COMMANDS:
-        close = [f"--{c}" for c in difflib.get_close_matches(m[1], _known_keys(m[1]), n=1)]
+        close = [f"'{c}'" for c in difflib.get_close_matches(key, _known_keys(key, command), n=1)]
+    elif (m := re.search(r"unrecognized arguments: --([\w.]+)", message)) and command.split()[0] in COMMANDS:
+        close = [f"--{c}" for c in difflib.get_close_matches(m[1], _known_keys(m[1], command), n=1)]
     elif (m := re.search(r"Option '([^']+)' is not accepted", message)) and class_paths:
         close = [f"'{c}'" for c in difflib.get_close_matches(m[1], _init_arguments(class_paths[-1]) or [], n=1)]
     if close:
@@ -365,11 +369,21 @@ def _tip(message: str, keys: list[str], class_paths: list[str], command: str) ->
     return f"`lightfed {command} --help` lists every option."
 
 
-def _known_keys(key: str) -> list[str]:
-    """Valid keys near ``key``: the trainer's arguments, or the top-level sections."""
+def _known_keys(key: str, command: str = "fit") -> list[str]:
+    """Valid keys near ``key``: the trainer's arguments, or the top-level sections.
+
+    ``lightfed central`` takes ``lightning.Trainer``'s arguments; the other commands the
+    :class:`~lightfed.trainer.FederatedTrainer`'s.
+    """
+    central = command.startswith("central")
     if key.startswith("trainer."):
-        return [f"trainer.{name}" for name in inspect.signature(FederatedTrainer).parameters]
-    sections = ["model", "data", "trainer", *_PLUGIN_SECTIONS, "seed_everything", "ckpt_path", "optimizer", "lr_scheduler"]
+        if central:
+            from lightning import Trainer
+        else:
+            from lightfed.trainer import FederatedTrainer as Trainer  # type: ignore[assignment]
+        return [f"trainer.{name}" for name in inspect.signature(Trainer).parameters]
+    own = ["export", "init_checkpoint", "init_ignore", "trainable"] if central else list(_PLUGIN_SECTIONS)
+    sections = ["model", "data", "trainer", *own, "seed_everything", "ckpt_path", "optimizer", "lr_scheduler"]
     return sections if "." not in key else []
 
 

@@ -123,3 +123,70 @@ def test_pretrain_on_fashion_then_federate_on_animals(tmp_path: Path, capsys: py
     tuned = load_state_dict_file(tmp_path / "baseline" / "model.safetensors")
     assert all(torch.equal(tuned[k], pretrained[k]) for k in pretrained if k.startswith("features."))
     assert not torch.equal(tuned["head.1.weight"], pretrained["head.1.weight"])
+
+
+# ---- the baseline of a federated config ------------------------------------------------------------------
+
+FEDERATED = {
+    "seed_everything": 0,
+    "model": {"class_path": "lightfed.models.MLPClassifier", "init_args": {"in_features": 64, "hidden": [16], "lr": 0.1}},
+    "data": {
+        "class_path": "lightfed.data.datasets.DigitsDataModule",
+        "init_args": {"partitioner": {"class_path": "lightfed.data.partition.IID", "init_args": {"num_clients": 20}}},
+    },
+    "strategy": "FedAvg",
+    "privacy": None,
+    "trainer": {"rounds": 4, "clients_per_round": 5, "local_epochs": 1, "batch_size": 8, "eval_every": 2,
+                "fed_eval_fraction": 0.0, "enable_progress_bar": False, "checkpoint_every": 0},
+}
+
+
+def test_federated_config_translates_to_its_baseline():
+    # Execute
+    config, ignored = central.federated_to_central(FEDERATED, "experiments/digits_fedavg.yaml")
+    # Assert: federated-only sections dropped and named, schedule kept for the round clock, clients' batch size
+    assert "strategy" not in config and "privacy" not in config and ignored == ["strategy", "trainer.fed_eval_fraction", "trainer.checkpoint_every"]
+    assert config["federated"] == {"rounds": 4, "clients_per_round": 5, "local_epochs": 1, "batch_size": 8,
+                                   "eval_every": 2, "name": "digits_fedavg"}
+    assert config["trainer"] == {"enable_progress_bar": False, "max_epochs": -1}
+    assert config["data"]["init_args"]["batch_size"] == 8
+    assert central.is_federated(FEDERATED) and not central.is_federated({"trainer": {"max_epochs": 3}})
+
+
+def test_central_fit_reads_a_federated_config_and_logs_the_federated_tags_and_steps(tmp_path, capsys):
+    """Issue 13: `lightfed central fit --config experiments/digits_fedavg.yaml` works and overlays in TensorBoard."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightfed.cli import main
+
+    # Prepare: the federated run's config, as `lightfed fit` takes it
+    cfg = tmp_path / "digits_fed.yaml"
+    cfg.write_text(yaml.safe_dump({**FEDERATED, "trainer": {**FEDERATED["trainer"], "default_root_dir": str(tmp_path)}}))
+    fed = LightFedCLI(args=["fit", "--config", str(cfg)]).trainer
+    # Execute
+    main(["central", "fit", "--config", str(cfg), "--trainer.enable_model_summary", "false"])
+    out, err = capsys.readouterr()
+    # Assert: the baseline ran for the federated run's work, logged next to it under the same tags and steps
+    assert "is a federated config; training its centralised baseline (ignored: strategy" in err
+    assert baseline(out)["test_acc"] > 0.5
+    runs = {p.parent.parent.name: p.parent for p in tmp_path.glob("*/version_0/events.*")}
+    assert set(runs) == {"digits_fed", "digits_fed_central"}
+    steps = {}
+    for name, folder in runs.items():
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        steps[name] = [e.step for e in acc.Scalars("central/test_acc")]
+    assert steps["digits_fed"] == steps["digits_fed_central"] == [1, 3]
+    assert fed.rounds == 4
+
+
+def test_central_config_error_suggests_a_lightning_trainer_key(tmp_path, capsys):
+    from lightfed.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(DIGITS.format(root=tmp_path).replace("max_epochs: 3", "max_epochz: 3"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["central", "fit", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Did you mean 'trainer.max_epochs'?" in err, err

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -37,6 +38,7 @@ def test_fit_from_yaml_writes_logs_checkpoint_and_model(tmp_path):
     trainer = cli.trainer
     assert trainer.rounds == 3 and len(trainer.history) == 3
     log_dir = trainer.log_dir
+    assert log_dir.parent.name == "config"  # the run is named after its config file (config.yaml)
     assert (log_dir / "checkpoints" / "last.ckpt").is_file()
     assert (log_dir / "global_model.safetensors").is_file()
     saved = (log_dir / "config.yaml").read_text()
@@ -133,6 +135,11 @@ def test_data_command_prints_statistics_and_plots(tmp_path, capsys):
 def test_console_script_help_runs():
     out = subprocess.run([sys.executable, "-m", "lightfed.cli", "fit", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--trainer.rounds" in out.stdout and "--strategy" in out.stdout
+    text = " ".join(out.stdout.split())  # argparse wraps the help text
+    for own in ("lightfed.models.vision.MLPClassifier", "lightfed.models.vision.CNNClassifier",
+                "lightfed.models.charlm.CharLSTM", "lightfed.data.datasets.DigitsDataModule",
+                "lightfed.data.text.ShakespeareCharDataModule"):
+        assert own in text, own
 
 
 # ---- a CLI that speaks plainly -------------------------------------------------------------------------
@@ -222,19 +229,20 @@ def test_top_level_help_lists_every_subcommand(capsys, args):
         code, out, _ = run_main(args, capsys)
         assert code == 2
     listed = [line.split()[0] for line in out.split("commands:\n")[1].splitlines() if line.startswith("  ")]
-    assert listed == ["fit", "test", "data", "strategies", "central"]
+    assert listed == ["fit", "test", "data", "strategies", "central", "new-strategy"]
 
 
 def test_unknown_command_is_one_line(capsys):
     code, _, err = run_main(["fitt", "--config", "x.yaml"], capsys)
     assert code == 2 and error_lines(err) == [
-        "lightfed: error: unknown command 'fitt'; the commands are fit, test, data, strategies, central. Did you mean 'fit'?"
+        "lightfed: error: unknown command 'fitt'; the commands are fit, test, data, strategies, central, new-strategy. "
+        "Did you mean 'fit'?"
     ]
 
 
 def test_central_config_error_is_one_line(tmp_path, capsys):
     code, _, err = run_main(["central", "fit", "--trainer.max_epochz", "1"], capsys)
-    assert code == 2 and len(error_lines(err)) == 1 and "lightfed central fit --help" in err
+    assert code == 2 and len(error_lines(err)) == 1 and "Did you mean --trainer.max_epochs?" in err, err
 
 
 def test_strategies_lists_every_executor_in_a_fresh_process():
@@ -261,3 +269,64 @@ def test_a_run_whose_rounds_all_fail_exits_1_with_one_line(tmp_path):
     assert last.startswith("lightfed: error: ") and "released no client update" in last
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "r" / "global_model.safetensors").exists()
+
+
+# ---- issue 13: cheap commands, test from a checkpoint alone, a data command that builds no model ---------
+
+
+def test_help_and_new_strategy_do_not_import_lightning_or_torch(tmp_path):
+    code = (
+        "import sys; from lightfed.cli import main; main(['--help']); "
+        f"main(['new-strategy', 'Cheap', '--dir', {str(tmp_path)!r}]); "
+        "print('heavy:', sorted(m for m in ('lightning', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "heavy: []" in out.stdout
+
+
+def test_import_lightfed_is_lazy_and_keeps_its_public_names():
+    code = (
+        "import sys, lightfed; print(sorted(m for m in ('lightning', 'torch') if m in sys.modules)); "
+        "print(lightfed.Callback.__module__, lightfed.FederatedTrainer.__module__, len(lightfed.__all__))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    first, second = out.stdout.splitlines()
+    assert first == "[]" and second == "lightfed.callbacks lightfed.trainer 31", out.stderr
+    import lightfed
+
+    assert all(getattr(lightfed, name) is not None for name in lightfed.__all__)
+
+
+def test_test_command_reads_the_config_from_the_checkpoint(tmp_path, capsys):
+    # Prepare: a run, then a checkpoint alone (the config file is gone)
+    cfg = write_config(tmp_path, logger=False)
+    ckpt = LightFedCLI(args=["fit", "--config", cfg]).trainer.last_checkpoint
+    Path(cfg).unlink()
+    # Execute
+    main(["test", "--ckpt_path", str(ckpt)])
+    # Assert: evaluated without error; no --config was needed
+    assert "lightfed: error" not in capsys.readouterr().err
+
+
+def test_test_command_without_config_names_what_to_give(tmp_path, capsys):
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    code, _, err = run_main(["test", "--ckpt_path", str(tmp_path / "plain.ckpt")], capsys)
+    assert code == 2 and "holds no config (not written by `lightfed fit`); give the run's config too" in err
+
+
+class ModelThatMustNotBeBuilt(L.LightningModule):
+    """Stands for a model whose construction loads pretrained weights."""
+
+    def __init__(self, size: int = 1) -> None:
+        raise RuntimeError("lightfed data built the model")
+
+
+def test_data_command_builds_no_model_and_draws_every_client(tmp_path, capsys):
+    cfg = yaml.safe_load(Path(write_config(tmp_path)).read_text())
+    cfg["model"] = {"class_path": "tests.test_cli.ModelThatMustNotBeBuilt", "init_args": {"size": 2}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    main(["data", "--config", str(tmp_path / "config.yaml")])
+    out = capsys.readouterr().out
+    assert "partition heatmap (20 clients, sorted)" in out and (tmp_path / "partition.png").stat().st_size > 1000
+    assert "tag data/partition" in out

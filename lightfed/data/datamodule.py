@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import lightning as L
@@ -78,7 +84,8 @@ class FederatedDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.arrays is not None:
             return
-        arrays = self.load()
+        with _announced_if_slow(f"preparing data {self.source_name()} ..."):
+            arrays = self.load()
         check_arrays(arrays, self.source_name())
         partition = self.partitioner.partition(arrays.labels, self.seed, arrays.groups)
         _check_partition(partition, len(arrays.labels), type(self.partitioner).__name__)
@@ -308,3 +315,33 @@ def _check_partition(partition: Partition, pool: int, name: str) -> None:
         problem = f"indices must lie in [0, {pool}) (the pooled training set)"
     if problem is not None:
         raise ValueError(f"{name}.partition returned a malformed Partition: {problem}. Build it with Partition.from_lists.")
+
+
+#: Seconds of silence after which a data preparation says what it is doing.
+SLOW_PREPARATION_S = 3.0
+
+
+@contextmanager
+def _announced_if_slow(what: str) -> Iterator[None]:
+    """Print ``lightfed: <what>`` on stderr (rank 0) if the block is still running after
+    :data:`SLOW_PREPARATION_S` seconds, and how long it took at its end; quick preparations stay silent."""
+    after = SLOW_PREPARATION_S
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0":
+        yield
+        return
+    start = time.perf_counter()
+    said = threading.Event()
+
+    def say() -> None:
+        said.set()
+        print(f"lightfed: {what}", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(after, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        if said.is_set():
+            print(f"lightfed: data ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)

@@ -1,8 +1,10 @@
 """What a partition looks like: client sizes, per-client label histograms, how non-IID it is.
 
-:func:`partition_statistics` computes the numbers, :func:`format_statistics` prints them as a table, and
-:func:`plot_label_distribution` draws per-client label counts as a stacked bar chart (a Matplotlib figure a
-caller may save or hand to ``SummaryWriter.add_figure``).
+:func:`partition_statistics` computes the numbers and :func:`format_statistics` prints them as a table.
+:func:`plot_partition` draws the whole population as a heatmap (every client, sorted by its dominant class
+and size, with class names and client sizes); :func:`log_partition` puts that heatmap and the table into a
+run's TensorBoard. :func:`plot_label_distribution` is the older stacked-bar view of the first clients.
+Figures are Matplotlib figures a caller may save or hand to ``SummaryWriter.add_figure``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,18 @@ from lightfed.data.datamodule import FederatedDataModule
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["format_statistics", "partition_statistics", "plot_label_distribution"]
+__all__ = [
+    "class_names", "client_order", "format_statistics", "log_partition", "partition_statistics", "plot_label_distribution",
+    "plot_partition",
+]
+
+#: Fashion-MNIST's labels 0-9 (Xiao et al. 2017).
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+_MATPLOTLIB_HINT = 'needs matplotlib: `pip install matplotlib` (or, in a checkout, `pip install -e ".[plot]"`).'
+
 
 
 def _label_histogram(dm: FederatedDataModule) -> tuple[Tensor, int]:
@@ -155,7 +168,7 @@ def plot_label_distribution(
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(
-            "plot_label_distribution needs matplotlib: `pip install matplotlib` (or `pip install lightfed[test]`)."
+            f"plot_label_distribution {_MATPLOTLIB_HINT}"
         ) from err
     if max_clients < 1:
         raise ValueError(f"max_clients must be >= 1, got {max_clients}.")
@@ -180,3 +193,114 @@ def plot_label_distribution(
     if path is not None:
         fig.savefig(path, format="png", dpi=100)
     return fig
+
+
+def class_names(dm: FederatedDataModule, num_classes: int) -> list[str]:
+    """Readable names of ``dm``'s classes: the genres of the Shakespeare plays, Fashion-MNIST's clothing
+    classes, else the class ids ``"0"``, ``"1"``, ...; a datamodule may also set ``class_names`` itself."""
+    from lightfed.data.datasets import FashionMNISTDataModule
+    from lightfed.data.text import ShakespeareLinesDataModule
+
+    names: list[str] = list(vars(dm).get("class_names") or [])
+    if not names and isinstance(dm, ShakespeareLinesDataModule):
+        names = list(dm.genres)
+    elif not names and isinstance(dm, FashionMNISTDataModule):
+        names = list(FASHION_MNIST_CLASSES)
+    return names if len(names) == num_classes else [str(k) for k in range(num_classes)]
+
+
+def client_order(hist: Tensor) -> Tensor:
+    """Clients sorted by their dominant class, then by size (largest first), then by id.
+
+    Sorted so, a label-skewed partition shows as blocks along the diagonal and an IID one as flat stripes.
+    """
+    sizes = hist.sum(1)
+    dominant = hist.argmax(1)
+    ids = torch.arange(hist.shape[0])
+    keys = sorted(range(hist.shape[0]), key=lambda i: (int(dominant[i]), -int(sizes[i]), int(ids[i])))
+    return torch.tensor(keys, dtype=torch.long)
+
+
+def plot_partition(dm: FederatedDataModule, path: str | None = None, stats: dict[str, Any] | None = None) -> Figure:
+    """Draw every client's label mix as a heatmap, with the client sizes underneath.
+
+    Rows are classes (by name, see :func:`class_names`), columns are all clients ordered by
+    :func:`client_order`; a cell's colour is the share of the client's examples (train and val) in that
+    class. The bars below give each client's number of examples, in the same order.
+
+    Args:
+        dm: A federated datamodule (``dm.setup()`` is run if needed).
+        path: Save the figure as a PNG here if given.
+        stats: :func:`partition_statistics` of ``dm`` if already computed.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Raises:
+        ImportError: If Matplotlib is not installed.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(f"plot_partition {_MATPLOTLIB_HINT}") from err
+    stats = stats if stats is not None else partition_statistics(dm)
+    hist: Tensor = stats["label_histogram"]
+    order = client_order(hist)
+    counts = hist[order].double()
+    sizes = counts.sum(1)
+    share = (counts / sizes.clamp_min(1)[:, None]).T.numpy()  # classes x clients
+    names = class_names(dm, hist.shape[1])
+    num_clients, num_classes = hist.shape[0], hist.shape[1]
+    fig = Figure(figsize=(min(16.0, max(6.0, 0.08 * num_clients + 3)), 2.0 + 0.25 * num_classes + 1.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[max(2.0, 0.25 * num_classes), 1.2])
+    image = top.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0,
+                       extent=(-0.5, num_clients - 0.5, num_classes - 0.5, -0.5))
+    if num_classes <= 40:
+        top.set_yticks(range(num_classes), names, fontsize="small")
+    top.set_ylabel("class")
+    top.set_title(
+        f"{num_clients} clients, sorted by dominant class and size; mean TV distance to the global label mix "
+        f"{stats['mean_tv_distance']:.3f}", fontsize="medium",
+    )
+    fig.colorbar(image, ax=top, label="share of the client's examples")
+    bottom.bar(range(num_clients), sizes.numpy(), width=1.0, color="0.35")
+    bottom.set_xlim(-0.5, num_clients - 0.5)
+    bottom.set_xlabel("client (sorted)")
+    bottom.set_ylabel("examples")
+    if num_clients <= 60:
+        bottom.set_xticks(range(num_clients), [str(int(i)) for i in order], fontsize="x-small", rotation=90)
+    if path is not None:
+        fig.savefig(path, format="png", dpi=100)
+    return fig
+
+
+def log_partition(logger: Any, dm: FederatedDataModule, stats: dict[str, Any] | None = None, step: int = 0) -> bool:
+    """Write the partition heatmap (tag ``data/partition``) and its table (``data/partition_stats``) to TensorBoard.
+
+    For a run's set-up: does nothing (and returns ``False``) without a logger that has a TensorBoard
+    ``experiment``, or without Matplotlib (the table is still written).
+
+    Args:
+        logger: A Lightning logger (``TensorBoardLogger``), or ``None``.
+        dm: The run's federated datamodule.
+        stats: :func:`partition_statistics` of ``dm`` if already computed.
+        step: The global step to log at.
+
+    Returns:
+        Whether the heatmap was written.
+    """
+    experiment = getattr(logger, "experiment", None) if logger is not None else None
+    if experiment is None or not hasattr(experiment, "add_figure"):
+        return False
+    stats = stats if stats is not None else partition_statistics(dm)
+    experiment.add_text("data/partition_stats", "```\n" + format_statistics(stats) + "\n```", global_step=step)
+    try:
+        fig = plot_partition(dm, stats=stats)
+    except ImportError:
+        experiment.flush()
+        return False
+    experiment.add_figure("data/partition", fig, global_step=step)
+    experiment.flush()
+    return True

@@ -114,3 +114,55 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch: pytest.MonkeyP
 
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plot_label_distribution(Tiny(Fixed()))
+
+
+# ---- issue 13: the partition heatmap, in TensorBoard too; a slow preparation says so --------------------
+
+
+def test_partition_heatmap_shows_every_client_sorted_with_class_names(tmp_path: Path) -> None:
+    from lightfed.data.stats import client_order, plot_partition
+
+    # Prepare: clients with labels (0, 0, 1), (1, 2, 2), (0, 1); a datamodule that names its classes
+    dm = Tiny(Fixed(), val_fraction=0.0)
+    dm.class_names = ["cat", "dog", "owl"]
+    # Execute
+    fig = plot_partition(dm, str(tmp_path / "p.png"))
+    # Assert: sorted by dominant class then size (client 0: class 0, 3 ex; client 2: class 0, 2 ex; client 1: class 2)
+    assert client_order(torch.tensor([[2, 1, 0], [0, 1, 2], [1, 1, 0]])).tolist() == [0, 2, 1]
+    heat, sizes = fig.axes[0], fig.axes[1]
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["cat", "dog", "owl"]
+    assert heat.images[0].get_array().shape == (3, 3)  # classes x every client
+    assert [p.get_height() for p in sizes.patches] == [3, 2, 3]
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_log_partition_writes_figure_and_table(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightfed.data.stats import log_partition
+
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    assert log_partition(logger, Tiny(Fixed())) and not log_partition(None, Tiny(Fixed()))
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    assert "data/partition" in acc.Tags()["images"]
+    assert any("data/partition_stats" in t for t in acc.Tags()["tensors"])
+
+
+def test_a_slow_data_preparation_says_what_it_is_doing(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import lightfed.data.datamodule as datamodule
+
+    class Slow(Tiny):
+        def load(self) -> FederatedArrays:
+            time.sleep(0.3)
+            return super().load()
+
+    monkeypatch.setattr(datamodule, "SLOW_PREPARATION_S", 0.1)
+    Slow(Fixed()).setup()
+    Tiny(Fixed()).setup()  # quick: silent
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "lightfed: preparing data Slow ..." and err[1].startswith("lightfed: data ready in ")
+    assert len(err) == 2

@@ -1,6 +1,8 @@
 """Shared "boring" pieces of the strategy-plugin tests: toy modules, client data, one simulated round.
 
-Not a test module (no ``test_`` prefix); the tests import it as ``tests.plugins.zoo_testing``.
+Not a test module (no ``test_`` prefix); the tests import it as ``tests.plugins.zoo_testing``. The pieces a
+plugin author needs too (``TinyRegressor``, ``regression_clients``, ``train_clients``, the server step) are
+public in :mod:`lightfed.testing` and re-exported here.
 """
 
 from __future__ import annotations
@@ -11,9 +13,14 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lightfed import ClientData, ClientUpdate, CollectAll, ParamSpec, RoundAggregate, Strategy, StreamingSum
-from lightfed.client import LocalTrainer
+from lightfed import ClientData, ClientUpdate, ParamSpec, RoundAggregate, Strategy
 from lightfed.context import ClientContext
+from lightfed.testing import TinyRegressor, regression_clients, run_server_round, train_clients
+
+__all__ = [
+    "Quadratic", "TinyRegressor", "UnregisteredStrategy", "aggregate", "constant_client", "make_ctx", "regression_clients",
+    "round_aggregate", "train_clients", "update",
+]
 
 
 class Quadratic(L.LightningModule):
@@ -36,53 +43,10 @@ class Quadratic(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
-class TinyRegressor(L.LightningModule):
-    """A linear layer (3 -> 2) with MSE loss; ``batchnorm=True`` adds a BatchNorm (payload buffers)."""
-
-    def __init__(self, lr: float = 0.05, batchnorm: bool = False) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [nn.Linear(3, 2)]
-        if batchnorm:
-            layers.append(nn.BatchNorm1d(2))
-        self.net = nn.Sequential(*layers)
-        self.lr = lr
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        return (self(x) - y).pow(2).mean()
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.log("test_mse", (self(x) - y).pow(2).mean(), batch_size=len(x))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
 def constant_client(target: list[float], n: int) -> ClientData:
     """A client of :class:`Quadratic` whose ``n`` examples all equal ``target`` (so every batch mean is exact)."""
     x = torch.tensor([target] * n, dtype=torch.float32)
     return ClientData((x,), torch.arange(n))
-
-
-def regression_clients(num: int, n: int, seed: int, module: nn.Module | None = None) -> list[ClientData]:
-    """``num`` clients of ``n`` random regression examples each (labels from ``module`` if given, else random)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(num):
-        x = torch.randn(n, 3, generator=gen)
-        if module is None:
-            y = torch.randn(n, 2, generator=gen)
-        else:
-            with torch.no_grad():
-                module.eval()
-                y = module(x).detach()
-                module.train()
-        out.append(ClientData((x, y), torch.arange(n)))
-    return out
 
 
 def make_ctx(
@@ -118,40 +82,9 @@ def make_ctx(
     return ctx
 
 
-def train_clients(
-    strategy: Strategy,
-    module: nn.Module,
-    spec: ParamSpec,
-    global_params: Tensor,
-    clients: dict[int, ClientData],
-    states: dict[int, dict[str, Tensor]],
-    round_idx: int,
-    local_steps: int | None = 2,
-    local_epochs: int = 1,
-    batch_size: int = 4,
-    seed: int = 0,
-) -> list[ClientUpdate]:
-    """Run the real client loop (:class:`LocalTrainer`, with the strategy's hooks) for every client."""
-    local = LocalTrainer(module, spec, strategy, None, local_epochs, local_steps, batch_size, seed)
-    payload = strategy.client_payload(round_idx)
-    updates = []
-    for cid in sorted(clients):
-        state = states.setdefault(cid, {}) if strategy.uses_client_state else {}
-        updates.append(local.fit_client(cid, round_idx, clients[cid], global_params, state, payload))
-    return updates
-
-
 def aggregate(strategy: Strategy, global_params: Tensor, updates: list[ClientUpdate], round_idx: int) -> Tensor:
-    """The trainer's server step: weighted sums (or the list) of ``updates``, then the strategy."""
-    agg = CollectAll() if strategy.needs_all_updates else StreamingSum()
-    for u in updates:
-        agg.add(u, strategy.client_weight(u))
-    if strategy.needs_all_updates:
-        assert isinstance(agg, CollectAll)
-        return strategy.aggregate_updates(global_params, agg.updates, agg.weights, round_idx)
-    result = agg.result()
-    assert result is not None
-    return strategy.aggregate(global_params, result, round_idx)
+    """The trainer's server step (:func:`lightfed.testing.run_server_round`) on ``updates``."""
+    return run_server_round(strategy, global_params, updates, round_idx)
 
 
 def round_aggregate(deltas: list[list[float]], weights: list[float], extras: dict[str, list[list[float]]] | None = None) -> RoundAggregate:
