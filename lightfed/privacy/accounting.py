@@ -60,7 +60,7 @@ def require_dp_accounting() -> Any:
         import dp_accounting
     except ImportError as err:  # pragma: no cover - CI installs it
         raise ImportError(
-            "lightfed's privacy accounting needs Google's dp-accounting: pip install 'lightfed[privacy]'"
+            "lightfed's privacy accounting needs Google's dp-accounting: pip install -e \".[privacy]\" (in a checkout of lightfed)"
         ) from err
     return dp_accounting
 

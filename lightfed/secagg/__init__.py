@@ -2,7 +2,7 @@
 
 ``SecAggPlus`` (registered as ``"SecAggPlus"``) simulates SecAgg+ (Bonawitz et al. 2017; Bell et al.
 2020) faithfully, with dropouts and distributed DP noise. Its primitives come from ``cryptography``,
-imported on first use (``pip install lightfed[secagg]``), so importing lightfed never needs it.
+imported on first use (``pip install -e ".[secagg]"`` in a checkout), so importing lightfed never needs it.
 """
 
 from lightfed.secagg.aggregator import SecAggPlusAggregator

@@ -3,7 +3,7 @@
 Nothing here is hand-written crypto: X25519 key agreement, HKDF-SHA256, AES-256-CTR as the PRG that
 expands a 256-bit seed into a mask vector, and AES-256-GCM (authenticated encryption) for the Shamir
 shares that travel through the server. ``cryptography`` is imported lazily so that ``import lightfed``
-works without it; the first use raises an :class:`ImportError` that names ``pip install lightfed[secagg]``.
+works without it; the first use raises an :class:`ImportError` that names ``pip install -e ".[secagg]"``.
 
 Key sizes are never shrunk: every private key, shared secret, self-mask seed and PRG key is 32 bytes.
 """
@@ -40,7 +40,7 @@ def _lib() -> SimpleNamespace:
         from cryptography.hazmat.primitives.kdf.hkdf import HKDF
     except ImportError as err:  # pragma: no cover - CI installs the extra
         raise ImportError(
-            "secure aggregation (SecAggPlus) needs the `cryptography` package: pip install lightfed[secagg]"
+            "secure aggregation (SecAggPlus) needs the `cryptography` package: pip install -e \".[secagg]\" (in a checkout of lightfed)"
         ) from err
     return SimpleNamespace(
         hashes=hashes, X25519PrivateKey=X25519PrivateKey, X25519PublicKey=X25519PublicKey, Cipher=Cipher,
@@ -49,7 +49,7 @@ def _lib() -> SimpleNamespace:
 
 
 def require_cryptography() -> None:
-    """Raise the :class:`ImportError` naming ``pip install lightfed[secagg]`` if ``cryptography`` is missing."""
+    """Raise the :class:`ImportError` naming ``pip install -e ".[secagg]"`` if ``cryptography`` is missing."""
     _lib()
 
 
