@@ -478,7 +478,8 @@ class LocalTrainer:
                 self.strategy.on_client_start(ctx)
                 loss = self._fit(ctx, data, optimizer, schedulers, capture)
             metrics = capture.results()
-        metrics["loss"] = loss
+        if loss is not None:
+            metrics["loss"] = loss
         metrics.update(extra)
         update = ClientUpdate(
             client_id=client_id, delta=self.local_params() - global_params, num_examples=len(data),
@@ -489,7 +490,7 @@ class LocalTrainer:
     def _fit(
         self, ctx: ClientContext, data: ClientData, optimizer: Optimizer, schedulers: list[SchedulerConfig],
         capture: LogCapture,
-    ) -> float:
+    ) -> float | None:
         """The visit's epochs, hooks in ``lightning.Trainer.fit``'s order; returns the mean batch loss."""
         h, trainer, module = self._calls, self.trainer, self.module
         accumulate, local_steps = self.accumulate_grad_batches, self.local_steps
@@ -538,6 +539,8 @@ class LocalTrainer:
             h.on_train_end()
         if h.on_fit_end is not None:
             h.on_fit_end()
+        if not losses:  # training_step returned None for every batch: no loss to report, not a made-up 0
+            return None
         return sum(float(v) * n for v, n in losses) / max(sum(n for _, n in losses), 1)
 
     def _train_step(

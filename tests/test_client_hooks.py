@@ -414,3 +414,21 @@ def test_a_gradient_scaler_is_unscaled_before_the_hooks_and_the_clip():
     local = LocalTrainer(m, ParamSpec.from_module(m), FedAvg(), Scaled(), 1, None, 8)
     local.fit_client(0, 0, client(16), local.spec.flatten(local.tensors).clone())
     assert order == ["unscale", "on_before_optimizer_step", "step"] * 2
+
+
+def test_a_skipped_batch_is_a_step_without_gradient_as_in_lightning():
+    """training_step returning None: Lightning still zeroes, calls the step hooks and steps (global_step counts
+    it; with no gradient nothing moves). The client then reports no loss rather than a made-up 0."""
+
+    class Skips(Probe):
+        def training_step(self, batch, batch_idx):
+            self.calls.append(("training_step", batch_idx, self.current_epoch, self.global_step))
+
+    data = client(20)
+    theirs, ours = Skips(scheduler=None), Skips(scheduler=None)
+    assert lightning_fit(theirs, data, 8, 1).global_step == 3
+    spec = ParamSpec.from_module(ours)
+    local = LocalTrainer(ours, spec, FedAvg(), None, 1, None, 8)
+    update = local.fit_client(0, 0, data, spec.flatten(local.tensors).clone())
+    assert ours.calls == theirs.calls
+    assert update.num_steps == 3 and "loss" not in update.metrics and float(update.delta.abs().max()) == 0.0
