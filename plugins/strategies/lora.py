@@ -24,8 +24,6 @@ from :class:`~lightfed.models.lora.LoRALayout`.
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -172,15 +170,6 @@ class _LoRAStrategy(WeightedMean):
                 tensor.copy_(value)
         update.delta = update.delta.masked_fill(self._beyond(scratch["rank"], update.delta.device), 0.0)
         return update
-
-    def round_metrics(self) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """No server state."""
 
 
 @STRATEGIES.register("FedITLoRA")
@@ -400,6 +389,8 @@ class FLoRA(_LoRAStrategy):
         new = global_params + self.server_lr * step
         if not self.layout:
             return new
+        if any("lora_scaling" not in u.extras for u in updates):
+            raise ValueError("FLoRA updates carry no 'lora_scaling' extra: FLoRA's client hooks did not run on these updates.")
         rank_sum = sum(self.client_rank(u.client_id) for u in updates)
         for i, lay in enumerate(self.layout.layers):
             a_stack, b_stack = [], []
