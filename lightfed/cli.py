@@ -48,6 +48,7 @@ COMMANDS = {
     "strategies": "list every registered strategy, privacy mechanism, secure aggregation protocol and executor",
     "central": "centralised Lightning training of the same model and data (lightfed central fit --config X.yaml)",
     "new-strategy": "write a strategy plugin package: entry point, one strategy, a conformance test (NAME [--dir D])",
+    "audit": "attacks on a finished model: membership inference (lightfed audit --config X.yaml --ckpt_path C)",
 }
 
 #: Set to 1 to see the full traceback of a config error instead of one line.
@@ -183,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
             new_strategy(args[1:])
         elif args[0] == "data":
             data_command(args[1:])
+        elif args[0] == "audit":
+            from lightfed.audit.cli import main as audit_main
+
+            audit_main(args[1:])
         elif args[0] == "central":
             from lightfed.central import CentralCLI
             from lightfed.central import main as central_main

@@ -48,6 +48,7 @@ def pack_shard(shard: ShardResult, numel: int, device: torch.device) -> tuple[di
     local = aggregator.result()
     info = {
         "metrics": shard.metrics, "rejected": shard.rejected, "states": shard.states, "extra": shard.extra,
+        "steps": shard.steps,
         "extras": {k: v.numel() for k, v in (local.extras_sum.items() if local is not None else [])},
         "counts": sorted(local.counts_sum) if local is not None else [],
         "updates": [(u, w) for u, w in zip(aggregator.updates, aggregator.weights)] if isinstance(aggregator, CollectAll) else [],
@@ -99,6 +100,7 @@ def unpack_shards(
         metrics=[m for g in gathered for m in g["metrics"]],
         rejected=sorted(c for g in gathered for c in g["rejected"]),
         extra=sum(g.get("extra", 0) for g in gathered),
+        steps=sum(g.get("steps", 0) for g in gathered),
         states=to_device({c: s for g in gathered for c, s in g["states"].items()}, device),
     )
 

@@ -38,6 +38,10 @@ class Reporting(Callback):
             plan = getattr(trainer.privacy, "plan", None)
             if callable(plan):
                 experiment.add_text("privacy/plan", _as_markdown(plan()), global_step=trainer.round_idx)
+            if trainer.round_idx == 0 and trainer.datamodule is not None:  # the partition beside the curves
+                from lightfed.data.stats import log_partition
+
+                log_partition(trainer.logger, trainer.datamodule)
         if trainer.enable_progress_bar:
             from tqdm.auto import tqdm
 

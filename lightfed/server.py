@@ -49,6 +49,8 @@ class ShardResult:
     metrics: list[dict[str, float]] = field(default_factory=list)
     #: Updates added by callbacks (an audit's canaries): summed like any update, but not clients.
     extra: int = 0
+    #: Optimizer steps the clients of this shard took (0 with updates: nobody trained).
+    steps: int = 0
     rejected: list[int] = field(default_factory=list)
     states: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
@@ -118,6 +120,7 @@ class RoundServer:
                 shard.extra += 1
             else:
                 shard.metrics.append(update.metrics)
+                shard.steps += int(update.num_steps)
         return shard
 
     def release(self, round_idx: int, aggregator: Aggregator, device: torch.device | None = None) -> RoundAggregate | None:

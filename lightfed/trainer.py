@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,10 @@ class FederatedTrainer:
         local_epochs: Local epochs per client visit.
         local_steps: If set, exactly this many local optimizer steps per visit (overrides epochs).
         batch_size: Local batch size.
+        gradient_clip_val: Clip the gradients before every local optimizer step at this value (``None``/0: off).
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        accumulate_grad_batches: Accumulate gradients over this many batches per optimizer step. These three
+            are ``lightning.Trainer``'s flags with its meaning; see docs/lightning_contract.md.
         trainable: ``fnmatch`` patterns of the parameters to train and send; others are frozen.
         aggregate_buffers: Send floating buffers (BatchNorm statistics) with the parameters.
         init_checkpoint: Start the global model from this ``.ckpt`` / state dict / ``.safetensors``.
@@ -107,6 +112,9 @@ class FederatedTrainer:
         local_epochs: int = 1,
         local_steps: int | None = None,
         batch_size: int = 16,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        accumulate_grad_batches: int = 1,
         trainable: list[str] | None = None,
         aggregate_buffers: bool = True,
         init_checkpoint: str | None = None,
@@ -137,6 +145,11 @@ class FederatedTrainer:
         require(local_epochs >= 1, f"trainer.local_epochs must be >= 1, got {local_epochs}.")
         require(local_steps is None or local_steps >= 1, f"trainer.local_steps must be >= 1 or null, got {local_steps}.")
         require(batch_size >= 1, f"trainer.batch_size must be >= 1, got {batch_size}.")
+        require(gradient_clip_val is None or gradient_clip_val >= 0, f"trainer.gradient_clip_val must be >= 0 or null, got {gradient_clip_val}.")
+        require(gradient_clip_algorithm in ("norm", "value"), f"trainer.gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}.")
+        require(accumulate_grad_batches >= 1, f"trainer.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}.")
+        self.loop_flags = {"gradient_clip_val": gradient_clip_val, "gradient_clip_algorithm": gradient_clip_algorithm,
+                           "accumulate_grad_batches": accumulate_grad_batches}
         require(eval_every >= 1, f"trainer.eval_every must be >= 1, got {eval_every}.")
         require(checkpoint_every >= 0, f"trainer.checkpoint_every must be >= 0, got {checkpoint_every}.")
         require(0 <= fed_eval_fraction <= 1, f"trainer.fed_eval_fraction must be in [0, 1], got {fed_eval_fraction}.")
@@ -254,7 +267,7 @@ class FederatedTrainer:
         self.server = RoundServer(self.strategy, self.privacy, self.secure_aggregation, self.spec.numel)
         self.local = LocalTrainer(
             model, self.spec, self.strategy, self.fabric.strategy.precision, self.local_epochs,
-            self.local_steps, self.batch_size, self.seed,
+            self.local_steps, self.batch_size, self.seed, **self.loop_flags,
         )
         if self.privacy is not None:
             self.local = self.privacy.wrap_local_trainer(self.local)
@@ -372,6 +385,12 @@ class FederatedTrainer:
         self.client_states.update(shard.states)
         result = RoundResult(round_idx=round_idx, cohort=cohort, num_updates=len(shard.metrics), rejected=shard.rejected,
                              extra_updates=shard.extra)
+        if shard.metrics and (shard.steps == 0 or not any("loss" in m for m in shard.metrics)):
+            warnings.warn(
+                f"round {round_idx}: none of the {len(shard.metrics)} clients trained on a loss (training_step returned "
+                f"None for every batch, or the clients hold no data); their updates carry no training.",
+                RuntimeWarning, stacklevel=2,
+            )
         aggregate = self.server.release(round_idx, shard.aggregator, self.global_params.device)
         if aggregate is None:
             result.skipped = True

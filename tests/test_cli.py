@@ -229,7 +229,7 @@ def test_top_level_help_lists_every_subcommand(capsys, args):
         code, out, _ = run_main(args, capsys)
         assert code == 2
     listed = [line.split()[0] for line in out.split("commands:\n")[1].splitlines() if line.startswith("  ")]
-    assert listed == ["fit", "test", "data", "strategies", "central", "new-strategy"]
+    assert listed == ["fit", "test", "data", "strategies", "central", "new-strategy", "audit"]
 
 
 def test_unknown_command_is_one_line(capsys):
@@ -330,3 +330,22 @@ def test_data_command_builds_no_model_and_draws_every_client(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "partition heatmap (20 clients, sorted)" in out and (tmp_path / "partition.png").stat().st_size > 1000
     assert "tag data/partition" in out
+
+
+def test_trainer_flags_of_lightning_reach_the_client_loop(tmp_path):
+    """gradient_clip_val, gradient_clip_algorithm and accumulate_grad_batches are trainer options of a config."""
+    from lightfed.cli import LightFedCLI
+
+    cfg = write_config(tmp_path, logger=False, rounds=1, gradient_clip_val=0.5, accumulate_grad_batches=2)
+    cli = LightFedCLI(args=["--config", cfg], run=False)
+    assert cli.trainer.loop_flags == {"gradient_clip_val": 0.5, "gradient_clip_algorithm": "norm", "accumulate_grad_batches": 2}
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert (cli.trainer.local.gradient_clip_val, cli.trainer.local.accumulate_grad_batches) == (0.5, 2)
+
+
+def test_audit_is_a_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lightfed.cli", "audit", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--ckpt_path" in out.stdout

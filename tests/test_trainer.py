@@ -303,3 +303,19 @@ def test_robust_strategies_check_the_cohort_at_set_up(tmp_path, name, f, need):
     assert t.history == [] and all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
     assert len(make_trainer(tmp_path / "ok", rounds=1, clients_per_round=need, strategy=STRATEGIES.get(name)(f=f)).fit(
         boring_model(), BoringFederatedData())) == 1
+
+
+class NoneStep(type(boring_model())):
+    """training_step returns None for every batch: Lightning skips those steps, and so does lightfed."""
+
+    def training_step(self, batch, batch_idx):
+        return None
+
+
+def test_a_round_where_no_client_stepped_warns_and_reports_no_loss(tmp_path):
+    model = NoneStep(in_features=8, hidden=[16], num_classes=3, lr=0.1)
+    trainer = make_trainer(tmp_path, rounds=1, fed_eval_fraction=0)
+    with pytest.warns(RuntimeWarning, match="none of the 4 clients trained on a loss"):
+        history = trainer.fit(model, BoringFederatedData())
+    assert history[0]["round/update_norm"] == 0.0
+    assert history[0].get("client/loss_mean", float("nan")) != 0.0  # absent (or NaN), never a made-up 0
