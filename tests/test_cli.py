@@ -235,7 +235,7 @@ def test_top_level_help_lists_every_subcommand(capsys, args):
 def test_unknown_command_is_one_line(capsys):
     code, _, err = run_main(["fitt", "--config", "x.yaml"], capsys)
     assert code == 2 and error_lines(err) == [
-        "lightfed: error: unknown command 'fitt'; the commands are fit, test, data, strategies, central, new-strategy. "
+        "lightfed: error: unknown command 'fitt'; the commands are fit, test, data, strategies, central, new-strategy, audit. "
         "Did you mean 'fit'?"
     ]
 
