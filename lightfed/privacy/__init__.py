@@ -8,7 +8,7 @@
   the checkpointable :class:`RoundAccountant`.
 
 ``dp_accounting`` and ``opacus`` are imported only when a mechanism is set up, so ``import lightfed``
-works without them (``pip install 'lightfed[privacy]'``).
+works without them (``pip install -e ".[privacy]"``).
 """
 
 from lightfed.privacy.accounting import (

@@ -52,7 +52,7 @@ def require_opacus() -> Any:
     try:
         import opacus
     except ImportError as err:  # pragma: no cover - CI installs it
-        raise ImportError("lightfed's DP-SGD needs Opacus: pip install 'lightfed[privacy]'") from err
+        raise ImportError("lightfed's DP-SGD needs Opacus: pip install -e \".[privacy]\" in a checkout") from err
     return opacus
 
 
