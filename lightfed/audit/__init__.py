@@ -2,8 +2,9 @@
 
 * :class:`OneShotCanaryAudit` - one-shot empirical epsilon for client-level DP from random canary clients
   (Andrew et al., ICLR 2024), a :class:`~lightfed.callbacks.Callback` configured under ``trainer.callbacks``;
-* :mod:`lightfed.audit.membership` - membership inference on a released model (loss threshold, example- and
-  client-level; AUC, TPR at low FPR, ROC plot), run by ``lightfed audit`` (:mod:`lightfed.audit.cli`);
+* :mod:`lightfed.audit.membership` - membership inference on a released model (loss threshold and offline
+  LiRA with shadow re-runs of the config, example- and client-level; AUC, TPR at low FPR, ROC plot), run by
+  ``lightfed audit`` (:mod:`lightfed.audit.cli`);
 * :mod:`lightfed.audit.reconstruction` - reconstruction of a client's data from what a round releases of its
   update: exact analytic recovery from a fully connected first layer, iDLG labels, gradient inversion
   (Geiping et al. 2020), PSNR/SSIM, TensorBoard images;

@@ -1,11 +1,18 @@
 """``lightfed audit``: attacks on a finished model, from the run's config and checkpoint.
 
     lightfed audit --config experiments/digits_fedavg.yaml --ckpt_path runs/.../checkpoints/last.ckpt
+    lightfed audit --config ... --ckpt_path ... --attack all --shadows 8     # also offline LiRA
 
-Runs the loss-threshold membership inference attack (Yeom et al. 2018), example-level and client-level, on the
+Runs the loss-threshold membership inference attack (Yeom et al. 2018) and, with ``--attack lira`` or ``all``,
+offline LiRA (Carlini et al. 2022) with ``--shadows`` shadow models, example-level and client-level, on the
 checkpoint's global model; prints AUC and TPR at 0.1% / 1% FPR, and writes ``audit_membership.json`` and
 ``audit_membership_roc.png`` next to the checkpoint's run (or ``--out``). The canary audits run inside
 ``lightfed fit`` (``trainer.callbacks``); see docs/auditing.md.
+
+LiRA's shadow models are the run itself, repeated: the same config through the same ``lightfed fit`` pipeline
+(strategy, privacy, secure aggregation and executor as configured, or ``--shadow_executor vmap``), each on a
+seeded random subset of the pool (the run's training examples and its test set) of ``min(n_train, n_pool / 2)``
+examples, partitioned by the config's partitioner.
 """
 
 from __future__ import annotations
@@ -16,12 +23,25 @@ import io
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import torch
 
-from lightfed.audit.membership import client_level, example_losses, loss_threshold, plot_roc, roc_curve
+from lightfed.audit.membership import (
+    client_level,
+    client_level_scores,
+    example_losses,
+    lira_attack,
+    lira_offline,
+    logit_confidences,
+    loss_threshold,
+    plot_roc,
+    roc_curve,
+)
+from lightfed.seeding import derive_seed, make_generator
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -29,42 +49,75 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="the run's config (its resolved config.yaml, or the experiment)")
     parser.add_argument("--ckpt_path", required=True, help="a lightfed checkpoint of that run")
     parser.add_argument("--out", default=None, help="folder of the report (default: the checkpoint's run folder)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the client-level pseudo-clients")
-    return parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pseudo-clients and of LiRA's shadow subsets")
+    parser.add_argument("--attack", choices=("loss", "lira", "all"), default="loss",
+                        help="loss threshold (default), offline LiRA, or both (LiRA trains --shadows runs)")
+    parser.add_argument("--shadows", type=int, default=8, help="LiRA's shadow models (each a full training run)")
+    parser.add_argument("--per_example_variance", action="store_true",
+                        help="LiRA: fit each example's OUT variance (default: one pooled variance, the paper's "
+                             "choice for few shadows)")
+    parser.add_argument("--shadow_executor", default=None,
+                        help="LiRA: train shadows with this trainer.executor (e.g. vmap) instead of the config's")
+    args = parser.parse_args(argv)
+    if args.attack != "loss" and args.shadows < 2:
+        parser.error(f"--shadows must be >= 2 for LiRA (each example needs OUT shadows), got {args.shadows}.")
+    return args
+
+
+def quiet_cli(config: str, root: str, extra: list[str] = ()) -> Any:
+    """A ``LightFedCLI`` of ``config`` without logger, progress bar, callbacks or checkpoints, not yet run."""
+    from lightfed.cli import LightFedCLI
+
+    with contextlib.redirect_stdout(io.StringIO()), mock.patch.object(sys, "argv", sys.argv[:1]):
+        return LightFedCLI(args=["--config", config, "--trainer.logger", "false", "--trainer.enable_progress_bar",
+                                 "false", "--trainer.callbacks", "[]", "--trainer.checkpoint_every", "0",
+                                 "--trainer.default_root_dir", root, *extra], run=False)
 
 
 def main(argv: list[str]) -> None:
     """Entry point of ``lightfed audit`` (``argv`` without the command name)."""
-    from lightfed.cli import LightFedCLI
-
     args = parse(argv)
     ckpt = Path(args.ckpt_path)
     if not ckpt.is_file():
         raise SystemExit(f"lightfed: error: --ckpt_path {str(ckpt)!r} does not exist; point it at a lightfed checkpoint.")
     out = Path(args.out) if args.out else (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent)
-    with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(io.StringIO()), \
-            mock.patch.object(sys, "argv", sys.argv[:1]):
-        cli = LightFedCLI(args=["--config", args.config, "--trainer.logger", "false", "--trainer.enable_progress_bar",
-                                "false", "--trainer.callbacks", "[]", "--trainer.default_root_dir", scratch], run=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        cli = quiet_cli(args.config, scratch)
         trainer = cli.trainer
-        central = trainer.test(cli.model, cli.datamodule, ckpt_path=str(ckpt))
-    report = membership_report(trainer, args.seed)
+        with contextlib.redirect_stdout(io.StringIO()):
+            central = trainer.test(cli.model, cli.datamodule, ckpt_path=str(ckpt))
+        report = membership_report(trainer, args.seed)
+        curves = report.pop("_curves")
+        if args.attack in ("lira", "all"):
+            lira = lira_report(args.config, trainer, shadows=args.shadows, seed=args.seed,
+                               fix_variance=not args.per_example_variance, executor=args.shadow_executor)
+            curves.update(lira.pop("_curves"))
+            report["lira"] = lira
+            if args.attack == "lira":
+                curves = {k: v for k, v in curves.items() if k.startswith("LiRA")}
     report.update({"checkpoint": str(ckpt), "config": args.config, "central": central})
     out.mkdir(parents=True, exist_ok=True)
-    curves = report.pop("_curves")
     report["roc_plot"] = str(plot_roc(curves, out / "audit_membership_roc.png"))
     (out / "audit_membership.json").write_text(json.dumps(report, indent=2) + "\n")
-    for level in ("example", "client"):
-        r = report[level]
-        print(f"{level}-level loss threshold: AUC {r['auc']:.3f}, TPR@0.1%FPR {r['tpr@0.1%fpr']:.4f}, "
-              f"TPR@1%FPR {r['tpr@1%fpr']:.4f} ({int(r['members'])} members, {int(r['non_members'])} non-members)")
+    rows = [("loss threshold", report)] if args.attack != "lira" else []
+    rows += [("LiRA", report["lira"])] if "lira" in report else []
+    for name, part in rows:
+        for level in ("example", "client"):
+            r = part[level]
+            print(f"{level}-level {name}: AUC {r['auc']:.3f}, TPR@0.1%FPR {r['tpr@0.1%fpr']:.4f}, "
+                  f"TPR@1%FPR {r['tpr@1%fpr']:.4f} ({int(r['members'])} members, {int(r['non_members'])} non-members)")
     print(f"report: {out / 'audit_membership.json'}")
+
+
+def _global_model(trainer: Any) -> Any:
+    """The trainer's module holding its (final or restored) global weights."""
+    trainer.local.spec.assign(trainer.local.tensors, trainer.global_params)
+    return trainer.module
 
 
 def membership_report(trainer: object, seed: int = 0) -> dict[str, object]:
     """Loss-threshold attacks on the trainer's (restored) global model: example- and client-level."""
-    local, module, data = trainer.local, trainer.module, trainer.datamodule  # type: ignore[attr-defined]
-    local.spec.assign(local.tensors, trainer.global_params)  # type: ignore[attr-defined]
+    module, data = _global_model(trainer), trainer.datamodule  # type: ignore[attr-defined]
     test = data.test_data()
     x_test, y_test = (t.index_select(0, test.indices) for t in test.tensors[:2])
     non_members = example_losses(module, x_test, y_test)
@@ -80,8 +133,82 @@ def membership_report(trainer: object, seed: int = 0) -> dict[str, object]:
         "attack": "loss threshold (Yeom et al. 2018)",
         "example": example.as_dict(), "client": client.as_dict(),
         "train_loss_mean": float(members.mean()), "test_loss_mean": float(non_members.mean()),
-        "_curves": {"example-level": roc_curve(-members.numpy(), -non_members.numpy())},
+        "_curves": {"loss threshold, example-level": roc_curve(-members.numpy(), -non_members.numpy())},
     }
 
 
-__all__ = ["main", "membership_report"]
+def lira_report(
+    config: str, trainer: Any, *, shadows: int = 8, seed: int = 0, fix_variance: bool = True,
+    executor: str | None = None,
+) -> dict[str, Any]:
+    """Offline LiRA on the trainer's global model, with ``shadows`` re-runs of ``config`` as shadow models.
+
+    The pool is the run's training examples followed by its test set; members are the clients' training
+    splits, non-members the test set. Shadow ``k`` trains on the pool subset drawn from ``(seed, k)`` and is IN
+    for the examples that land in its clients' training splits.
+
+    Raises:
+        ValueError: for data with natural groups (a random subset cannot keep them).
+    """
+    data = trainer.datamodule
+    arrays = data.arrays
+    if arrays.groups is not None:
+        raise ValueError(
+            "LiRA's shadow models re-partition random subsets of the pool with the config's partitioner; data "
+            "partitioned by natural groups (arrays.groups) cannot be subset that way. Use the loss-threshold attack."
+        )
+    n_train = len(arrays.train[0])
+    pool = tuple(torch.cat([a, b]) for a, b in zip(arrays.train, arrays.test))
+    by_client = [data.client_train(c).indices for c in range(data.num_clients)]
+    members = torch.cat(by_client)
+    query = torch.cat([members, n_train + data.test_data().indices])
+    is_member = torch.arange(len(query)) < len(members)
+    x, y = pool[0][query], pool[-1][query]
+    target = logit_confidences(_global_model(trainer), x, y)
+    n_pool = len(pool[0])
+    size = min(len(members), n_pool // 2)
+    phis, ins, seconds = [], [], []
+    for k in range(shadows):
+        subset = torch.randperm(n_pool, generator=make_generator(seed, "lira_subset", k))[:size].sort().values
+        with tempfile.TemporaryDirectory() as scratch:
+            extra = ["--seed_everything", str(derive_seed(seed, "lira_shadow", k) % 2**31)]
+            extra += ["--trainer.executor", executor] if executor else []
+            cli = quiet_cli(config, scratch, extra)
+            cli.datamodule.load = _subset_loader(pool, arrays, subset)
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                cli.trainer.fit(cli.model, cli.datamodule)
+            seconds.append(time.perf_counter() - start)
+            shadow = cli.datamodule
+            trained = subset[torch.cat([shadow.client_train(c).indices for c in range(shadow.num_clients)])]
+            ins.append(torch.isin(query, trained))
+            phis.append(logit_confidences(_global_model(cli.trainer), x, y))
+    scores = lira_offline(target, torch.stack(phis), torch.stack(ins), fix_variance=fix_variance)
+    example = lira_attack(scores, is_member)
+    member_scores = [s[~torch.isnan(s)] for s in scores[: len(members)].split([len(c) for c in by_client])]
+    non_members = scores[len(members):]
+    client = client_level_scores(member_scores, non_members[~torch.isnan(non_members)], seed)
+    ok = ~torch.isnan(scores)
+    return {
+        "attack": "offline LiRA (Carlini et al. 2022)",
+        "example": example.as_dict(), "client": client.as_dict(),
+        "shadows": shadows, "shadow_train_size": size, "pool": n_pool, "fix_variance": fix_variance,
+        "out_shadows_per_example": float((~torch.stack(ins)).sum(0).float().mean()),
+        "scored_examples": int(ok.sum()), "shadow_seconds": [round(s, 2) for s in seconds],
+        "_curves": {"LiRA, example-level": roc_curve(scores[ok & is_member].numpy(), scores[ok & ~is_member].numpy())},
+    }
+
+
+def _subset_loader(pool: tuple[torch.Tensor, ...], arrays: Any, subset: torch.Tensor) -> Any:
+    """A ``load`` for a shadow's datamodule: the pool's ``subset`` as training data, the run's test set."""
+    from lightfed.data.datamodule import FederatedArrays
+
+    def load() -> FederatedArrays:
+        train = tuple(t[subset] for t in pool)
+        return FederatedArrays(train=train, test=arrays.test, labels=train[-1], groups=None,
+                               num_classes=arrays.num_classes)
+
+    return load
+
+
+__all__ = ["lira_report", "main", "membership_report"]
