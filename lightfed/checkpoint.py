@@ -133,7 +133,7 @@ def write_checkpoint(state: dict[str, Any], target: Path, rotate: bool = True, k
             if keep is not None:
                 for old in sorted(target.parent.glob("round-*.ckpt"))[:-keep]:
                     old.unlink(missing_ok=True)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports some file errors as RuntimeError
         raise OSError(
             f"could not write the checkpoint {str(target)!r}: {err}. Free space or fix the permissions of "
             f"{str(target.parent)!r} (trainer.default_root_dir)."

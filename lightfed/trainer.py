@@ -239,6 +239,7 @@ class FederatedTrainer:
         if not isinstance(datamodule, FederatedDataModule):
             raise TypeError(f"data must be a lightfed FederatedDataModule, got {type(datamodule).__name__}.")
         datamodule.setup("fit")
+        _check_classes(model, datamodule)
         num_clients = datamodule.num_clients
         self.sampler.validate(num_clients)
         self._client_sizes = datamodule.client_num_examples()
@@ -464,6 +465,23 @@ class FederatedTrainer:
 # ---------------------------------------------------------------------- helpers
 class RunFailedError(RuntimeError):
     """The run could not produce a trained model (its rounds released no client update)."""
+
+
+def _check_classes(model: nn.Module, datamodule: FederatedDataModule) -> None:
+    """Refuse integer targets beyond the model's ``num_classes`` before any client trains (a raw IndexError mid-round)."""
+    classes, arrays = getattr(model, "num_classes", None), getattr(datamodule, "arrays", None)
+    if not isinstance(classes, int) or arrays is None:
+        return
+    for split, tensors in (("train", arrays.train), ("test", arrays.test)):
+        y = tensors[-1]
+        if y.is_floating_point() or y.numel() == 0:
+            continue
+        y = y[y != -100]  # ignored positions
+        if y.numel() and int(y.max()) >= classes:
+            raise ValueError(
+                f"{datamodule.source_name()}: the {split} labels go up to {int(y.max())}, but the model has "
+                f"num_classes={classes}; set model.init_args.num_classes to at least {int(y.max()) + 1} or fix the labels."
+            )
 
 
 def _why_failed(result: RoundResult) -> str:

@@ -319,3 +319,21 @@ def test_a_round_where_no_client_stepped_warns_and_reports_no_loss(tmp_path):
         history = trainer.fit(model, BoringFederatedData())
     assert history[0]["round/update_norm"] == 0.0
     assert history[0].get("client/loss_mean", float("nan")) != 0.0  # absent (or NaN), never a made-up 0
+
+
+def test_labels_beyond_the_models_classes_are_refused_at_set_up(tmp_path):
+    """Issue 16, item 4: label 12 with a 10-class model failed mid-round with torch's IndexError."""
+    from lightfed.models import MLPClassifier
+
+    model = MLPClassifier(in_features=8, hidden=[16], num_classes=2, lr=0.1)  # the data has 3 classes
+    with pytest.raises(ValueError, match=r"train labels go up to 2, but the model has num_classes=2"):
+        make_trainer(tmp_path, rounds=1).fit(model, BoringFederatedData())
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named(tmp_path):
+    """Issue 16: a write failure in the checkpoint folder (read-only, full) names the path. Injected so that it
+    fails for root too: a directory sits where the checkpoint's temporary file must go."""
+    trainer = make_trainer(tmp_path, rounds=2, fed_eval_fraction=0, checkpoint_every=1)
+    (tmp_path / "checkpoints" / "round-00001.ckpt.tmp").mkdir(parents=True)
+    with pytest.raises(OSError, match=r"could not write the checkpoint .*round-00001\.ckpt.*trainer\.default_root_dir"):
+        trainer.fit(boring_model(), BoringFederatedData())
