@@ -35,7 +35,7 @@ from lightfed.client import LocalTrainer
 from lightfed.data.datamodule import FederatedDataModule
 from lightfed.distributed import merge_round, shard_cohort
 from lightfed.evaluation import Evaluation, evaluate_central
-from lightfed.executor import Executor, SequentialExecutor
+from lightfed.executors.base import Executor, SequentialExecutor
 from lightfed.messages import ClientUpdate, RoundResult
 from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism

@@ -70,7 +70,7 @@ from torch.func import functional_call, vmap
 from lightfed.client import LocalTrainer
 from lightfed.context import ClientContext
 from lightfed.data.client_data import ClientData
-from lightfed.executor import Executor
+from lightfed.executors.base import Executor
 from lightfed.executors.functional import LogRecorder, SwapCall, gather, gather_each, swap_names
 from lightfed.executors.sgd import SGDHyper, sgd_hypers
 from lightfed.executors.support import FIX, VmapUnsupportedError, check_vectorisable, overrides
