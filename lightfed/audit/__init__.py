@@ -8,6 +8,8 @@
 * :mod:`lightfed.audit.reconstruction` - reconstruction of a client's data from what a round releases of its
   update: exact analytic recovery from a fully connected first layer, iDLG labels, gradient inversion
   (Geiping et al. 2020), PSNR/SSIM, TensorBoard images;
+* :func:`lightfed.audit.dpsgd_audit.one_run_audit` - the one-run audit of sample-level DP (Steinke et al. 2023):
+  mislabelled canaries included with probability 1/2 in one ordinary run, an epsilon lower bound at 95%;
 * :mod:`lightfed.audit.estimators` - the pure maths: the epsilon of two Gaussians, bootstrap intervals, and
   the one-run lower bound of Steinke, Nasr & Jagielski (NeurIPS 2023).
 
