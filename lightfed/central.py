@@ -28,7 +28,7 @@ and of the exported weights are printed.
 
 * ``model``, ``data`` and ``seed_everything`` are kept; ``data.batch_size``, if the config leaves it unset,
   becomes the clients' ``trainer.batch_size`` (the baseline takes the same steps the clients take);
-* ``strategy``, ``privacy``, ``secure_aggregation``, ``ckpt_path`` and ``trainer.callbacks`` are ignored
+* ``strategy``, ``privacy``, ``secure_aggregation``, ``audit``, ``ckpt_path`` and ``trainer.callbacks`` are ignored
   (a baseline has no server, no clients to protect, no federated checkpoint);
 * ``trainer.init_checkpoint`` / ``init_ignore`` / ``trainable`` become the top-level options of the same
   names; ``accelerator``, ``devices``, ``precision``, ``num_nodes``, ``enable_progress_bar`` and
@@ -65,7 +65,7 @@ from lightfed.sampling import ClientSampler, UniformSampler
 __all__ = ["CentralCLI", "RoundClock", "federated_to_central", "main"]
 
 #: Sections of a federated config that a centralised baseline has no use for.
-FEDERATED_ONLY = ("strategy", "privacy", "secure_aggregation", "ckpt_path")
+FEDERATED_ONLY = ("strategy", "privacy", "secure_aggregation", "audit", "ckpt_path")
 #: Federated trainer options that define the amount of work per round (read by :class:`RoundClock`).
 SCHEDULE = ("rounds", "clients_per_round", "sampler", "local_epochs", "local_steps", "batch_size", "eval_every",
             "eval_batch_size")

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightfed.callbacks import Callback
 from lightfed.data.datamodule import FederatedDataModule
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.registry import load_all_plugins
@@ -104,6 +105,11 @@ class LightFedCLI(LightningCLI):
             "--secure_aggregation", type=SecureAggregation | None, default=None,
             help="Secure aggregation protocol (class_path/init_args), or null.",
         )
+        parser.add_argument(
+            "--audit", type=list[Callback] | None, default=None,
+            help="Audits that run inside this fit (e.g. lightfed.audit.OneShotCanaryAudit; class_path/init_args "
+                 "list; docs/auditing.md). They are trainer callbacks, run after trainer.callbacks.",
+        )
 
     def _config(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -120,6 +126,7 @@ class LightFedCLI(LightningCLI):
         config = self._config()
         extra = {key: init.get(key) for key in PLUGIN_SECTIONS}
         trainer = super().instantiate_trainer(**extra, seed=int(config.get("seed_everything") or 0), **kwargs)
+        trainer.add_callbacks(init.get("audit") or [])
         trainer.config_yaml = self._parser(self.subcommand).dump(config)
         return trainer
 

@@ -210,6 +210,14 @@ class FederatedTrainer:
         #: Built-in evaluation first, then the user's callbacks, then reporting (history, logs, progress).
         self._all: list[Callback] = [Evaluation(), *self.callbacks, self.reporting]
 
+    def add_callbacks(self, callbacks: list[Callback]) -> None:
+        """Append callbacks (the config's ``audit:`` section) after ``trainer.callbacks``, before reporting."""
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"expected lightfed Callbacks (audits), got {type(cb).__name__}.")
+        self.callbacks += list(callbacks)
+        self._all = [Evaluation(), *self.callbacks, self.reporting]
+
     # ------------------------------------------------------------------ set-up
     @property
     def log_dir(self) -> Path:

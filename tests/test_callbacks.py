@@ -94,3 +94,22 @@ def test_callbacks_from_the_config(tmp_path):
     cli = LightFedCLI(args=["--config", cfg, "--trainer.callbacks+=tests.test_callbacks.Recorder",
                             "--trainer.default_root_dir", str(tmp_path / "r")], run=False)
     assert len(cli.trainer.callbacks) == 1 and isinstance(cli.trainer.callbacks[0], Recorder)
+
+
+def test_an_audit_section_in_the_config_runs_inside_the_fit(tmp_path):
+    """Issue 14: `audit:` (a list of audits) is a top-level config section; the audits run after trainer.callbacks."""
+    import yaml
+
+    from lightfed.cli import LightFedCLI
+
+    cfg = write_config(tmp_path, logger=False, rounds=1)
+    config = yaml.safe_load(open(cfg))
+    config["audit"] = [{"class_path": "tests.test_callbacks.Recorder"}]
+    config["trainer"]["callbacks"] = [{"class_path": "tests.test_callbacks.Recorder", "init_args": {"push": 0.0}}]
+    path = tmp_path / "with_audit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightFedCLI(args=["--config", str(path), "--trainer.default_root_dir", str(tmp_path / "r")], run=False)
+    names = [type(cb).__name__ for cb in cli.trainer._all]
+    assert names == ["Evaluation", "Recorder", "Recorder", "Reporting"]
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert all(cb.calls[-1] == "fit_end" for cb in cli.trainer.callbacks)
