@@ -52,6 +52,7 @@ LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["head.1"], "modules_to_save
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], list[str] | None]] = {
     "FedIT": ("FedITLoRA", {}, {}, None),
     "FFA-LoRA": ("FFALoRA", {}, {}, ["*lora_B*", "head.3.*"]),
+    "FFA-LoRA alpha=128": ("FFALoRA", {}, {"lora_alpha": 128}, ["*lora_B*", "head.3.*"]),  # the paper's larger scaling
     "FLoRA r=8": ("FLoRA", {}, {"base_in_payload": True}, None),
     "FLoRA r in {2,4,8}": ("FLoRA", {"ranks": [2, 4, 8]}, {"base_in_payload": True}, None),
     "FedSA-LoRA": ("FedSALoRA", {}, {}, None),

@@ -114,8 +114,8 @@ class _LoRAStrategy(WeightedMean):
                 what = {"a": "lora_A", "b": "lora_B", "base": "base weight"}[factor]
                 state = "must not" if not wanted else "must"
                 raise ValueError(f"{name}: the {what} of {bad[:3]} {state} be part of the payload. {fix}")
-        if self.tiers is not None and self.tiers.max_rank > self.layout.max_rank:
-            small = min(lay.rank for lay in self.layout.layers)
+        small = min(lay.rank for lay in self.layout.layers)
+        if self.tiers is not None and self.tiers.max_rank > small:
             raise ValueError(
                 f"{name}: strategy.init_args.ranks go up to {self.tiers.max_rank}, but the adapters have rank r={small}; "
                 f"set model.init_args.lora.r to the largest tier (a client of tier r uses the first r rows of A and "
