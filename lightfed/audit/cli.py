@@ -2,11 +2,16 @@
 
     lightfed audit --config experiments/digits_fedavg.yaml --ckpt_path runs/.../checkpoints/last.ckpt
     lightfed audit --config ... --ckpt_path ... --attack all --shadows 8     # also offline LiRA
+    lightfed audit --config ... --ckpt_path ... --attack reconstruction      # one client's update, inverted
 
 Runs the loss-threshold membership inference attack (Yeom et al. 2018) and, with ``--attack lira`` or ``all``,
 offline LiRA (Carlini et al. 2022) with ``--shadows`` shadow models, example-level and client-level, on the
 checkpoint's global model; prints AUC and TPR at 0.1% / 1% FPR, and writes ``audit_membership.json`` and
-``audit_membership_roc.png`` next to the checkpoint's run (or ``--out``). The canary audits run inside
+``audit_membership_roc.png`` next to the checkpoint's run (or ``--out``). ``--attack reconstruction`` sends one
+example of each of the first ``--clients`` clients as a one-step update from the checkpoint's model through the
+run's clip and noise (a cohort of one) and reconstructs it (analytic first layer and gradient inversion):
+``audit_reconstruction.json``, ``audit_reconstruction.png`` and TensorBoard images under ``tensorboard/``. The
+canary audits run inside
 ``lightfed fit`` (``trainer.callbacks``); see docs/auditing.md.
 
 LiRA's shadow models are the run itself, repeated: the same config through the same ``lightfed fit`` pipeline
@@ -50,8 +55,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ckpt_path", required=True, help="a lightfed checkpoint of that run")
     parser.add_argument("--out", default=None, help="folder of the report (default: the checkpoint's run folder)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pseudo-clients and of LiRA's shadow subsets")
-    parser.add_argument("--attack", choices=("loss", "lira", "all"), default="loss",
-                        help="loss threshold (default), offline LiRA, or both (LiRA trains --shadows runs)")
+    parser.add_argument("--attack", choices=("loss", "lira", "all", "reconstruction"), default="loss",
+                        help="loss threshold (default), offline LiRA, both (LiRA trains --shadows runs), or "
+                             "reconstruction of single clients' updates")
+    parser.add_argument("--clients", type=int, default=5, help="reconstruction: clients attacked (one example each)")
     parser.add_argument("--shadows", type=int, default=8, help="LiRA's shadow models (each a full training run)")
     parser.add_argument("--per_example_variance", action="store_true",
                         help="LiRA: fit each example's OUT variance (default: one pooled variance, the paper's "
@@ -59,7 +66,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shadow_executor", default=None,
                         help="LiRA: train shadows with this trainer.executor (e.g. vmap) instead of the config's")
     args = parser.parse_args(argv)
-    if args.attack != "loss" and args.shadows < 2:
+    if args.attack in ("lira", "all") and args.shadows < 2:
         parser.error(f"--shadows must be >= 2 for LiRA (each example needs OUT shadows), got {args.shadows}.")
     return args
 
@@ -86,6 +93,19 @@ def main(argv: list[str]) -> None:
         trainer = cli.trainer
         with contextlib.redirect_stdout(io.StringIO()):
             central = trainer.test(cli.model, cli.datamodule, ckpt_path=str(ckpt))
+        if args.attack == "reconstruction":
+            from torch.utils.tensorboard import SummaryWriter
+
+            out.mkdir(parents=True, exist_ok=True)
+            with SummaryWriter(str(out / "tensorboard")) as writer:
+                rec = reconstruction_report(trainer, args.seed, args.clients, writer=writer, png=out / "audit_reconstruction.png")
+            rec.update({"checkpoint": str(ckpt), "config": args.config})
+            (out / "audit_reconstruction.json").write_text(json.dumps(rec, indent=2) + "\n")
+            print(f"reconstruction of {args.clients} one-example updates ({rec['privacy']}): analytic PSNR "
+                  f"{rec['analytic_psnr']:.1f} dB, inversion PSNR {rec['inversion_psnr']:.1f} dB, labels "
+                  f"{100 * rec['label_accuracy']:.0f}%")
+            print(f"report: {out / 'audit_reconstruction.json'}")
+            return
         report = membership_report(trainer, args.seed)
         curves = report.pop("_curves")
         if args.attack in ("lira", "all"):
@@ -139,13 +159,14 @@ def membership_report(trainer: object, seed: int = 0) -> dict[str, object]:
 
 def lira_report(
     config: str, trainer: Any, *, shadows: int = 8, seed: int = 0, fix_variance: bool = True,
-    executor: str | None = None,
+    executor: str | None = None, extra_args: list[str] = (),
 ) -> dict[str, Any]:
     """Offline LiRA on the trainer's global model, with ``shadows`` re-runs of ``config`` as shadow models.
 
     The pool is the run's training examples followed by its test set; members are the clients' training
     splits, non-members the test set. Shadow ``k`` trains on the pool subset drawn from ``(seed, k)`` and is IN
-    for the examples that land in its clients' training splits.
+    for the examples that land in its clients' training splits. ``extra_args`` are CLI arguments the target run
+    was given beyond ``config`` (``["--privacy", "null"]``); the shadows get them too.
 
     Raises:
         ValueError: for data with natural groups (a random subset cannot keep them).
@@ -171,7 +192,7 @@ def lira_report(
     for k in range(shadows):
         subset = torch.randperm(n_pool, generator=make_generator(seed, "lira_subset", k))[:size].sort().values
         with tempfile.TemporaryDirectory() as scratch:
-            extra = ["--seed_everything", str(derive_seed(seed, "lira_shadow", k) % 2**31)]
+            extra = [*extra_args, "--seed_everything", str(derive_seed(seed, "lira_shadow", k) % 2**31)]
             extra += ["--trainer.executor", executor] if executor else []
             cli = quiet_cli(config, scratch, extra)
             cli.datamodule.load = _subset_loader(pool, arrays, subset)
@@ -199,6 +220,79 @@ def lira_report(
     }
 
 
+def reconstruction_report(
+    trainer: Any, seed: int = 0, clients: int = 5, *, writer: Any = None, png: Path | None = None,
+) -> dict[str, Any]:
+    """Reconstruct one example of each of the first ``clients`` clients from its one-step update.
+
+    The update starts from the trainer's global model and goes through a fresh copy of the run's client-level
+    mechanism (same clip and noise multiplier; a cohort of one, the attacker isolating the client), or none.
+    Images are ``(1, s, s)`` for flat inputs of ``s * s`` features, else the inputs' own shape; the pixel box is
+    the training inputs' range. Scored by PSNR (analytic first layer and gradient inversion) and label accuracy.
+
+    Raises:
+        TypeError: for inputs that are not images (flat of a square size, or ``(c, h, w)``).
+    """
+    import math as _math
+
+    from lightfed.audit.reconstruction import attack_update, log_reconstructions, released_update, save_png
+    from lightfed.privacy import DPFixedClipping
+    from lightfed.strategy import FedAvg
+
+    local, data = trainer.local, trainer.datamodule
+    global_params = trainer.global_params.detach().clone()
+    x_all = data.arrays.train[0]
+    shape = tuple(x_all.shape[1:])
+    side = _math.isqrt(shape[0]) if len(shape) == 1 else 0
+    if len(shape) == 3:
+        image = shape
+    elif len(shape) == 1 and side * side == shape[0]:
+        image = (1, side, side)
+    else:
+        raise TypeError(f"reconstruction attacks image inputs (flat of a square size, or (c, h, w)); got inputs of shape {shape}.")
+    box = (float(x_all.min()), float(x_all.max()))
+    lr = float(trainer.module.hparams.get("lr", 0.1))
+    privacy, mechanism = trainer.privacy, None
+    if privacy is not None:
+        if not isinstance(privacy, DPFixedClipping):
+            raise TypeError(
+                f"reconstruction replays client-level DP (DPFixedClipping and its subclasses); this run uses "
+                f"{type(privacy).__name__}. Audit the same config with --privacy null for the undefended case."
+            )
+        mechanism = DPFixedClipping(clip_norm=privacy.current_clip, noise_multiplier=privacy.z, verbose=False)
+        mechanism.setup(num_clients=data.num_clients, sampler=trainer.sampler, rounds=trainer.rounds,
+                        strategy=FedAvg(weighted=False), seed=seed)
+    rows: dict[str, list[Any]] = {"truth": [], "analytic": [], "inversion": []}
+    scores: dict[str, list[float]] = {"analytic": [], "inversion": [], "labels": []}
+    for cid in range(min(clients, data.num_clients)):
+        part = data.client_train(cid)
+        one = type(part)(part.tensors, part.indices[:1])
+        truth = tuple(t.index_select(0, one.indices) for t in one.tensors[:2])
+        observed = released_update(local.module, local.spec, global_params, [one], privacy=mechanism, round_idx=cid, seed=seed)
+        rows["truth"].append(truth[0].reshape(1, -1))
+        for method in ("analytic", "inversion"):
+            r = attack_update(local.module, local.spec, global_params, observed, lr=lr, method=method,
+                              image_shape=image, box=box, truth=truth, seed=seed)
+            scores[method].append(r.psnr)
+            rows[method].append(r.images.reshape(1, -1))
+        scores["labels"].append(r.label_accuracy)
+    local.spec.assign(local.tensors, global_params)
+    grids = {k: torch.cat(v) for k, v in rows.items()}
+    if writer is not None:
+        for method in ("analytic", "inversion"):
+            log_reconstructions(writer, f"reconstruction/{method}", grids[method], grids["truth"], image, box)
+    if png is not None:
+        save_png(grids, png, image, box)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return {
+        "attack": "analytic first layer and gradient inversion (Geiping et al. 2020), one-example one-step updates",
+        "privacy": "none" if mechanism is None else f"DPFixedClipping C={mechanism.clip_norm:.3g} z={mechanism.z:.3g}",
+        "analytic_psnr": mean(scores["analytic"]), "inversion_psnr": mean(scores["inversion"]),
+        "label_accuracy": mean(scores["labels"]), "per_client": {k: [round(x, 2) for x in v] for k, v in scores.items()},
+        "png": str(png) if png is not None else None,
+    }
+
+
 def _subset_loader(pool: tuple[torch.Tensor, ...], arrays: Any, subset: torch.Tensor) -> Any:
     """A ``load`` for a shadow's datamodule: the pool's ``subset`` as training data, the run's test set."""
     from lightfed.data.datamodule import FederatedArrays
@@ -211,4 +305,4 @@ def _subset_loader(pool: tuple[torch.Tensor, ...], arrays: Any, subset: torch.Te
     return load
 
 
-__all__ = ["lira_report", "main", "membership_report"]
+__all__ = ["lira_report", "main", "membership_report", "reconstruction_report"]

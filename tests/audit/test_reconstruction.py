@@ -154,3 +154,23 @@ def test_refuses_models_it_cannot_attack():
         attack_update(cnn, spec, torch.zeros(spec.numel), torch.ones(spec.numel), lr=0.1, image_shape=DIGIT)
     with pytest.raises(ValueError, match="method"):
         attack_update(cnn, spec, torch.zeros(spec.numel), torch.ones(spec.numel), lr=0.1, image_shape=DIGIT, method="x")
+
+
+def test_lightfed_audit_reconstruction_on_a_finished_run(tmp_path, capsys):
+    """``lightfed audit --attack reconstruction``: JSON, PNG and TensorBoard images; exact without DP."""
+    import json
+
+    from lightfed.audit.cli import main
+    from lightfed.cli import LightFedCLI
+    from tests.test_cli import write_config
+
+    cfg = write_config(tmp_path, logger=False, rounds=2)
+    cli = LightFedCLI(args=["--config", cfg, "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    main(["--config", cfg, "--ckpt_path", str(cli.trainer.last_checkpoint), "--out", str(tmp_path / "audit"),
+          "--attack", "reconstruction", "--clients", "2"])
+    report = json.loads((tmp_path / "audit" / "audit_reconstruction.json").read_text())
+    assert report["privacy"] == "none" and report["label_accuracy"] == 1.0 and report["analytic_psnr"] > 60
+    assert (tmp_path / "audit" / "audit_reconstruction.png").stat().st_size > 0
+    assert any((tmp_path / "audit" / "tensorboard").iterdir())
+    assert "analytic PSNR" in capsys.readouterr().out
