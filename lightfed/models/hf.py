@@ -32,8 +32,8 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightfed.checkpoint import export_state_dict
 from lightfed.models._args import check_fraction, check_optimizer
-from lightfed.params import ParamSpec
 from lightfed.models.vision import CNNClassifier
+from lightfed.params import ParamSpec
 
 __all__ = [
     "HFSequenceClassifier", "LoRACNNClassifier", "add_lora", "export_peft", "has_lora", "load_pretrained_encoder",
@@ -159,7 +159,7 @@ def _check_ranks(module: nn.Module) -> None:
             continue
         weight = layer.base_layer.weight
         out_features, in_features = weight.shape[0], weight[0].numel()
-        for adapter, a in layer.lora_A.items():
+        for a in layer.lora_A.values():
             r = a.weight.shape[0]
             if r > min(in_features, out_features):
                 raise ValueError(

@@ -24,6 +24,7 @@ from :class:`~lightfed.models.lora.LoRALayout`.
 from __future__ import annotations
 
 import logging
+
 import torch
 from torch import Tensor
 

@@ -10,7 +10,6 @@ import torch
 import yaml
 
 from lightfed.cli import main
-from lightfed.models.lora import LoRALayout
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 CONFIGS = ["strategy_feditlora.yaml", "strategy_ffalora.yaml", "strategy_flora.yaml", "animal_lora_flora_mixed.yaml",

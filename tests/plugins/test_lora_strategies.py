@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightfed import ClientData, FederatedTrainer, FullParticipation, ParamSpec, PoissonSampler
+from lightfed import ClientData, FederatedTrainer, ParamSpec, PoissonSampler
 from lightfed.models import MLPClassifier
 from lightfed.models.hf import add_lora
 from lightfed.models.lora import LoRALayout, RankTiers
