@@ -492,7 +492,7 @@ class LocalTrainer:
         capture: LogCapture,
     ) -> float | None:
         """The visit's epochs, hooks in ``lightning.Trainer.fit``'s order; returns the mean batch loss."""
-        h, trainer, module = self._calls, self.trainer, self.module
+        h, trainer = self._calls, self.trainer
         accumulate, local_steps = self.accumulate_grad_batches, self.local_steps
         losses: list[tuple[Tensor | float, int]] = []  # (batch loss, batch size); summed once at the end
         if h.on_fit_start is not None:
@@ -605,7 +605,7 @@ class LocalTrainer:
             config.scheduler.step()
 
     def _transfer(self, batch: Any) -> Any:
-        module, h = self.module, self._calls
+        h = self._calls
         if h.on_before_batch_transfer is not None:
             batch = h.on_before_batch_transfer(batch, 0)
         if h.transfer_batch_to_device is not None:

@@ -30,7 +30,6 @@ from lightfed.messages import ClientUpdate, RoundAggregate
 from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
 
-
 #: The client-side hooks a strategy may change; :attr:`Strategy.client_hooks` declares which it uses.
 CLIENT_HOOKS: Final = frozenset({"on_client_start", "client_loss", "on_before_optimizer_step", "on_client_end"})
 
@@ -152,3 +151,17 @@ class FedAvg(Strategy):
 
     def aggregate(self, global_params: Tensor, aggregate: RoundAggregate, round_idx: int) -> Tensor:
         return global_params + self.server_lr * aggregate.mean_delta()
+
+
+def resolve_strategy(strategy: Strategy | str | None) -> Strategy:
+    """The strategy a config names: ``None`` is FedAvg, a string a registered name, or an instance."""
+    if strategy is None:
+        return FedAvg()
+    if isinstance(strategy, str):
+        try:
+            return STRATEGIES.create(strategy)
+        except KeyError as err:
+            raise ValueError(err.args[0]) from err
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"strategy must be a lightfed Strategy or a registered name, got {type(strategy).__name__}.")
+    return strategy

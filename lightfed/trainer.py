@@ -32,19 +32,18 @@ from lightfed import resume
 from lightfed.callbacks import Callback
 from lightfed.checks import require
 from lightfed.client import LocalTrainer
-from lightfed.data.datamodule import FederatedDataModule
+from lightfed.data.datamodule import FederatedDataModule, check_model_classes
 from lightfed.distributed import merge_round, shard_cohort
 from lightfed.evaluation import Evaluation, evaluate_central
-from lightfed.executors.base import Executor, SequentialExecutor
+from lightfed.executors.base import Executor, resolve_executor
 from lightfed.messages import ClientUpdate, RoundResult
 from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism
-from lightfed.registry import EXECUTORS, STRATEGIES
 from lightfed.reporting import Reporting
 from lightfed.sampling import ClientSampler, UniformSampler
 from lightfed.secagg.base import SecureAggregation
 from lightfed.server import RoundServer, ShardResult, round_statistics
-from lightfed.strategy import FedAvg, Strategy
+from lightfed.strategy import Strategy, resolve_strategy
 
 log = logging.getLogger("lightfed")
 
@@ -155,7 +154,7 @@ class FederatedTrainer:
         require(0 <= fed_eval_fraction <= 1, f"trainer.fed_eval_fraction must be in [0, 1], got {fed_eval_fraction}.")
         self.rounds = rounds
         self.sampler = sampler if sampler is not None else UniformSampler(clients_per_round)
-        self.strategy = _resolve_strategy(strategy)
+        self.strategy = resolve_strategy(strategy)
         self.privacy = privacy
         self.secure_aggregation = secure_aggregation
         self.local_epochs = local_epochs
@@ -184,7 +183,7 @@ class FederatedTrainer:
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"trainer.callbacks must hold lightfed Callbacks, got {type(cb).__name__}.")
-        self.executor = _resolve_executor(executor)
+        self.executor = resolve_executor(executor)
         self.fabric = Fabric(
             accelerator=accelerator, devices=devices, precision=precision, num_nodes=num_nodes,
             strategy=fabric_strategy,
@@ -247,7 +246,7 @@ class FederatedTrainer:
         if not isinstance(datamodule, FederatedDataModule):
             raise TypeError(f"data must be a lightfed FederatedDataModule, got {type(datamodule).__name__}.")
         datamodule.setup("fit")
-        _check_classes(model, datamodule)
+        check_model_classes(model, datamodule)
         num_clients = datamodule.num_clients
         self.sampler.validate(num_clients)
         self._client_sizes = datamodule.client_num_examples()
@@ -475,50 +474,7 @@ class RunFailedError(RuntimeError):
     """The run could not produce a trained model (its rounds released no client update)."""
 
 
-def _check_classes(model: nn.Module, datamodule: FederatedDataModule) -> None:
-    """Refuse integer targets beyond the model's ``num_classes`` before any client trains (a raw IndexError mid-round)."""
-    classes, arrays = getattr(model, "num_classes", None), getattr(datamodule, "arrays", None)
-    if not isinstance(classes, int) or arrays is None:
-        return
-    for split, tensors in (("train", arrays.train), ("test", arrays.test)):
-        y = tensors[-1]
-        if y.is_floating_point() or y.numel() == 0:
-            continue
-        y = y[y != -100]  # ignored positions
-        if y.numel() and int(y.max()) >= classes:
-            raise ValueError(
-                f"{datamodule.source_name()}: the {split} labels go up to {int(y.max())}, but the model has "
-                f"num_classes={classes}; set model.init_args.num_classes to at least {int(y.max()) + 1} or fix the labels."
-            )
-
-
 def _why_failed(result: RoundResult) -> str:
     if result.rejected and result.num_updates == 0:
         return f"all {len(result.rejected)} updates of round {result.round_idx} had NaN/Inf"
     return f"round {result.round_idx} produced no aggregate (no update arrived, or secure aggregation failed closed)"
-
-
-
-def _resolve_strategy(strategy: Strategy | str | None) -> Strategy:
-    if strategy is None:
-        return FedAvg()
-    if isinstance(strategy, str):
-        try:
-            return STRATEGIES.create(strategy)
-        except KeyError as err:
-            raise ValueError(err.args[0]) from err
-    if not isinstance(strategy, Strategy):
-        raise TypeError(f"strategy must be a lightfed Strategy or a registered name, got {type(strategy).__name__}.")
-    return strategy
-
-
-def _resolve_executor(executor: Executor | str) -> Executor:
-    if isinstance(executor, Executor):
-        return executor
-    if executor == "sequential":
-        return SequentialExecutor()
-    import lightfed.executors  # noqa: F401 - registers the built-in executors (vmap)
-    try:
-        return EXECUTORS.create(executor)
-    except KeyError as err:
-        raise ValueError(f"trainer.executor: {err.args[0]}") from None

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -345,3 +346,20 @@ def _announced_if_slow(what: str) -> Iterator[None]:
         timer.cancel()
         if said.is_set():
             print(f"lightfed: data ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def check_model_classes(model: Any, datamodule: FederatedDataModule) -> None:
+    """Refuse integer targets beyond the model's ``num_classes`` before any client trains (a raw IndexError mid-round)."""
+    classes, arrays = getattr(model, "num_classes", None), getattr(datamodule, "arrays", None)
+    if not isinstance(classes, int) or arrays is None:
+        return
+    for split, tensors in (("train", arrays.train), ("test", arrays.test)):
+        y = tensors[-1]
+        if y.is_floating_point() or y.numel() == 0:
+            continue
+        y = y[y != -100]  # ignored positions
+        if y.numel() and int(y.max()) >= classes:
+            raise ValueError(
+                f"{datamodule.source_name()}: the {split} labels go up to {int(y.max())}, but the model has "
+                f"num_classes={classes}; set model.init_args.num_classes to at least {int(y.max()) + 1} or fix the labels."
+            )

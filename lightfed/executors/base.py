@@ -51,3 +51,16 @@ class SequentialExecutor(Executor):
     ) -> Iterator[ClientUpdate]:
         for cid in clients:
             yield self.local.fit_client(cid, round_idx, data(cid), global_params, states(cid), payload)
+
+
+def resolve_executor(executor: Executor | str) -> Executor:
+    """``trainer.executor``: an instance, ``"sequential"``, or a registered name (``"vmap"``)."""
+    if isinstance(executor, Executor):
+        return executor
+    if executor == "sequential":
+        return SequentialExecutor()
+    import lightfed.executors  # noqa: F401 - registers the built-in executors (vmap)
+    try:
+        return EXECUTORS.create(executor)
+    except KeyError as err:
+        raise ValueError(f"trainer.executor: {err.args[0]}") from None

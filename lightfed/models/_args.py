@@ -7,8 +7,8 @@ given, what is allowed and a value that works, so a run fails before any client 
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 from collections.abc import Sequence
+from numbers import Integral, Real
 
 __all__ = ["check_fraction", "check_optimizer", "check_positive_int"]
 

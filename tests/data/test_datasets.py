@@ -20,7 +20,6 @@ from lightfed.data.datasets import (
 from lightfed.data.partition import IID, Dirichlet, Natural
 
 
-
 def write_idx(path: Path, array: np.ndarray, type_byte: int, compress: bool = False) -> Path:
     """An IDX file written by hand: two zero bytes, type byte, ndim, big-endian dims, big-endian data."""
     dtypes = {0x08: ">u1", 0x0C: ">i4", 0x0D: ">f4"}

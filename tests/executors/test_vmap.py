@@ -326,9 +326,8 @@ def test_vmap_example_config_equals_the_sequential_run(tmp_path):
     import sys
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
     import yaml
+    from safetensors.torch import load_file
 
     config = Path(__file__).resolve().parents[2] / "experiments" / "digits_vmap.yaml"
     assert yaml.safe_load(config.read_text())["trainer"]["executor"] == "vmap"

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightfed import FedAvg, FederatedTrainer, ParamSpec, Strategy
+from lightfed import FedAvg, FederatedTrainer, ParamSpec
 from lightfed.data.datasets import DigitsDataModule
 from lightfed.data.partition import IID
 from lightfed.models import MLPClassifier
