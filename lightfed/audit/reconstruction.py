@@ -156,7 +156,9 @@ def simulated_update(
     current = dict(params)
     names = [n for n, b in zip(spec.names, spec.is_buffer) if not b]
     for _ in range(steps):
-        loss = F.cross_entropy(functional_call(module, current, (x,)), y)
+        # tie_weights=False: a module registering a layer twice (the CNN's ``net`` and ``features``) keeps the
+        # stepped, non-leaf weights after the call otherwise (torch 2.x); the swap reaches the shared layer anyway
+        loss = F.cross_entropy(functional_call(module, current, (x,), tie_weights=False), y)
         grads = torch.autograd.grad(loss, [current[n] for n in names], create_graph=True)
         current = {**current, **{n: current[n] - lr * g for n, g in zip(names, grads)}}
     return torch.cat([(current[n] - params[n]).reshape(-1) for n in names])
@@ -342,7 +344,10 @@ def attack_update(
                 f"{first.weight} takes {first.in_features} features, the input has {int(np.prod(image_shape))}. "
                 f"Use method='inversion' for this model."
             )
-        x = analytic_first_layer(tensor_of(spec, observed, first.weight), tensor_of(spec, observed, first.bias))
+        try:
+            x = analytic_first_layer(tensor_of(spec, observed, first.weight), tensor_of(spec, observed, first.bias))
+        except ValueError:  # a zero bias update (a saturated model's loss has no gradient): nothing recovered
+            x = torch.full((first.in_features,), lo)
         images = torch.nan_to_num(x, nan=lo, posinf=hi, neginf=lo).clamp(lo, hi).reshape(1, -1)
     else:
         if input_shape is None:

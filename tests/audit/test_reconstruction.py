@@ -174,3 +174,27 @@ def test_lightfed_audit_reconstruction_on_a_finished_run(tmp_path, capsys):
     assert (tmp_path / "audit" / "audit_reconstruction.png").stat().st_size > 0
     assert any((tmp_path / "audit" / "tensorboard").iterdir())
     assert "analytic PSNR" in capsys.readouterr().out
+
+
+def test_inversion_leaves_a_model_with_shared_submodules_untouched():
+    """Unrolling several steps through ``functional_call`` must not leave the swapped weights in the module
+    (the CNN registers its layers twice, under ``features``/``head`` and ``net``)."""
+    from lightfed.audit.reconstruction import invert_gradients
+
+    class Shared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features, self.head = torch.nn.Linear(64, 8), torch.nn.Linear(8, 10)
+            self.net = torch.nn.Sequential(self.features, torch.nn.ReLU(), self.head)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model = Shared()
+    spec = ParamSpec.from_module(model)
+    w = spec.flatten(spec.tensors(model))
+    invert_gradients(model, spec, w, torch.randn(spec.numel), torch.tensor([3]), (64,), lr=0.1, local_steps=2,
+                     iterations=2, image_shape=DIGIT)
+    assert all(p.is_leaf for p in model.parameters())
+    torch.testing.assert_close(spec.flatten(spec.tensors(model)), w)
