@@ -11,9 +11,10 @@ epochs of batch 16; here 15 clients a round (so Bulyan's ``n >= 4f + 3`` holds a
 (default 20). The robust rules are told ``f = ceil(fraction * 15)`` (the expected Byzantine clients of a round,
 rounded up: 2 at 10%, 3 at 20%); FedTrimmedAvg trims ``beta = 0.2`` at each end. Backdoor accuracy (triggered
 test digits of other classes classified as the target 0, :class:`plugins.attacks.BackdoorAccuracy`) is
-measured in every run, attacked or not, so the clean runs show the trigger's base rate. One seed
-(``--seed``, default 0): the Byzantine clients, the partition, the cohorts and the initial model all derive
-from it. The table goes between the ``attack-table`` markers in docs/strategies.md and to stdout.
+measured in every run, attacked or not, so the clean runs show the trigger's base rate. Seeds (``--seeds``,
+default 0; with several, each cell is the mean and the table states the largest standard deviation): the
+Byzantine clients, the partition, the cohorts and the initial model all derive from the seed. The table goes
+between the ``attack-table`` markers in docs/strategies.md and to stdout.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -85,12 +87,26 @@ def pct(value: float) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
+def mean_runs(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each metric over seeds, and ``{metric}_std`` (0 for one seed)."""
+    out: dict[str, float] = {}
+    for key in ("central/test_acc", "attack/backdoor_acc"):
+        vals = [r[key] for r in runs if key in r and not math.isnan(r[key])]
+        if vals:
+            out[key] = statistics.fmean(vals)
+            out[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return out
+
+
 def markdown(results: dict[tuple[str, str | None, float], dict[str, float]], strategies: list[str],
-             attack_keys: list[str], rounds: int, seed: int, seconds: float) -> str:
+             attack_keys: list[str], rounds: int, seeds: list[int], seconds: float, runs: int) -> str:
     head = ["strategy", "clean"] + [f"{ATTACKS[a][0]} {int(100 * f)}%" for a in attack_keys for f in FRACTIONS]
+    worst = max((r.get("central/test_acc_std", 0.0) for r in results.values()), default=0.0)
+    spread = (f"mean over seeds {seeds} (largest standard deviation of a clean-accuracy cell: {100 * worst:.1f} points)"
+              if len(seeds) > 1 else f"seed {seeds[0]}, one run per cell")
     lines = [
-        f"Digits, {NUM_CLIENTS} IID clients, {COHORT} a round, {rounds} rounds, MLP 64-64-10, seed {seed}, one run per cell "
-        f"({len(results)} runs, {seconds / 60:.1f} min on one shared CPU core). Cells: clean test accuracy (%); for the "
+        f"Digits, {NUM_CLIENTS} IID clients, {COHORT} a round, {rounds} rounds, MLP 64-64-10, {spread} "
+        f"({runs} runs, {seconds / 60:.1f} min on one shared CPU core). Cells: clean test accuracy (%); for the "
         f"backdoor, clean / backdoor accuracy (%), and the clean column's backdoor accuracy is the trigger's base rate "
         f"without an attacker. Robust rules get f = 2 at 10% and f = 3 at 20%; FedTrimmedAvg beta = 0.2. "
         f"Produced by `python benchmarks/attack_table.py`.",
@@ -117,31 +133,34 @@ def markdown(results: dict[tuple[str, str | None, float], dict[str, float]], str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--strategies", nargs="+", default=STRATEGY_NAMES)
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/strategies.md alone")
     args = parser.parse_args()
     logging.getLogger("lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    results: dict[tuple[str, str | None, float], dict[str, float]] = {}
+    raw: dict[tuple[str, str | None, float], list[dict[str, float]]] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
-        for s in args.strategies:
-            runs = [(None, 0.0)] + [(a, f) for a in args.attacks for f in FRACTIONS]
-            for attack, fraction in runs:
-                t = time.perf_counter()
-                try:
-                    run_root = str(Path(root) / f"{s}-{attack}-{fraction}")
-                    results[(s, attack, fraction)] = run_one(s, attack, fraction, args.rounds, args.seed, run_root)
-                except ValueError as err:  # a combination the strategy refuses (its message says why)
-                    print(f"{s} {attack} {fraction}: refused: {err}", file=sys.stderr, flush=True)
-                    continue
-                r = results[(s, attack, fraction)]
-                print(f"{s:<14} {attack or 'clean':<10} {fraction:.1f}: acc {pct(r['central/test_acc'])}, backdoor "
-                      f"{pct(r.get('attack/backdoor_acc', math.nan))} ({time.perf_counter() - t:.1f} s)",
-                      file=sys.stderr, flush=True)
-    text = markdown(results, args.strategies, args.attacks, args.rounds, args.seed, time.perf_counter() - start)
+        for seed in args.seeds:
+            for s in args.strategies:
+                cells = [(None, 0.0)] + [(a, f) for a in args.attacks for f in FRACTIONS]
+                for attack, fraction in cells:
+                    t = time.perf_counter()
+                    try:
+                        run_root = str(Path(root) / f"{s}-{attack}-{fraction}-{seed}")
+                        r = run_one(s, attack, fraction, args.rounds, seed, run_root)
+                    except ValueError as err:  # a combination the strategy refuses (its message says why)
+                        print(f"{s} {attack} {fraction}: refused: {err}", file=sys.stderr, flush=True)
+                        continue
+                    raw.setdefault((s, attack, fraction), []).append(r)
+                    print(f"seed {seed} {s:<14} {attack or 'clean':<10} {fraction:.1f}: acc {pct(r['central/test_acc'])}, "
+                          f"backdoor {pct(r.get('attack/backdoor_acc', math.nan))} ({time.perf_counter() - t:.1f} s)",
+                          file=sys.stderr, flush=True)
+    results = {k: mean_runs(v) for k, v in raw.items()}
+    runs = sum(len(v) for v in raw.values())
+    text = markdown(results, args.strategies, args.attacks, args.rounds, args.seeds, time.perf_counter() - start, runs)
     print(text)
     if not args.no_write and DOC.exists():
         doc = DOC.read_text()
