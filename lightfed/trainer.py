@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Iterable
@@ -203,6 +204,7 @@ class FederatedTrainer:
         self.datamodule: FederatedDataModule | None = None
         self.last_checkpoint: Path | None = None
         self.exported_model: Path | None = None
+        self.exported_peft: dict[str, Path] | None = None
         self.reporting = Reporting()
         self._lock: Path | None = None
 
@@ -326,6 +328,7 @@ class FederatedTrainer:
             self._fail(f"every round ({failed}) released no client update ({_why_failed(result)})")
         self.save_checkpoint()
         self.exported_model = self.export(self.log_dir / "global_model.safetensors")
+        self.exported_peft = self._export_adapters()
         for cb in self._all:
             cb.on_fit_end(self)
         if self.logger is not None:
@@ -459,6 +462,16 @@ class FederatedTrainer:
         if self._lock is not None:
             self._lock.unlink(missing_ok=True)
             self._lock = None
+
+    def _export_adapters(self) -> dict[str, Path] | None:
+        """A LoRA run also writes ``peft/adapter`` (peft's format) and ``peft/merged`` (a plain model)."""
+        if not self.is_global_zero or self.module is None or "lightfed.models.hf" not in sys.modules:
+            return None
+        from lightfed.models.hf import export_peft, has_lora
+
+        if not has_lora(self.module):
+            return None
+        return export_peft(self.module, self.log_dir / "peft", self.global_params, self.spec)
 
     def export(self, path: str | Path) -> Path:
         """Write the global model as a plain state dict (``.safetensors``, or torch for other suffixes)."""

@@ -61,8 +61,8 @@ def check_dp_strategy(strategy: Strategy, mechanism: str, weighted_ok: bool) -> 
     if strategy.needs_all_updates:
         raise ValueError(
             f"{mechanism} releases only a noisy sum of clipped updates, but strategy {name} needs every "
-            f"individual update (robust aggregation); its output would not be differentially private. Use a "
-            f"linear strategy (FedAvg, FedAvgM, FedAdam, ...) with DP."
+            f"individual update (robust aggregation, or FLoRA's stacked adapters); its output would not be "
+            f"differentially private. Use a linear strategy (FedAvg, FedAvgM, FedAdam, FFALoRA, ...) with DP."
         )
     if strategy.samples_own_cohort:
         raise ValueError(

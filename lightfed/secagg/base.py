@@ -21,7 +21,8 @@ class SecureAggregation:
         if strategy.needs_all_updates:
             raise ValueError(
                 f"secure aggregation reveals only sums, but {type(strategy).__name__} needs every individual "
-                f"update; use a linear strategy (FedAvg, FedAvgM, FedAdam, ...)."
+                f"update (robust aggregation, or FLoRA's stacked adapters); use a linear strategy (FedAvg, FedAvgM, "
+                f"FedAdam, FFALoRA, ...)."
             )
 
     def aggregator(self, round_idx: int, cohort: list[int]) -> Aggregator:

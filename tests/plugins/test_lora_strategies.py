@@ -245,6 +245,9 @@ def test_trains_end_to_end_on_a_lora_model(name, tmp_path):
     )
     history = trainer.fit(lora_mlp(name), BoringFederatedData())
     assert history[-1]["round/updates"] == 4.0 and history[-1]["central/test_acc"] > 0.5, history[-1]
+    # a LoRA run also exports its adapters in peft's format and a merged plain model (issue 13 item 5)
+    assert (trainer.exported_peft["adapter"] / "adapter_model.safetensors").is_file()
+    assert (trainer.exported_peft["merged"] / "model.safetensors").is_file()
     up = history[-1]["round/bytes_up_per_client"]
     assert up == 4.0 * trainer.spec.numel
     if name == "FLoRA":
