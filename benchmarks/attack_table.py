@@ -102,7 +102,7 @@ def markdown(results: dict[tuple[str, str | None, float], dict[str, float]], str
              attack_keys: list[str], rounds: int, seeds: list[int], seconds: float, runs: int) -> str:
     head = ["strategy", "clean"] + [f"{ATTACKS[a][0]} {int(100 * f)}%" for a in attack_keys for f in FRACTIONS]
     worst = max((r.get("central/test_acc_std", 0.0) for r in results.values()), default=0.0)
-    spread = (f"mean over seeds {seeds} (largest standard deviation of a clean-accuracy cell: {100 * worst:.1f} points)"
+    spread = (f"mean over seeds {seeds} (largest standard deviation of a cell's clean accuracy: {100 * worst:.1f} points)"
               if len(seeds) > 1 else f"seed {seeds[0]}, one run per cell")
     lines = [
         f"Digits, {NUM_CLIENTS} IID clients, {COHORT} a round, {rounds} rounds, MLP 64-64-10, {spread} "

@@ -1,8 +1,16 @@
-"""Privacy-utility-leakage table on digits: accuracy, accountant epsilon, one-shot empirical epsilon; audit overhead.
+"""Privacy-utility-leakage table on digits: accuracy, accountant epsilon, one-shot empirical epsilon, LiRA,
+reconstruction; audit overhead; and how reconstruction degrades (local steps, batch, DP, secure aggregation).
 
-    python benchmarks/audit_table.py              # seeds 0 1 2 (about 15 minutes on a shared 2-core CPU)
+    python benchmarks/audit_table.py              # seeds 0 1 2, 8 LiRA shadows per run (about 40 minutes on one core)
     python benchmarks/audit_table.py --seeds 0    # one seed
     python benchmarks/audit_table.py --overhead 3 # also time 3 runs with and without the audit (CPU seconds)
+    python benchmarks/audit_table.py --reconstruction-only   # only the reconstruction table (digits, Fashion-MNIST)
+
+Leakage columns of each row, on the same run: offline LiRA (Carlini et al. 2022; ``--shadows`` re-runs of the
+row's config on seeded pool subsets, :func:`lightfed.audit.cli.lira_report`) on the final model, AUC and TPR at
+1% FPR; and reconstruction of one client's update sent from the final model (batch 1, one local step, a cohort
+of one: the attacker isolates the client) through the row's clip and noise multiplier, PSNR of the analytic
+first-layer attack and of gradient inversion (Geiping et al. 2020), mean over 5 clients of one example.
 
 Every row is an example config under ``experiments/`` run as written through the ``lightfed fit`` parser, with
 the one-shot canary audit (Andrew et al. 2024; 100 inserted + 100 held-out canaries, sampled like clients)
@@ -27,19 +35,30 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "auditing.md"
 BEGIN, END = "<!-- audit-table:begin -->", "<!-- audit-table:end -->"
+RBEGIN, REND = "<!-- reconstruction-table:begin -->", "<!-- reconstruction-table:end -->"
 AUDIT = ["--trainer.callbacks+=lightfed.audit.OneShotCanaryAudit", "--trainer.callbacks.init_args.num_canaries=100"]
 
-#: (row label, config, extra CLI arguments)
+FBEGIN, FEND = "<!-- audit-fashion-table:begin -->", "<!-- audit-fashion-table:end -->"
+FASHION = "audit_fashion_dp_eps3.yaml"
+
+#: (row label, config, the row's own CLI arguments (shadows train with them too), the canary audit's arguments)
+FASHION_ROWS = [
+    ("FedAvg, no DP", FASHION, ["--privacy", "null"], ["--trainer.callbacks.init_args.canary_norm=0.5"]),
+    ("DP-FedAvg, target eps 8", FASHION, ["--privacy.init_args.target_epsilon", "8"], []),
+    ("DP-FedAvg, target eps 3", FASHION, [], []),
+    ("DP-FedAvg, target eps 1", FASHION, ["--privacy.init_args.target_epsilon", "1"], []),
+]
 ROWS = [
-    ("FedAvg, no DP", "digits_dp_eps8.yaml", ["--privacy", "null", *AUDIT, "--trainer.callbacks.init_args.canary_norm=0.5"]),
-    ("DP-FedAvg, target eps 8", "digits_dp_eps8.yaml", AUDIT),
-    ("DP-FedAvg, target eps 3", "digits_dp_eps3.yaml", AUDIT),
-    ("DP-FedAvg, target eps 1", "digits_dp_eps1.yaml", AUDIT),
+    ("FedAvg, no DP", "digits_dp_eps8.yaml", ["--privacy", "null"], [*AUDIT, "--trainer.callbacks.init_args.canary_norm=0.5"]),
+    ("DP-FedAvg, target eps 8", "digits_dp_eps8.yaml", [], AUDIT),
+    ("DP-FedAvg, target eps 3", "digits_dp_eps3.yaml", [], AUDIT),
+    ("DP-FedAvg, target eps 1", "digits_dp_eps1.yaml", [], AUDIT),
 ]
 
 
-def run_config(config: str, extra: list[str], seed: int, workdir: str) -> tuple[dict[str, float], float]:
-    """Fit one config through the CLI parser; its last round's metrics and the CPU seconds of ``fit``."""
+def run_config(config: str, extra: list[str], seed: int, workdir: str, keep: bool = False) -> tuple[dict[str, float], float]:
+    """Fit one config through the CLI parser; its last round's metrics and the CPU seconds of ``fit``
+    (and the CLI, whose trainer holds the final model, with ``keep``)."""
     from lightfed.cli import LightFedCLI
 
     args = [
@@ -52,7 +71,20 @@ def run_config(config: str, extra: list[str], seed: int, workdir: str) -> tuple[
         start = time.process_time()
         history = cli.trainer.fit(cli.model, cli.datamodule)
         cpu = time.process_time() - start
-    return dict(history[-1]), cpu
+    return (dict(history[-1]), cpu, cli) if keep else (dict(history[-1]), cpu)  # type: ignore[return-value]
+
+
+def leakage(cli: object, config: str, row_args: list[str], seed: int, shadows: int) -> dict[str, float]:
+    """LiRA on the final model (shadows: the row's config re-run) and reconstruction of one client's update."""
+    from lightfed.audit.cli import lira_report, reconstruction_report
+
+    trainer = cli.trainer  # type: ignore[attr-defined]
+    with contextlib.redirect_stdout(io.StringIO()):
+        lira = lira_report(str(ROOT / "experiments" / config), trainer, shadows=shadows, seed=seed, extra_args=row_args)
+    out = {"lira/auc": lira["example"]["auc"], "lira/tpr@1%fpr": lira["example"]["tpr@1%fpr"]}
+    rec = reconstruction_report(trainer, seed)
+    out.update({"reconstruction/analytic_psnr": rec["analytic_psnr"], "reconstruction/inversion_psnr": rec["inversion_psnr"]})
+    return out
 
 
 def fmt(values: list[float], digits: int = 3, pct: bool = False) -> str:
@@ -76,21 +108,34 @@ def interval(rows: list[dict[str, float]], tag: str) -> str:
     return f"{fmt(est)} [{low:.3g}, {high:.3g}]"
 
 
-def table(results: dict[str, list[dict[str, float]]], seeds: list[int]) -> str:
+def table(results: dict[str, list[dict[str, float]]], seeds: list[int], shadows: int = 8, fashion: bool = False) -> str:
+    task = ("Fashion-MNIST, a seeded 4,000 training images (members) and the 10,000 test images (non-members), 400 "
+            "IID clients, Poisson q = 0.2, 30 rounds, logistic regression on flat pixels (7,850 parameters)"
+            if fashion else "Digits, 400 IID clients, Poisson q = 0.2, 50 rounds, logistic regression (650 parameters)")
+    members = "" if fashion else " (members: the 1,438 training examples, non-members: the 359 test examples)"
     lines = [
-        f"Digits, 400 IID clients, Poisson q = 0.2, 50 rounds, logistic regression (650 parameters); mean ± std over "
+        f"{task}; mean ± std over "
         f"seeds {seeds}; empirical epsilons at the run's delta (1/400^1.1) with the mean 95% bootstrap interval over "
-        f"canaries in brackets. Produced by `python benchmarks/audit_table.py`.",
+        f"canaries in brackets. LiRA: offline, {shadows} shadow re-runs of the row's config on subsets of the pool"
+        f"{members}. Reconstruction: one "
+        f"client's one-example, one-step update from the final model through the row's clip and noise (a cohort of "
+        f"one), mean over 5 clients. Produced by `python benchmarks/audit_table.py{' --fashion' if fashion else ''}`.",
         "",
-        "| run | test accuracy (%) | accountant epsilon | empirical epsilon, final model | empirical epsilon, all iterates |",
-        "|---|---|---|---|---|",
+        "| run | test accuracy (%) | accountant epsilon | empirical epsilon, final model | empirical epsilon, all iterates "
+        "| LiRA AUC | LiRA TPR at 1% FPR (%) | reconstruction PSNR (dB), analytic / inversion |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for label, *_ in ROWS:
+    for label, *_ in FASHION_ROWS if fashion else ROWS:
         rows = results[label]
         acc = [r.get("central/test_acc", math.nan) for r in rows]
         eps = [r.get("privacy/epsilon", math.inf) for r in rows]
+
+        def col(key: str, pct: bool = False, digits: int = 3, rows: list[dict[str, float]] = rows) -> str:
+            return fmt([r.get(key, math.nan) for r in rows], digits=digits, pct=pct)
+
         lines.append(f"| {label} | {fmt(acc, pct=True)} | {fmt(eps)} | {interval(rows, 'final')} | "
-                     f"{interval(rows, 'all_iterates')} |")
+                     f"{interval(rows, 'all_iterates')} | {col('lira/auc')} | {col('lira/tpr@1%fpr', pct=True)} | "
+                     f"{col('reconstruction/analytic_psnr', digits=3)} / {col('reconstruction/inversion_psnr', digits=3)} |")
     return "\n".join(lines)
 
 
@@ -107,29 +152,168 @@ def overhead(repeats: int) -> str:
             f"seconds of fit): {p:.2f} s without, {a:.2f} s with 100 + 100 canaries: +{100 * (a - p) / p:.1f}%.")
 
 
+# ---------------------------------------------------------------------------------------- reconstruction
+#: (row label, local steps, batch size, clients summed, target epsilon of the digits DP configs or None, secure aggregation)
+SETTINGS = [
+    ("batch 1, 1 step", 1, 1, 1, None, False),
+    ("batch 1, 5 steps", 5, 1, 1, None, False),
+    ("batch 4, 1 step", 1, 4, 1, None, False),
+    ("batch 16, 1 step", 1, 16, 1, None, False),
+    ("batch 1, 1 step, DP eps 8", 1, 1, 1, 8.0, False),
+    ("batch 1, 1 step, DP eps 3", 1, 1, 1, 3.0, False),
+    ("batch 1, 1 step, DP eps 1", 1, 1, 1, 1.0, False),
+    ("batch 1, 1 step, SecAgg+ sum of 10", 1, 1, 10, None, True),
+]
+
+
+def reconstruction_target(name: str) -> dict[str, object]:
+    """The model (at its seeded initialisation), data, image shape and pixel box of one target."""
+    import lightning as L
+    import torch
+
+    from lightfed.models import MLPClassifier
+    from lightfed.params import ParamSpec
+
+    L.seed_everything(0, verbose=False)
+    lr = 0.1
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
+        model, image, box = MLPClassifier(64, [64], 10, lr=lr), (1, 8, 8), (0.0, 1.0)
+    else:
+        from lightfed.data.datasets import FashionMNISTDataModule
+        from lightfed.data.partition import IID
+        from lightfed.models import CNNClassifier
+
+        cnn = name == "fashion_cnn"
+        data = FashionMNISTDataModule(IID(num_clients=1), flatten=not cnn, train_subset=2000, val_fraction=0.0)
+        data.setup()
+        x, y = data.arrays.train[0], data.arrays.train[1]
+        m, sd = FashionMNISTDataModule.MEAN, FashionMNISTDataModule.STD
+        image, box = (1, 28, 28), (-m / sd, (1 - m) / sd)
+        if cnn:  # experiments/fashion_mnist_fedavg.yaml's CNN
+            lr = 0.05
+            model = CNNClassifier(1, 28, 10, width=16, hidden=64, lr=lr)
+        else:
+            model = MLPClassifier(784, [128], 10, lr=lr)
+    spec = ParamSpec.from_module(model)
+    return {"model": model, "spec": spec, "w": spec.flatten(spec.tensors(model)), "x": x, "y": y, "image": image,
+            "box": box, "lr": lr}
+
+
+def reconstruction_table(targets: list[str], cohorts: int, iterations: int) -> str:
+    """Analytic and inversion PSNR and label accuracy for each setting, mean over ``cohorts`` seeded cohorts."""
+    import torch
+
+    from lightfed import PoissonSampler
+    from lightfed.audit.reconstruction import attack_update, released_update
+    from lightfed.data.client_data import ClientData
+    from lightfed.privacy import DPFixedClipping
+    from lightfed.secagg import SecAggPlus
+    from lightfed.strategy import FedAvg
+
+    cells: dict[tuple[str, str], str] = {}
+    zs: dict[float, float] = {}
+    for name in targets:
+        t = reconstruction_target(name)
+        model, spec, w, x, y = t["model"], t["spec"], t["w"], t["x"], t["y"]
+        for label, steps, batch, clients, eps, secagg in SETTINGS:
+            start = time.perf_counter()
+            scores: dict[str, list[float]] = {"analytic": [], "inversion": [], "labels": []}
+            for c in range(cohorts):
+                privacy = protocol = None
+                if eps is not None:  # the digits DP configs' mechanism: 400 clients, Poisson q = 0.2, 50 rounds, C = 0.5
+                    privacy = DPFixedClipping(clip_norm=0.5, target_epsilon=eps, verbose=False)
+                    privacy.setup(num_clients=400, sampler=PoissonSampler(0.2), rounds=50, strategy=FedAvg(weighted=False), seed=c)
+                    zs[eps] = privacy.z
+                if secagg:
+                    protocol = SecAggPlus(clip=1.0)
+                    protocol.setup(strategy=FedAvg(weighted=False), privacy=None, numel=spec.numel, seed=c)
+                per = steps * batch
+                pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(1000 + c))[: clients * per]
+                cohort = [ClientData((x, y), pick[i * per : (i + 1) * per]) for i in range(clients)]
+                observed = released_update(model, spec, w, cohort, local_steps=steps, batch_size=batch, privacy=privacy,
+                                           secure_aggregation=protocol, seed=c)
+                for method in ("analytic", "inversion"):
+                    try:
+                        r = attack_update(model, spec, w, observed, lr=t["lr"], batch_size=len(pick), local_steps=steps,
+                                          method=method, image_shape=t["image"], box=t["box"], truth=(x[pick], y[pick]),
+                                          iterations=iterations, seed=c)
+                    except TypeError:  # analytic recovery needs a fully connected first layer (not the CNN)
+                        continue
+                    scores[method].append(r.psnr)
+                scores["labels"].append(r.label_accuracy)
+            analytic = f"{statistics.fmean(scores['analytic']):.1f}" if scores["analytic"] else "-"
+            cells[(name, label)] = (f"{analytic} / {statistics.fmean(scores['inversion']):.1f} / "
+                                    f"{100 * statistics.fmean(scores['labels']):.0f}%")
+            print(f"reconstruction {name} {label}: {cells[(name, label)]} ({time.perf_counter() - start:.1f} s)",
+                  file=sys.stderr, flush=True)
+    z_text = ", ".join(f"eps {e:g}: z = {z:.3g}" for e, z in sorted(zs.items(), reverse=True))
+    names = {"digits": "digits, MLP 64-64-10", "fashion_mnist": "Fashion-MNIST, MLP 784-128-10",
+             "fashion_cnn": "Fashion-MNIST, CNN (lr 0.05; no analytic attack)"}
+    lines = [
+        f"The model at its seeded initialisation (plain SGD, lr 0.1 unless stated); each client holds (local steps x batch) examples "
+        f"and takes one epoch; the attacker sees what `run_server_round` releases (uniform FedAvg; DP: "
+        f"`DPFixedClipping` with C = 0.5 and the noise multiplier of the digits DP configs, 400 clients, Poisson "
+        f"q = 0.2, 50 rounds: {z_text}; SecAgg+: only the masked sum of 10 clients). Cells: analytic first-layer "
+        f"PSNR / gradient inversion PSNR ({iterations} Adam steps) in dB / labels recovered; each reconstruction "
+        f"scored against the true image it is matched to; mean over {cohorts} seeded cohorts. Produced by "
+        f"`python benchmarks/audit_table.py --reconstruction-only`.",
+        "",
+        "| setting | " + " | ".join(names[n] for n in targets) + " |",
+        "|---|" + "---|" * len(targets),
+    ]
+    for label, *_ in SETTINGS:
+        lines.append(f"| {label} | " + " | ".join(cells[(n, label)] for n in targets) + " |")
+    return "\n".join(lines)
+
+
+def write_between(begin: str, end: str, text: str) -> None:
+    doc = DOC.read_text()
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        DOC.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--shadows", type=int, default=8, help="LiRA shadow models per run (0: skip LiRA and reconstruction)")
     parser.add_argument("--overhead", type=int, default=0, help="repeats of the overhead measurement (0: skip)")
+    parser.add_argument("--reconstruction-only", action="store_true", help="only the reconstruction table")
+    parser.add_argument("--targets", nargs="+", default=["digits", "fashion_mnist", "fashion_cnn"],
+                        choices=["digits", "fashion_mnist", "fashion_cnn"])
+    parser.add_argument("--cohorts", type=int, default=3, help="reconstruction: seeded cohorts per setting")
+    parser.add_argument("--iterations", type=int, default=200, help="reconstruction: Adam steps of gradient inversion")
+    parser.add_argument("--fashion", action="store_true", help="the Fashion-MNIST rows instead of digits")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/auditing.md alone")
     args = parser.parse_args()
-    results: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in ROWS}
-    for label, config, extra in ROWS:
+    if args.reconstruction_only:
+        text = reconstruction_table(args.targets, args.cohorts, args.iterations)
+        print(text)
+        if not args.no_write:
+            write_between(RBEGIN, REND, text)
+        return
+    grid = FASHION_ROWS if args.fashion else ROWS
+    results: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in grid}
+    for label, config, row_args, audit_args in grid:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as workdir:
-                metrics, cpu = run_config(config, extra, seed, workdir)
+                metrics, cpu, cli = run_config(config, [*row_args, *audit_args], seed, workdir, keep=True)
+                if args.shadows:
+                    metrics.update(leakage(cli, config, row_args, seed, args.shadows))
             results[label].append(metrics)
             print(f"{label} seed {seed}: {cpu:.1f} CPU s, final {metrics['audit/epsilon_final']:.3g}, all iterates "
-                  f"{metrics['audit/epsilon_all_iterates']:.3g}", file=sys.stderr, flush=True)
-    text = table(results, args.seeds)
+                  f"{metrics['audit/epsilon_all_iterates']:.3g}, LiRA AUC {metrics.get('lira/auc', math.nan):.3f}, "
+                  f"PSNR {metrics.get('reconstruction/analytic_psnr', math.nan):.1f}", file=sys.stderr, flush=True)
+    text = table(results, args.seeds, args.shadows, fashion=args.fashion)
     if args.overhead:
         text += "\n\n" + overhead(args.overhead)
     print(text)
     if not args.no_write and DOC.exists():
-        doc = DOC.read_text()
-        if BEGIN in doc and END in doc:
-            head, rest = doc.split(BEGIN, 1)
-            DOC.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+        write_between(*((FBEGIN, FEND) if args.fashion else (BEGIN, END)), text)
 
 
 if __name__ == "__main__":
