@@ -133,5 +133,10 @@ def test_lightfed_audit_lira_option(tmp_path, capsys):
     assert lira["scored_examples"] > 0 and 0 < lira["out_shadows_per_example"] < 2
     out = capsys.readouterr().out
     assert "example-level LiRA: AUC" in out and "example-level loss threshold: AUC" in out
+    # the vectorised executor trains the same shadows (the same scores up to float rounding)
+    main(["--config", cfg, "--ckpt_path", str(cli.trainer.last_checkpoint), "--out", str(tmp_path / "vmap"),
+          "--attack", "lira", "--shadows", "2", "--shadow_executor", "vmap"])
+    vmap = json.loads((tmp_path / "vmap" / "audit_membership.json").read_text())["lira"]
+    assert vmap["example"]["auc"] == pytest.approx(lira["example"]["auc"], abs=1e-3)
     with pytest.raises(SystemExit):
         main(["--config", cfg, "--ckpt_path", str(cli.trainer.last_checkpoint), "--attack", "lira", "--shadows", "1"])
