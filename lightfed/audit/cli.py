@@ -72,12 +72,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def quiet_cli(config: str, root: str, extra: list[str] = ()) -> Any:
-    """A ``LightFedCLI`` of ``config`` without logger, progress bar, callbacks or checkpoints, not yet run."""
+    """A ``LightFedCLI`` of ``config`` without logger, progress bar, callbacks, audits or checkpoints, not yet run."""
     from lightfed.cli import LightFedCLI
 
     with contextlib.redirect_stdout(io.StringIO()), mock.patch.object(sys, "argv", sys.argv[:1]):
         return LightFedCLI(args=["--config", config, "--trainer.logger", "false", "--trainer.enable_progress_bar",
-                                 "false", "--trainer.callbacks", "[]", "--trainer.checkpoint_every", "0",
+                                 "false", "--trainer.callbacks", "[]", "--audit", "null", "--trainer.checkpoint_every", "0",
                                  "--trainer.default_root_dir", root, *extra], run=False)
 
 

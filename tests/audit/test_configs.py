@@ -31,3 +31,18 @@ def test_fashion_no_dp_override_parses(tmp_path):
     assert cli.trainer.privacy is None
     audit = [c for c in cli.trainer.callbacks if type(c).__name__ == "OneShotCanaryAudit"]
     assert len(audit) == 1 and audit[0].canary_norm == 0.5
+
+
+def test_attacks_rerun_a_config_without_its_audits(tmp_path):
+    """``lightfed audit`` and LiRA's shadows build the run without ``trainer.callbacks`` or an ``audit:`` section
+    (canaries would move the shadows and cost time)."""
+    import yaml
+
+    from lightfed.audit.cli import quiet_cli
+    from tests.test_cli import CONFIG
+
+    cfg = yaml.safe_load(yaml.safe_dump(CONFIG))
+    cfg["audit"] = [{"class_path": "lightfed.audit.OneShotCanaryAudit", "init_args": {"num_canaries": 2}}]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert quiet_cli(str(path), str(tmp_path)).trainer.callbacks == []
