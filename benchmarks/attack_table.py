@@ -10,7 +10,7 @@ min-max) with 10% and 20% of the population Byzantine, plus a clean run. The tas
 epochs of batch 16; here 15 clients a round (so Bulyan's ``n >= 4f + 3`` holds at 20%) and ``--rounds`` rounds
 (default 20). The robust rules are told ``f = ceil(fraction * 15)`` (the expected Byzantine clients of a round,
 rounded up: 2 at 10%, 3 at 20%); FedTrimmedAvg trims ``beta = 0.2`` at each end. Backdoor accuracy (triggered
-test digits of other classes classified as the target 0, :class:`plugins.attacks.BackdoorAccuracy`) is
+test digits of other classes classified as the target 0, :class:`lightfed_zoo.attacks.BackdoorAccuracy`) is
 measured in every run, attacked or not, so the clean runs show the trigger's base rate. Seeds (``--seeds``,
 default 0; with several, each cell is the mean and the table states the largest standard deviation): the
 Byzantine clients, the partition, the cohorts and the initial model all derive from the seed. The table goes
@@ -34,13 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # plugins/ is a top-level package of the checkout
 
 import lightning as L  # noqa: E402
+from lightfed_zoo import attacks  # noqa: E402
 
 from lightfed import FederatedTrainer  # noqa: E402
 from lightfed.data.datasets import DigitsDataModule  # noqa: E402
 from lightfed.data.partition import IID  # noqa: E402
 from lightfed.models import MLPClassifier  # noqa: E402
 from lightfed.registry import STRATEGIES  # noqa: E402
-from plugins import attacks  # noqa: E402
 
 DOC = ROOT / "docs" / "strategies.md"
 BEGIN, END = "<!-- attack-table:begin -->", "<!-- attack-table:end -->"
