@@ -9,7 +9,7 @@ round, for the same number of rounds, local epochs, batch size and local learnin
 final central test accuracy for
 
 * ``Dir(0.1)`` (strong label skew) and ``Dir(1.0)`` (mild skew);
-* ``Dir(1.0)`` with 20% of the clients Byzantine, sending sign-flipped updates (:class:`plugins.attacks.
+* ``Dir(1.0)`` with 20% of the clients Byzantine, sending sign-flipped updates (:class:`lightfed_zoo.attacks.
   SignFlipAttack`: the same 4 clients every round send ``-delta``), and the same with ``-4 delta``, which
   cancels the honest clients' mean (``0.8 - 4 * 0.2 = 0``) so that only a robust rule can still learn;
 * the mean and worst-10% accuracy of the clients' own validation splits under ``Dir(0.1)`` (federated
@@ -37,7 +37,7 @@ from lightfed.data.datasets import DigitsDataModule
 from lightfed.data.partition import Dirichlet
 from lightfed.models import MLPClassifier
 from lightfed.registry import STRATEGIES
-from plugins.attacks import SignFlipAttack
+from lightfed_zoo.attacks import SignFlipAttack
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "strategies.md"

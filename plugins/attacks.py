@@ -3,7 +3,7 @@
 Select one with a dotted ``class_path`` in a config, wrapping the strategy under attack::
 
     strategy:
-      class_path: plugins.attacks.SignFlipAttack
+      class_path: lightfed_zoo.attacks.SignFlipAttack
       init_args:
         strategy: {class_path: Krum, init_args: {f: 2}}
         fraction: 0.2
@@ -450,7 +450,7 @@ class BackdoorAccuracy(Callback):
         if not isinstance(trainer.strategy, BackdoorAttack):
             raise ValueError(
                 f"BackdoorAccuracy measures a BackdoorAttack, but the run's strategy is "
-                f"{type(trainer.strategy).__name__}; wrap the strategy in plugins.attacks.BackdoorAttack."
+                f"{type(trainer.strategy).__name__}; wrap the strategy in lightfed_zoo.attacks.BackdoorAttack."
             )
 
     def on_round_end(self, trainer: Any, result: RoundResult) -> None:

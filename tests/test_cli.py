@@ -165,7 +165,7 @@ def error_lines(err: str) -> list[str]:
         (lambda c: None, ["--trainer.roundz", "3"], "Did you mean --trainer.rounds?"),
         (lambda c: None, ["--trainer.rounds", "fast"], "trainer.rounds: expected int, got 'fast'."),
         (lambda c: c.update(strategy={"class_path": "FedProx", "init_args": {"muu": 1}}), [],
-         "strategy: plugins.strategies.FedProx: Option 'muu' is not accepted. Did you mean 'mu'?"),
+         "strategy: lightfed_zoo.strategies.FedProx: Option 'muu' is not accepted. Did you mean 'mu'?"),
         # a plugin's __init__ raising inside jsonargparse (reported by it as a failed Union): the plugin's own text
         (lambda c: c.update(strategy={"class_path": "FedProx", "init_args": {"mu": -1.0}}), [],
          "FedProx mu must be >= 0 (0 is FedAvg), got -1.0 (`strategy.init_args.mu`)."),

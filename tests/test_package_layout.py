@@ -61,3 +61,18 @@ def test_no_import_cycles_in_the_package():
         if m not in state:
             visit(m, [m])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_every_package_is_installed_and_the_zoo_has_a_distinctive_import_name():
+    """pyproject lists packages explicitly (the folder plugins/ installs as lightfed_zoo): keep the list complete."""
+    import tomllib
+
+    config = tomllib.loads((PKG.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {_module_name(p.parent / "__init__.py") for p in PKG.rglob("__init__.py")}
+    zoo = {".".join(["lightfed_zoo", *p.parent.relative_to(PKG.parent / "plugins").parts])
+           for p in (PKG.parent / "plugins").rglob("__init__.py")}
+    assert set(config["packages"]) == found | zoo
+    assert config["package-dir"] == {"lightfed_zoo": "plugins"}
+    import importlib
+
+    assert importlib.import_module("lightfed_zoo.strategies").__file__.startswith(str(PKG.parent / "plugins"))

@@ -10,7 +10,7 @@ from torch import Tensor
 from lightfed.messages import RoundAggregate
 from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
-from plugins.strategies.base import WeightedMean, check, check_fraction, restore_tensor
+from lightfed_zoo.strategies.base import WeightedMean, check, check_fraction, restore_tensor
 
 
 @STRATEGIES.register("FedAvgM")

@@ -8,7 +8,7 @@ from torch import Tensor
 from lightfed.context import ClientContext
 from lightfed.messages import ClientUpdate, RoundAggregate
 from lightfed.registry import STRATEGIES
-from plugins.strategies.base import WeightedMean, check
+from lightfed_zoo.strategies.base import WeightedMean, check
 
 _TAU = "fednova_tau"
 

@@ -7,7 +7,7 @@ from torch import Tensor
 from lightfed.context import ClientContext
 from lightfed.messages import RoundAggregate
 from lightfed.registry import STRATEGIES
-from plugins.strategies.base import WeightedMean, check
+from lightfed_zoo.strategies.base import WeightedMean, check
 
 
 @STRATEGIES.register("FedProx")

@@ -11,7 +11,7 @@ from lightfed.messages import ClientUpdate
 from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
 from lightfed.strategy import Strategy
-from plugins.strategies.base import check, coordinate_median, stack_deltas
+from lightfed_zoo.strategies.base import check, coordinate_median, stack_deltas
 
 
 def pairwise_sq_distances(x: Tensor) -> Tensor:

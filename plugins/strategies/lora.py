@@ -34,7 +34,7 @@ from lightfed.models.lora import LoRALayout, RankTiers
 from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
 from lightfed.seeding import make_generator
-from plugins.strategies.base import WeightedMean, check
+from lightfed_zoo.strategies.base import WeightedMean, check
 
 log = logging.getLogger("lightfed")
 

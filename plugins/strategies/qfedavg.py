@@ -8,7 +8,7 @@ from torch import Tensor
 from lightfed.context import ClientContext
 from lightfed.messages import ClientUpdate, RoundAggregate
 from lightfed.registry import STRATEGIES
-from plugins.strategies.base import WeightedMean, check, local_lr
+from lightfed_zoo.strategies.base import WeightedMean, check, local_lr
 
 _H = "qfedavg_h"
 _EPS = 1e-10  # added to F_k, as in the authors' code, so that F_k^(q-1) stays finite at F_k = 0

@@ -9,7 +9,7 @@ from torch import Tensor
 from lightfed.messages import ClientUpdate
 from lightfed.registry import STRATEGIES
 from lightfed.strategy import Strategy
-from plugins.strategies.base import check_fraction, coordinate_median, stack_deltas
+from lightfed_zoo.strategies.base import check_fraction, coordinate_median, stack_deltas
 
 
 @STRATEGIES.register("FedMedian")

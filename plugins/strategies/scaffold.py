@@ -11,7 +11,7 @@ from lightfed.context import ClientContext
 from lightfed.messages import ClientUpdate, RoundAggregate
 from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
-from plugins.strategies.base import WeightedMean, check, local_lr, parameter_mask, restore_tensor
+from lightfed_zoo.strategies.base import WeightedMean, check, local_lr, parameter_mask, restore_tensor
 
 _C = "scaffold_c"
 

@@ -20,7 +20,7 @@ from lightfed.executors import SGDHyper, VmapExecutor, VmapUnsupportedError
 from lightfed.models import CNNClassifier, MLPClassifier
 from lightfed.params import ParamSpec
 from lightfed.seeding import make_generator
-from plugins.strategies.fedprox import FedProx
+from lightfed_zoo.strategies.fedprox import FedProx
 from tests.conftest import BoringFederatedData, boring_model
 
 

@@ -13,7 +13,7 @@ import torch
 from lightfed import FedAvg, FederatedTrainer, FullParticipation, ParamSpec
 from lightfed.data.partition import IID
 from lightfed.models import MLPClassifier
-from plugins.attacks import (
+from lightfed_zoo.attacks import (
     ALIEAttack,
     BackdoorAccuracy,
     BackdoorAttack,
@@ -22,7 +22,7 @@ from plugins.attacks import (
     MinMaxAttack,
     SignFlipAttack,
 )
-from plugins.strategies import Krum
+from lightfed_zoo.strategies import Krum
 from tests.conftest import BoringFederatedData
 from tests.plugins.zoo_testing import update
 

@@ -23,7 +23,7 @@ from lightfed.models.hf import add_lora
 from lightfed.models.lora import LoRALayout, RankTiers
 from lightfed.registry import STRATEGIES
 from lightfed.server import run_server_round
-from plugins.strategies.lora import FedITLoRA, FedSALoRA, FFALoRA, FLoRA
+from lightfed_zoo.strategies.lora import FedITLoRA, FedSALoRA, FFALoRA, FLoRA
 from tests.conftest import BoringFederatedData
 from tests.plugins.zoo_testing import train_clients
 

@@ -74,7 +74,7 @@ def strategy_from_config(tmp_path: Path, strategy_yaml: str) -> Strategy:
 # ---------------------------------------------------------------------------------------- the zoo itself
 def test_zoo_arrives_through_the_entry_point_declared_in_pyproject():
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
-    assert pyproject["project"]["entry-points"]["lightfed.strategies"] == {"zoo": "plugins.strategies"}
+    assert pyproject["project"]["entry-points"]["lightfed.strategies"] == {"zoo": "lightfed_zoo.strategies"}
     for entry in STRATEGIES.entries():
         if entry.name in ZOO:
             assert entry.origin == "lightfed (entry point zoo)", entry
@@ -87,7 +87,7 @@ def test_zoo_arrives_through_the_entry_point_declared_in_pyproject():
         ("strategy: FedProx", "FedProx", {"mu": 0.01}),
         ("strategy: fedprox", "FedProx", {"mu": 0.01}),  # names are case-insensitive
         ("strategy:\n  class_path: FedProx\n  init_args: {mu: 0.5}", "FedProx", {"mu": 0.5}),
-        ("strategy:\n  class_path: plugins.strategies.krum.MultiKrum\n  init_args: {f: 2, m: 3}", "MultiKrum", {"f": 2, "m": 3}),
+        ("strategy:\n  class_path: lightfed_zoo.strategies.krum.MultiKrum\n  init_args: {f: 2, m: 3}", "MultiKrum", {"f": 2, "m": 3}),
     ],
 )
 def test_zoo_strategy_by_name_or_class_path_with_init_args(tmp_path, strategy_yaml, cls, attrs):

@@ -10,8 +10,8 @@ from lightfed import FedAvg, FederatedTrainer, ParamSpec
 from lightfed.data.datasets import DigitsDataModule
 from lightfed.data.partition import IID
 from lightfed.models import MLPClassifier
-from plugins.attacks import SignFlipAttack
-from plugins.strategies import SCAFFOLD, Krum
+from lightfed_zoo.attacks import SignFlipAttack
+from lightfed_zoo.strategies import SCAFFOLD, Krum
 from tests.plugins.zoo_testing import update
 
 

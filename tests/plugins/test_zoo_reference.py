@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightfed import ParamSpec
-from plugins.strategies import (
+from lightfed_zoo.strategies import (
     SCAFFOLD,
     Bulyan,
     Ditto,
