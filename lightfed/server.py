@@ -36,7 +36,9 @@ from torch import Tensor
 
 from lightfed.aggregation import Aggregator, CollectAll, StreamingSum
 from lightfed.messages import ClientUpdate, RoundAggregate, RoundResult, all_finite
+from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism
+from lightfed.sampling import ClientSampler
 from lightfed.secagg.base import SecureAggregation
 from lightfed.strategy import Strategy
 
@@ -76,6 +78,34 @@ class RoundServer:
         self.privacy = privacy
         self.secure_aggregation = secure_aggregation
         self.numel = numel
+
+    def setup(
+        self, spec: ParamSpec, global_params: Tensor, sampler: ClientSampler, rounds: int, seed: int,
+        client_num_examples: list[int],
+    ) -> None:
+        """Set up strategy, privacy and secure aggregation together; refuse what cannot compose, before training.
+
+        Raises:
+            ValueError: naming the reason (distributed noise without secure aggregation, a cohort too small for
+                the strategy, a strategy the mechanism cannot make private, ...).
+        """
+        num_clients = len(client_num_examples)
+        plan = self.privacy.noise_plan() if self.privacy is not None else None
+        if plan is not None and plan.placement == "distributed" and self.secure_aggregation is None:
+            raise ValueError(
+                "privacy.noise_placement: distributed leaves the noise to secure aggregation, but no "
+                "secure_aggregation section is configured: the sum would carry no noise. Add one or use server noise."
+            )
+        self.strategy.setup(spec, num_clients, global_params)
+        if not self.strategy.samples_own_cohort:
+            self.strategy.check_cohort(sampler.expected_cohort(num_clients))
+        if self.privacy is not None:
+            self.privacy.setup(
+                num_clients=num_clients, sampler=sampler, rounds=rounds, strategy=self.strategy, seed=seed,
+                client_num_examples=client_num_examples,
+            )
+        if self.secure_aggregation is not None:
+            self.secure_aggregation.setup(strategy=self.strategy, privacy=self.privacy, numel=spec.numel, seed=seed)
 
     def new_aggregator(self, round_idx: int, cohort: list[int]) -> Aggregator:
         """The round's sum: secure, every update (robust strategies), or streamed."""

@@ -239,12 +239,6 @@ class FederatedTrainer:
         self.fabric.launch()
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
-        plan = self.privacy.noise_plan() if self.privacy is not None else None
-        if plan is not None and plan.placement == "distributed" and self.secure_aggregation is None:
-            raise ValueError(
-                "privacy.noise_placement: distributed leaves the noise to secure aggregation, but no "
-                "secure_aggregation section is configured: the sum would carry no noise. Add one or use server noise."
-            )
         if not isinstance(datamodule, FederatedDataModule):
             raise TypeError(f"data must be a lightfed FederatedDataModule, got {type(datamodule).__name__}.")
         datamodule.setup("fit")
@@ -262,19 +256,8 @@ class FederatedTrainer:
         self.module, self.datamodule = model, datamodule
         self.global_params = self.spec.flatten(self.spec.tensors(model)).to(device)
         self.num_clients = num_clients
-        self.strategy.setup(self.spec, num_clients, self.global_params)
-        if not self.strategy.samples_own_cohort:
-            self.strategy.check_cohort(self.sampler.expected_cohort(num_clients))
-        if self.privacy is not None:
-            self.privacy.setup(
-                num_clients=num_clients, sampler=self.sampler, rounds=self.rounds, strategy=self.strategy,
-                seed=self.seed, client_num_examples=self._client_sizes.tolist(),
-            )
-        if self.secure_aggregation is not None:
-            self.secure_aggregation.setup(
-                strategy=self.strategy, privacy=self.privacy, numel=self.spec.numel, seed=self.seed
-            )
         self.server = RoundServer(self.strategy, self.privacy, self.secure_aggregation, self.spec.numel)
+        self.server.setup(self.spec, self.global_params, self.sampler, self.rounds, self.seed, self._client_sizes.tolist())
         self.local = LocalTrainer(
             model, self.spec, self.strategy, self.fabric.strategy.precision, self.local_epochs,
             self.local_steps, self.batch_size, self.seed, **self.loop_flags,
