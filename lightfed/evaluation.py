@@ -83,7 +83,7 @@ class Evaluation(Callback):
     def on_round_end(self, trainer: FederatedTrainer, result: RoundResult) -> None:
         done = result.round_idx + 1
         if done % trainer.eval_every == 0 or done == trainer.rounds:
-            result.metrics.update(evaluate_round(trainer, result.round_idx))
+            result.metrics.update(trainer.evaluate_round(result.round_idx))  # the trainer's method: overridable
 
 
 __all__ = ["Evaluation", "evaluate_central", "evaluate_federated", "evaluate_round", "metric_key"]
