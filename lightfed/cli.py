@@ -45,7 +45,7 @@ COMMANDS = {
     "fit": "run the federated rounds of a config (lightfed fit --config X.yaml)",
     "test": "evaluate a checkpoint on the central test set (lightfed test --ckpt_path C; the config is read from C)",
     "data": "print a config's partition statistics and draw every client's label counts as a heatmap",
-    "strategies": "list every registered strategy, privacy mechanism, secure aggregation protocol and executor",
+    "strategies": "list every registered strategy, privacy mechanism, secure aggregation protocol, executor and audit",
     "central": "centralised Lightning training of the same model and data (lightfed central fit --config X.yaml)",
     "new-strategy": "write a strategy plugin package: entry point, one strategy, a conformance test (NAME [--dir D])",
     "audit": "attacks on a finished model: membership inference (lightfed audit --config X.yaml --ckpt_path C)",
@@ -63,14 +63,14 @@ def __getattr__(name: str) -> Any:
 
 
 def print_plugins() -> None:
-    """``lightfed strategies``: every registered plugin, its description and where it came from."""
+    """``lightfed strategies``: every registered plugin (strategies, privacy, secure aggregation, executors, audits)."""
     import lightfed.executors  # noqa: F401 - registers the built-in executors (vmap)
     import lightfed.privacy  # noqa: F401 - registers the built-in privacy mechanisms
     import lightfed.secagg  # noqa: F401 - registers the built-in secure aggregation protocols
-    from lightfed.registry import EXECUTORS, PRIVACY, SECURE_AGGREGATION, STRATEGIES, load_all_plugins
+    from lightfed.registry import AUDITS, EXECUTORS, PRIVACY, SECURE_AGGREGATION, STRATEGIES, load_all_plugins
 
     load_all_plugins()
-    for registry in (STRATEGIES, PRIVACY, SECURE_AGGREGATION, EXECUTORS):
+    for registry in (STRATEGIES, PRIVACY, SECURE_AGGREGATION, EXECUTORS, AUDITS):
         entries = registry.entries()
         print(f"{registry.group}:")
         if not entries:

@@ -349,3 +349,14 @@ def test_audit_is_a_command():
 
     out = subprocess.run([sys.executable, "-m", "lightfed.cli", "audit", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--ckpt_path" in out.stdout
+
+
+def test_listing_plugins_does_not_import_lightning():
+    """Issue 13: `lightfed strategies` does not pay for Lightning (it lists the registries' entries)."""
+    import subprocess
+    import sys
+
+    code = "import sys, lightfed.cli as c; c.print_plugins(); print('LIGHTNING', 'lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "vmap" in out.stdout and "OneShotCanary" in out.stdout and "LIGHTNING False" in out.stdout
