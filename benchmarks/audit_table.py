@@ -5,6 +5,8 @@ reconstruction; audit overhead; and how reconstruction degrades (local steps, ba
     python benchmarks/audit_table.py --seeds 0    # one seed
     python benchmarks/audit_table.py --overhead 3 # also time 3 runs with and without the audit (CPU seconds)
     python benchmarks/audit_table.py --reconstruction-only   # only the reconstruction table (digits, Fashion-MNIST)
+    python benchmarks/audit_table.py --head-only --seeds 0   # head-only fine-tuning of a pretrained MLP (pretrains first)
+    python benchmarks/audit_table.py --pretrain-only         # only the checkpoint experiments/audit_digits_head_only.yaml loads
 
 Leakage columns of each row, on the same run: offline LiRA (Carlini et al. 2022; ``--shadows`` re-runs of the
 row's config on seeded pool subsets, :func:`lightfed.audit.cli.lira_report`) on the final model, AUC and TPR at
@@ -15,7 +17,9 @@ first-layer attack and of gradient inversion (Geiping et al. 2020), mean over 5 
 Every row is an example config under ``experiments/`` run as written through the ``lightfed fit`` parser, with
 the one-shot canary audit (Andrew et al. 2024; 100 inserted + 100 held-out canaries, sampled like clients)
 added by ``--trainer.callbacks+=``. The no-DP row audits with canaries of norm 0.5 (the DP rows' clip). The
-table goes between the ``audit-table`` markers in docs/auditing.md and to stdout. The overhead is CPU time of
+table goes between the ``audit-table`` markers in docs/auditing.md (``--fashion``: ``audit-fashion-table``;
+``--head-only``: ``audit-head-table``, the rows of experiments/audit_digits_head_only.yaml, whose Fashion-MNIST
+pretraining :func:`pretrain` runs first) and to stdout. The overhead is CPU time of
 ``fit`` (``time.process_time``), which other processes on a shared machine do not inflate as they do wall time.
 """
 
@@ -48,12 +52,62 @@ FASHION_ROWS = [
     ("DP-FedAvg, target eps 3", FASHION, [], []),
     ("DP-FedAvg, target eps 1", FASHION, ["--privacy.init_args.target_epsilon", "1"], []),
 ]
+HEAD = "audit_digits_head_only.yaml"
+PRETRAINED = ROOT / "runs" / "audit_digits_head_only" / "pretrained_fashion8x8.pt"
+HBEGIN, HEND = "<!-- audit-head-table:begin -->", "<!-- audit-head-table:end -->"
+HEAD_ROWS = [
+    ("head-only fine-tuning, no DP", HEAD, ["--privacy", "null", "--trainer.init_checkpoint", str(PRETRAINED)],
+     ["--trainer.callbacks.init_args.canary_norm=0.5"]),
+    ("head-only fine-tuning, DP target eps 3", HEAD, ["--trainer.init_checkpoint", str(PRETRAINED)], []),
+]
 ROWS = [
     ("FedAvg, no DP", "digits_dp_eps8.yaml", ["--privacy", "null"], [*AUDIT, "--trainer.callbacks.init_args.canary_norm=0.5"]),
     ("DP-FedAvg, target eps 8", "digits_dp_eps8.yaml", [], AUDIT),
     ("DP-FedAvg, target eps 3", "digits_dp_eps3.yaml", [], AUDIT),
     ("DP-FedAvg, target eps 1", "digits_dp_eps1.yaml", [], AUDIT),
 ]
+
+
+def pretrain(path: Path = PRETRAINED, epochs: int = 5, seed: int = 0) -> float:
+    """Pretrain the MLP 64-64-10 of experiments/audit_digits_head_only.yaml centrally on public data disjoint
+    from digits: Fashion-MNIST's 60,000 training images padded to 32x32 and average-pooled in 4x4 blocks to 8x8
+    in [0, 1] (sklearn's digits are 4x4 block counts of 32x32 bitmaps, scaled the same way). Saves the state
+    dict to ``path``; returns the test accuracy on Fashion-MNIST's 10,000 test images (8x8)."""
+    import gzip
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from lightfed.models import MLPClassifier
+
+    root = Path("/usr/share/datasets/fashion-mnist")
+
+    def images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        with gzip.open(root / f"{split}-images-idx3-ubyte.gz") as f:
+            x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+        with gzip.open(root / f"{split}-labels-idx1-ubyte.gz") as f:
+            y = np.frombuffer(f.read(), np.uint8, offset=8)
+        x = F.avg_pool2d(F.pad(torch.tensor(x, dtype=torch.float32) / 255, (2, 2, 2, 2)), 4)
+        return x.reshape(len(x), 64), torch.tensor(y, dtype=torch.int64)
+
+    torch.manual_seed(seed)
+    (x, y), (xt, yt) = images("train"), images("t10k")
+    model = MLPClassifier(64, [64], 10)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(128):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    with torch.no_grad():
+        acc = (model(xt).argmax(1) == yt).float().mean().item()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+    print(f"pretrained on Fashion-MNIST 8x8 ({epochs} epochs, seed {seed}): test accuracy {100 * acc:.1f}%, saved "
+          f"{path}", file=sys.stderr, flush=True)
+    return acc
 
 
 def run_config(config: str, extra: list[str], seed: int, workdir: str, keep: bool = False) -> tuple[dict[str, float], float]:
@@ -108,8 +162,13 @@ def interval(rows: list[dict[str, float]], tag: str) -> str:
     return f"{fmt(est)} [{low:.3g}, {high:.3g}]"
 
 
-def table(results: dict[str, list[dict[str, float]]], seeds: list[int], shadows: int = 8, fashion: bool = False) -> str:
-    task = ("Fashion-MNIST, a seeded 4,000 training images (members) and the 10,000 test images (non-members), 400 "
+def table(results: dict[str, list[dict[str, float]]], seeds: list[int], shadows: int = 8, fashion: bool = False,
+          head: float | None = None) -> str:
+    task = ("Digits, 400 IID clients, Poisson q = 0.2, 50 rounds, an MLP 64-64-10 whose hidden layer was pretrained "
+            f"centrally on Fashion-MNIST downsampled to 8x8 (public, disjoint from digits; {100 * head:.1f}% on its "
+            "test set) and frozen, the head (650 parameters) fine-tuned and sent, canaries in the head's space"
+            if head is not None else
+            "Fashion-MNIST, a seeded 4,000 training images (members) and the 10,000 test images (non-members), 400 "
             "IID clients, Poisson q = 0.2, 30 rounds, logistic regression on flat pixels (7,850 parameters)"
             if fashion else "Digits, 400 IID clients, Poisson q = 0.2, 50 rounds, logistic regression (650 parameters)")
     members = "" if fashion else " (members: the 1,438 training examples, non-members: the 359 test examples)"
@@ -119,13 +178,15 @@ def table(results: dict[str, list[dict[str, float]]], seeds: list[int], shadows:
         f"canaries in brackets. LiRA: offline, {shadows} shadow re-runs of the row's config on subsets of the pool"
         f"{members}. Reconstruction: one "
         f"client's one-example, one-step update from the final model through the row's clip and noise (a cohort of "
-        f"one), mean over 5 clients. Produced by `python benchmarks/audit_table.py{' --fashion' if fashion else ''}`.",
+        f"one), mean over 5 clients. Produced by `python benchmarks/audit_table.py"
+        f"{' --fashion' if fashion else ''}{' --head-only' if head is not None else ''}"
+        f"{' --seeds ' + ' '.join(map(str, seeds)) if head is not None else ''}`.",
         "",
         "| run | test accuracy (%) | accountant epsilon | empirical epsilon, final model | empirical epsilon, all iterates "
         "| LiRA AUC | LiRA TPR at 1% FPR (%) | reconstruction PSNR (dB), analytic / inversion |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for label, *_ in FASHION_ROWS if fashion else ROWS:
+    for label, *_ in HEAD_ROWS if head is not None else FASHION_ROWS if fashion else ROWS:
         rows = results[label]
         acc = [r.get("central/test_acc", math.nan) for r in rows]
         eps = [r.get("privacy/epsilon", math.inf) for r in rows]
@@ -288,6 +349,10 @@ def main() -> None:
     parser.add_argument("--cohorts", type=int, default=3, help="reconstruction: seeded cohorts per setting")
     parser.add_argument("--iterations", type=int, default=200, help="reconstruction: Adam steps of gradient inversion")
     parser.add_argument("--fashion", action="store_true", help="the Fashion-MNIST rows instead of digits")
+    parser.add_argument("--head-only", action="store_true",
+                        help="the head-only fine-tuning rows (pretrains the checkpoint first) instead of digits")
+    parser.add_argument("--pretrain-only", action="store_true",
+                        help="only pretrain the checkpoint experiments/audit_digits_head_only.yaml loads")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/auditing.md alone")
     args = parser.parse_args()
     if args.reconstruction_only:
@@ -296,7 +361,11 @@ def main() -> None:
         if not args.no_write:
             write_between(RBEGIN, REND, text)
         return
-    grid = FASHION_ROWS if args.fashion else ROWS
+    if args.pretrain_only:
+        pretrain()
+        return
+    head = pretrain() if args.head_only else None
+    grid = HEAD_ROWS if args.head_only else FASHION_ROWS if args.fashion else ROWS
     results: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in grid}
     for label, config, row_args, audit_args in grid:
         for seed in args.seeds:
@@ -308,12 +377,12 @@ def main() -> None:
             print(f"{label} seed {seed}: {cpu:.1f} CPU s, final {metrics['audit/epsilon_final']:.3g}, all iterates "
                   f"{metrics['audit/epsilon_all_iterates']:.3g}, LiRA AUC {metrics.get('lira/auc', math.nan):.3f}, "
                   f"PSNR {metrics.get('reconstruction/analytic_psnr', math.nan):.1f}", file=sys.stderr, flush=True)
-    text = table(results, args.seeds, args.shadows, fashion=args.fashion)
+    text = table(results, args.seeds, args.shadows, fashion=args.fashion, head=head)
     if args.overhead:
         text += "\n\n" + overhead(args.overhead)
     print(text)
     if not args.no_write and DOC.exists():
-        write_between(*((FBEGIN, FEND) if args.fashion else (BEGIN, END)), text)
+        write_between(*((HBEGIN, HEND) if args.head_only else (FBEGIN, FEND) if args.fashion else (BEGIN, END)), text)
 
 
 if __name__ == "__main__":
