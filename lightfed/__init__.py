@@ -10,8 +10,7 @@ Lightning; ``from lightfed import FederatedTrainer`` works as before.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightfed._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -52,17 +51,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first access and cache the name in this module."""
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightfed' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_WHERE})
-
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -49,6 +49,13 @@ def frozen_parameters(module: nn.Module, payload_names: list[str]) -> dict[str, 
     return {n: p for n, p in module.named_parameters() if n not in payload and not p.requires_grad}
 
 
+def frozen_fingerprint(trainer: FederatedTrainer, frozen: dict[str, Tensor]) -> str:
+    """The fingerprint of the run's frozen parameters, hashed once per run (they never change during it)."""
+    if trainer.frozen_fingerprint is None:
+        trainer.frozen_fingerprint = fingerprint(frozen)
+    return trainer.frozen_fingerprint
+
+
 def fingerprint(tensors: dict[str, Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes, in name order."""
     h = hashlib.sha256()
@@ -78,7 +85,7 @@ def collect(trainer: FederatedTrainer) -> dict[str, Any]:
                      "history": trainer.history, "config": trainer.config_yaml or ""},
         "model": {"payload_names": names, "global_params": trainer.global_params,
                   "state": {k: v for k, v in trainer.module.state_dict().items() if k not in frozen},
-                  "frozen": fingerprint(frozen)},
+                  "frozen": frozen_fingerprint(trainer, frozen)},
         "strategy": {"name": type(trainer.strategy).__name__, "state": trainer.strategy.state_dict()},
         "privacy": trainer.privacy.state_dict() if trainer.privacy is not None else {},
         "secure_aggregation": trainer.secure_aggregation.state_dict() if trainer.secure_aggregation is not None else {},
@@ -162,7 +169,7 @@ def check_compatible(trainer: FederatedTrainer, state: dict[str, Any], where: st
             f"{where} was written for another payload (first names {model['payload_names'][:3]} vs "
             f"{list(trainer.spec.names)[:3]}); resume with the same model and `trainer.trainable`."
         )
-    if model["frozen"] != fingerprint(frozen_parameters(trainer.module, list(trainer.spec.names))):
+    if model["frozen"] != frozen_fingerprint(trainer, frozen_parameters(trainer.module, list(trainer.spec.names))):
         raise ValueError(
             f"{where} was trained on another frozen base model (the fingerprint of the frozen weights differs); "
             f"resume with the same pretrained model and `trainer.init_checkpoint`."

@@ -205,6 +205,8 @@ class FederatedTrainer:
         self.last_checkpoint: Path | None = None
         self.exported_model: Path | None = None
         self.exported_peft: dict[str, Path] | None = None
+        #: SHA-256 of the frozen parameters (resume.frozen_fingerprint hashes them once, at the first use).
+        self.frozen_fingerprint: str | None = None
         self.reporting = Reporting()
         self._lock: Path | None = None
 

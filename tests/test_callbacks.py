@@ -63,7 +63,6 @@ def test_extra_updates_go_through_the_server_path(tmp_path):
     plain.fit(boring_model(), BoringFederatedData(IID(num_clients=3), n=60))
     pushed = _trainer(tmp_path / "b", Recorder(push=1.0), rounds=1, local_steps=1, batch_size=4)
     pushed.fit(boring_model(), BoringFederatedData(IID(num_clients=3), n=60))
-    start = plain.history  # same seed: the clients' deltas are identical
     # the extra update is summed but never counted as a client
     assert pushed.history[0]["round/updates"] == plain.history[0]["round/updates"] == 3
     assert pushed.history[0]["round/extra_updates"] == 1 and "round/extra_updates" not in plain.history[0]
@@ -74,7 +73,6 @@ def test_extra_updates_go_through_the_server_path(tmp_path):
     mean_plain = plain.global_params - init
     expected = (mean_plain * n + 1.0) / (n + 1)
     torch.testing.assert_close(pushed.global_params - init, expected, atol=1e-6, rtol=1e-5)
-    assert start is not None
 
 
 def test_callback_state_is_checkpointed_and_restored(tmp_path):

@@ -12,6 +12,7 @@ from lightfed import central
 from lightfed.checkpoint import load_into, load_state_dict_file
 from lightfed.cli import LightFedCLI
 from lightfed.models import MLPClassifier
+from tests.test_cli import CONFIG
 
 DIGITS = """
 seed_everything: 0
@@ -127,14 +128,8 @@ def test_pretrain_on_fashion_then_federate_on_animals(tmp_path: Path, capsys: py
 
 # ---- the baseline of a federated config ------------------------------------------------------------------
 
-FEDERATED = {
-    "seed_everything": 0,
-    "model": {"class_path": "lightfed.models.MLPClassifier", "init_args": {"in_features": 64, "hidden": [16], "lr": 0.1}},
-    "data": {
-        "class_path": "lightfed.data.datasets.DigitsDataModule",
-        "init_args": {"partitioner": {"class_path": "lightfed.data.partition.IID", "init_args": {"num_clients": 20}}},
-    },
-    "strategy": "FedAvg",
+FEDERATED = {  # the CLI tests' federated config, with the trainer settings these tests translate
+    **CONFIG,
     "privacy": None,
     "trainer": {"rounds": 4, "clients_per_round": 5, "local_epochs": 1, "batch_size": 8, "eval_every": 2,
                 "fed_eval_fraction": 0.0, "enable_progress_bar": False, "checkpoint_every": 0},

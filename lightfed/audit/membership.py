@@ -22,6 +22,7 @@ confidence is a real leak even at AUC near 0.5). A score is an attack's success 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,23 +75,32 @@ def attack_result(member_scores: np.ndarray, non_member_scores: np.ndarray) -> A
 
 
 @torch.no_grad()
-def example_losses(module: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> Tensor:
-    """Per-example cross-entropy of a classifier ``module(x) -> logits``.
+def _per_example(
+    module: nn.Module, x: Tensor, y: Tensor, batch_size: int, attack: str, score: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
+    """``score(logits, labels)`` per example, in eval mode and batches (the module's mode is restored).
 
     Raises:
         TypeError: for labels that are not integer class ids of shape ``[n]`` (not a classifier).
     """
     if y.is_floating_point() or y.dim() != 1:
         raise TypeError(
-            f"the loss-threshold attack scores classifiers (integer labels of shape [n]); got labels of dtype "
-            f"{y.dtype} and shape {tuple(y.shape)}. It cannot attack this model."
+            f"{attack} scores classifiers (integer labels of shape [n]); got labels of dtype {y.dtype} and shape "
+            f"{tuple(y.shape)}. It cannot attack this model."
         )
     was_training = module.training
     module.eval()
-    out = [F.cross_entropy(module(x[i : i + batch_size]), y[i : i + batch_size], reduction="none")
-           for i in range(0, len(x), batch_size)]
-    module.train(was_training)
+    try:
+        out = [score(module(x[i : i + batch_size]).float(), y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    finally:
+        module.train(was_training)
     return torch.cat(out).float().cpu()
+
+
+def example_losses(module: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> Tensor:
+    """Per-example cross-entropy of a classifier ``module(x) -> logits``."""
+    return _per_example(module, x, y, batch_size, "the loss-threshold attack",
+                        lambda z, yy: F.cross_entropy(z, yy, reduction="none"))
 
 
 def loss_threshold(member_losses: Tensor, non_member_losses: Tensor) -> AttackResult:
@@ -126,29 +136,13 @@ def client_level_scores(
 
 
 # ---------------------------------------------------------------------------------------- offline LiRA
-@torch.no_grad()
 def logit_confidences(module: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> Tensor:
-    """``phi = log(p_y / (1 - p_y)) = z_y - logsumexp_{j != y} z_j`` per example (stable for confident models).
+    """``phi = log(p_y / (1 - p_y)) = z_y - logsumexp_{j != y} z_j`` per example (stable for confident models)."""
 
-    Raises:
-        TypeError: for labels that are not integer class ids of shape ``[n]`` (not a classifier).
-    """
-    if y.is_floating_point() or y.dim() != 1:
-        raise TypeError(
-            f"LiRA scores classifiers (integer labels of shape [n]); got labels of dtype {y.dtype} and shape "
-            f"{tuple(y.shape)}. It cannot attack this model."
-        )
-    was_training = module.training
-    module.eval()
-    out = []
-    for i in range(0, len(x), batch_size):
-        z = module(x[i : i + batch_size]).float()
-        yy = y[i : i + batch_size]
-        true = z.gather(1, yy[:, None]).squeeze(1)
-        others = z.scatter(1, yy[:, None], float("-inf")).logsumexp(1)
-        out.append(true - others)
-    module.train(was_training)
-    return torch.cat(out).cpu()
+    def phi(z: Tensor, yy: Tensor) -> Tensor:
+        return z.gather(1, yy[:, None]).squeeze(1) - z.scatter(1, yy[:, None], float("-inf")).logsumexp(1)
+
+    return _per_example(module, x, y, batch_size, "LiRA", phi)
 
 
 def lira_offline(

@@ -5,8 +5,7 @@ Imported on first use (PEP 562), so ``lightfed strategies`` and ``--help`` do no
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightfed._lazy import lazy_exports
 
 _WHERE = {
     "ClientData": "lightfed.data.client_data", "Partition": "lightfed.data.client_data",
@@ -19,15 +18,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightfed.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_WHERE})
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

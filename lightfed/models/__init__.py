@@ -7,8 +7,7 @@ transformers/peft only when instantiated (:func:`lightfed.models.hf.export_peft`
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightfed._lazy import lazy_exports
 
 _WHERE = {
     "CNNClassifier": "lightfed.models.vision",
@@ -20,15 +19,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightfed.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_WHERE})
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

