@@ -1,6 +1,7 @@
 """One client visit, lightfed against a plain PyTorch visit, and the cost of each per-visit item.
 
     python benchmarks/visit.py            # A/B of a visit (issue-2 clients), then the items in isolation
+    python benchmarks/visit.py --workload w1   # the same on W1's uneven clients (3-29 examples)
 
 A/B: the same 10 clients, interleaved repeats, CPU time per visit (25th percentile of the repeats):
 ``plain`` copies the global weights, builds ``SGD`` and steps over pre-cut batches; ``fit_client`` is
@@ -11,6 +12,7 @@ training loop costs several times its isolated figure).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import sys
@@ -25,14 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=["issue2", "w1"], default="issue2")
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    from workloads import issue2, prepared
+    from workloads import cohorts, issue2, prepared, w1
 
     from lightfed import FederatedTrainer
     from lightfed.client import seed_device_rng
     from lightfed.seeding import derive_seed, make_generator
 
-    dm, model = prepared(issue2())
+    workload = issue2() if args.workload == "issue2" else w1()
+    dm, model = prepared(workload)
     trainer = FederatedTrainer(rounds=1, logger=False, enable_progress_bar=False, checkpoint_every=0,
                                default_root_dir=tempfile.mkdtemp(), fed_eval_fraction=0.0)
     trainer._setup(model, dm)
@@ -40,7 +46,7 @@ def main() -> None:
     net = copy.deepcopy(model.net)
     params = list(net.parameters())
     numels = [p.numel() for p in params]
-    cids = list(range(10))
+    cids = cohorts(workload, dm.num_clients)[0]  # the first round's cohort
     pre = {c: list(dm.client_train(c).batches(16, make_generator(0, "batches", 0, c, 0))) for c in cids}
 
     def plain() -> None:
@@ -72,7 +78,7 @@ def main() -> None:
                 fn()
             times[name].append((time.process_time() - t) / (20 * len(cids)) * 1e6)
     base = sorted(times["plain visit"])[len(times["plain visit"]) // 4]
-    print("A/B of one issue-2 client visit (CPU us, 25th percentile of 40 repeats)")
+    print(f"A/B of one {workload.name} client visit (CPU us, 25th percentile of 40 repeats)")
     for name, v in times.items():
         q = sorted(v)[len(v) // 4]
         print(f"  {name:24s} {q:7.1f} us  {q / base:.3f}x")
@@ -98,6 +104,7 @@ def main() -> None:
         "derive_seed": lambda: derive_seed(0, "client_rng", 3, 17),
         "seed_device_rng (CPU)": lambda: seed_device_rng(12345, torch.device("cpu")),
         "shuffled batches of a client": lambda: list(data.batches(16, gen)),
+        "torch profiler range (record_function)": lambda: torch.autograd.profiler.record_function("x").__enter__().__exit__(None, None, None),
     }
     print("items in isolation (wall us, best of 5 x 3,000)")
     for name, fn in items.items():

@@ -34,6 +34,7 @@ from lightfed.context import (
     step_loss,
 )
 from lightfed.data.client_data import ClientData
+from lightfed.lean_optim import LeanOptimizer
 from lightfed.messages import ClientUpdate
 from lightfed.params import ParamSpec
 from lightfed.seeding import derive_seed
@@ -310,6 +311,7 @@ class LocalTrainer:
         self._precision = None if precision is None or type(precision) is _fabric_precision() else precision
         self._scaler = getattr(precision, "scaler", None)  # 16-mixed: hooks and clipping see unscaled gradients
         self._reusable: tuple[Optimizer, list[dict[str, Any]]] | None = None
+        self._lean: LeanOptimizer | None = None  # the reused optimizer's step / zero_grad without profiler ranges
         self._reuse_checked = False
         self.trainer = ClientTrainer(
             max_epochs=None if local_steps is not None else local_epochs, max_steps=local_steps or -1,
@@ -389,6 +391,7 @@ class LocalTrainer:
         ):
             groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             self._reusable = (optimizer, [dict(g) for g in groups])
+            self._lean = LeanOptimizer(optimizer)
         return optimizer, schedulers
 
     def visit_optimizer(self, ctx: ClientContext, data: ClientData) -> tuple[Optimizer, list[SchedulerConfig]]:
@@ -425,6 +428,8 @@ class LocalTrainer:
         """Seam: one step of ``optimizer`` from the gradients (through the precision plugin)."""
         if self._precision is not None:
             self._precision.optimizer_step(optimizer)
+        elif self._lean is not None and optimizer is self._lean.optimizer:
+            self._lean.step()
         else:
             optimizer.step()
 
@@ -576,6 +581,8 @@ class LocalTrainer:
             h.on_before_zero_grad(optimizer)
         if h.optimizer_zero_grad is not None:
             h.optimizer_zero_grad(self.trainer.current_epoch, batch_idx, optimizer)
+        elif self._lean is not None and optimizer is self._lean.optimizer:
+            self._lean.zero_grad()
         else:
             optimizer.zero_grad(set_to_none=True)
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lightfed.client import EVAL_HOOKS, REUSABLE_OPTIMIZERS, TRAIN_HOOKS, LocalTrainer
 from lightfed.context import TrainerStandInError
@@ -229,6 +230,30 @@ def test_a_reused_optimizer_is_bit_identical_to_a_fresh_one(optimizer):
         ub = b.fit_client(cid, 0, client(21 + cid, seed=cid), start)
         assert torch.equal(ua.delta, ub.delta), (optimizer, cid)
     assert b._reusable is not None and a._reusable is None
+
+
+def test_the_reused_optimizer_skips_torch_profiler_ranges_only_while_nothing_observes_them():
+    module = Plain("SGD", momentum=0.9)
+    local = LocalTrainer(module, ParamSpec.from_module(module), FedAvg(), None, 1, None, 8)
+    start = local.spec.flatten(local.tensors).clone()
+    quiet = local.fit_client(0, 0, client(21), start)  # 3 steps; the first visit builds the reused optimizer
+    assert local._lean is not None and not local._lean.observed()
+    quiet = local.fit_client(0, 0, client(21), start)  # a visit on the lean path
+    seen: list[str] = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append("global"))
+    own = local._lean.optimizer.register_step_post_hook(lambda opt, args, kwargs: seen.append("own"))
+    try:
+        hooked = local.fit_client(0, 0, client(21), start)
+    finally:
+        handle.remove()
+        own.remove()
+    assert seen == ["global", "own"] * 3  # every step went through optimizer.step() while hooks were registered
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        profiled = local.fit_client(0, 0, client(21), start)
+    names = [e.name for e in prof.events()]
+    assert names.count("Optimizer.step#SGD.step") == 3 and names.count("Optimizer.zero_grad#SGD.zero_grad") == 3
+    assert not local._lean.observed()
+    assert torch.equal(quiet.delta, hooked.delta) and torch.equal(quiet.delta, profiled.delta)
 
 
 def test_configure_optimizers_is_called_per_visit_when_the_optimizer_cannot_be_reset():
