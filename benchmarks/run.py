@@ -4,6 +4,7 @@
     python benchmarks/run.py --only w1 issue2       # some sections
     python benchmarks/run.py --quick                # fewer rounds and repeats (a smoke run)
     python benchmarks/run.py --json results.json    # also write every number
+    python benchmarks/run.py --only w1 issue2 --lockstep   # W1 / issue2 with the methods taking turns round by round
 
 Sections (``--only``):
 
@@ -20,6 +21,10 @@ Sections (``--only``):
 Speed sections run in this one process with one torch thread (W2 also with two). Methods are interleaved
 and repeated; each figure is the median steady-state round (warm-up rounds skipped) of the best repeat,
 which is what the machine can do when other jobs leave it alone. Ratios compare figures of one run.
+``--lockstep`` (W1 / issue2) goes further on a shared machine: within a repeat the methods run in threads that
+take turns one round at a time (:class:`workloads.Lockstep`), so the rounds compared ran seconds apart at most,
+and it adds the **paired CPU ratio**: the median over repeats and steady rounds of (method's round r) /
+(plain loop's round r of the same repeat).
 
 glibc malloc: ``--malloc tuned`` re-executes the runner with ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` set (see :data:`MALLOC_ENV`), so freed tensors stay in the heap instead of being
@@ -39,6 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -85,43 +91,62 @@ def table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> N
 
 
 # ---------------------------------------------------------------------------------------- speed
-def speed(workload_name: str, methods: list[str], repeats: int, rounds: int | None, warmup: int | None) -> dict[str, Any]:
-    """Interleave the methods ``repeats`` times; keep each method's best (lowest) median round."""
-    from workloads import WORKLOADS, run_lightfed, run_plain
+def speed(
+    workload_name: str, methods: list[str], repeats: int, rounds: int | None, warmup: int | None, lockstep: bool = False
+) -> dict[str, Any]:
+    """Interleave the methods ``repeats`` times; keep each method's best (lowest) median round.
+
+    ``lockstep``: within a repeat the methods take turns round by round (:class:`workloads.Lockstep`), so
+    round ``r`` of each method runs in the same few milliseconds of the machine's life.
+    """
+    from workloads import WORKLOADS, Lockstep, run_lightfed, run_plain
 
     kwargs = {k: v for k, v in (("rounds", rounds), ("warmup", warmup)) if v is not None}
     workload = WORKLOADS[workload_name](**kwargs)
     best: dict[str, Any] = {}
     best_cpu: dict[str, float] = {}
+
+    def one(method: str) -> Any:
+        if method.startswith("plain"):
+            return run_plain(workload, shuffle_per_visit=method == "plain_shuffled")
+        if method == "sequential_channels_last":
+            timing = run_lightfed(WORKLOADS[workload_name](**kwargs, channels_last=True), executor="sequential")
+            timing.label = "lightfed sequential, channels-last"
+            return timing
+        return run_lightfed(workload, executor=method)
+
+    paired: dict[str, list[float]] = {m: [] for m in methods}  # lockstep: round r of a method / round r of plain
     for _ in range(repeats):
+        if lockstep:
+            timings = Lockstep(methods).run({m: (lambda m=m: one(m)) for m in methods})
+            for method in methods:
+                paired[method] += [a / b for a, b in zip(timings[method].steady_cpu, timings["plain"].steady_cpu)]
+        else:
+            timings = {m: one(m) for m in methods}
         for method in methods:
-            if method.startswith("plain"):
-                timing = run_plain(workload, shuffle_per_visit=method == "plain_shuffled")
-            elif method == "sequential_channels_last":
-                timing = run_lightfed(WORKLOADS[workload_name](**kwargs, channels_last=True), executor="sequential")
-                timing.label = "lightfed sequential, channels-last"
-            else:
-                timing = run_lightfed(workload, executor=method)
+            timing = timings[method]
             if method not in best or timing.per_round < best[method].per_round:
                 best[method] = timing
             best_cpu[method] = min(best_cpu.get(method, float("inf")), timing.cpu_per_round)
     base, base_cpu = best["plain"].per_round, best_cpu["plain"]
     rows = [
         (t.label, f"{t.per_round:.5f}", f"{t.per_round / base:.2f}x", f"{best_cpu[m]:.5f}",
-         f"{best_cpu[m] / base_cpu:.2f}x", f"{t.accuracy:.3f}")
+         f"{best_cpu[m] / base_cpu:.2f}x", *((f"{median(paired[m]):.2f}x",) if lockstep else ()), f"{t.accuracy:.3f}")
         for m, t in best.items()
     ]
     table(
         f"{workload.name}: {workload.description}; {workload.rounds} rounds, {workload.warmup} warm-up, "
-        f"best of {repeats}",
-        rows, ("method", "wall s/round", "vs plain", "CPU s/round", "vs plain", "final acc"),
+        f"best of {repeats}{', lockstep' if lockstep else ''}",
+        rows, ("method", "wall s/round", "vs plain", "CPU s/round", "vs plain",
+               *(("paired CPU ratio",) if lockstep else ()), "final acc"),
     )
     return {
         "workload": workload.name, "description": workload.description, "rounds": workload.rounds,
-        "warmup": workload.warmup, "repeats": repeats,
+        "warmup": workload.warmup, "repeats": repeats, "lockstep": lockstep,
         "methods": {m: {"seconds_per_round": t.per_round, "ratio_vs_plain": t.per_round / base,
                         "cpu_seconds_per_round": best_cpu[m], "cpu_ratio_vs_plain": best_cpu[m] / base_cpu,
-                        "accuracy": t.accuracy, "rounds": t.round_seconds, "cpu_rounds": t.cpu_seconds}
+                        "accuracy": t.accuracy, "rounds": t.round_seconds, "cpu_rounds": t.cpu_seconds,
+                        **({"paired_cpu_ratio_median": median(paired[m])} if lockstep else {})}
                     for m, t in best.items()},
     }
 
@@ -278,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="lightfed benchmarks", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of W1 / issue2 (best kept)")
+    parser.add_argument("--lockstep", action="store_true",
+                        help="W1 / issue2: the methods take turns round by round (for a machine shared with other jobs)")
     parser.add_argument("--w2-repeats", type=int, default=1)
     parser.add_argument("--w2-rounds", type=int, default=4, help="W2 rounds (the first is warm-up)")
     parser.add_argument("--w2-threads", type=int, nargs="+", default=[1, 2], help="torch threads of the W2 runs")
@@ -319,9 +346,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name == "startup":
             results[name] = section_startup(args)
         elif name == "w1":
-            results[name] = speed("W1", ["plain", "plain_shuffled", "sequential", "vmap"], repeats, rounds, warmup)
+            results[name] = speed("W1", ["plain", "plain_shuffled", "sequential", "vmap"], repeats, rounds, warmup, args.lockstep)
         elif name == "issue2":
-            results[name] = speed("issue2", ["plain", "plain_shuffled", "sequential", "vmap"], repeats, rounds, warmup)
+            results[name] = speed("issue2", ["plain", "plain_shuffled", "sequential", "vmap"], repeats, rounds, warmup, args.lockstep)
         elif name == "w2":
             results[name] = section_w2(args)
         elif name == "scaling":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,13 +158,90 @@ class Timing:
         return sum(self.steady) / len(self.steady)
 
     @property
+    def steady_cpu(self) -> list[float]:
+        return self.cpu_seconds[self.warmup:] or self.cpu_seconds
+
+    @property
     def cpu_per_round(self) -> float:
         """Median steady-state CPU seconds per round."""
         return median(self.cpu_seconds[self.warmup:] or self.cpu_seconds)
 
 
+class Lockstep:
+    """Runs several methods in threads that take turns, one round each, round-robin (``run.py --lockstep``).
+
+    On a shared machine the load changes from second to second, so methods timed one after another (even
+    interleaved repeats) see different machines. Here method A's round ``r`` runs right next to method B's
+    round ``r``: each runner thread holds the turn for one round (from one :func:`_clock` mark to the next),
+    then hands it on. Only the holder runs (the others wait on a condition), and each thread's clock skips
+    the time it waited, so a round's wall and CPU time are its own. Setup and the final evaluation also run
+    in turn, outside the timed rounds.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self.turn = 0
+        self.finished: set[str] = set()
+        self.cond = threading.Condition()
+
+    def enter(self, name: str) -> None:
+        """Block until it is ``name``'s turn."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.names[self.turn] == name)
+
+    def pass_on(self, name: str, finished: bool = False) -> None:
+        """Hand the turn to the next runner that has not finished."""
+        with self.cond:
+            if finished:
+                self.finished.add(name)
+            n = len(self.names)
+            for step in range(1, n + 1):
+                nxt = (self.names.index(name) + step) % n
+                if self.names[nxt] not in self.finished:
+                    self.turn = nxt
+                    break
+            self.cond.notify_all()
+
+    def run(self, jobs: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+        """Run ``jobs`` (name -> callable) in lockstep; returns name -> result (exceptions re-raised)."""
+        results: dict[str, Any] = {}
+        errors: list[BaseException] = []
+
+        def target(name: str, job: Callable[[], Any]) -> None:
+            _LOCAL.lockstep, _LOCAL.name, _LOCAL.waited = self, name, (0.0, 0.0)
+            self.enter(name)
+            try:
+                results[name] = job()
+            except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(err)
+            finally:
+                _LOCAL.lockstep = None
+                self.pass_on(name, finished=True)
+
+        threads = [threading.Thread(target=target, args=(n, jobs[n])) for n in self.names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+_LOCAL = threading.local()
+
+
 def _clock() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
+    """Wall and CPU time; under :class:`Lockstep`, a round boundary: hand on the turn, and skip the wait."""
+    step: Lockstep | None = getattr(_LOCAL, "lockstep", None)
+    if step is None:
+        return time.perf_counter(), time.process_time()
+    wall, cpu = time.perf_counter(), time.thread_time()
+    mark = (wall - _LOCAL.waited[0], cpu - _LOCAL.waited[1])  # this thread's own running time so far
+    step.pass_on(_LOCAL.name)
+    step.enter(_LOCAL.name)
+    _LOCAL.waited = (_LOCAL.waited[0] + time.perf_counter() - wall, _LOCAL.waited[1] + time.thread_time() - cpu)
+    return mark
 
 
 def _round_diffs(starts: list[tuple[float, float]], end: tuple[float, float]) -> tuple[list[float], list[float]]:

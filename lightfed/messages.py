@@ -63,6 +63,8 @@ class ClientUpdate:
 
     def is_finite(self) -> bool:
         """False if the delta or any extra holds NaN or Inf (such an update must never be aggregated)."""
+        if not self.extras and self.delta.dtype == torch.float32:  # the common case, once per client on the hot path
+            return math.isfinite(self.delta.sum().item()) or _finite_amax(self.delta)
         return all_finite([self.delta, *self.extras.values()])
 
 

@@ -64,6 +64,11 @@ def test_nonfinite_detection():
     assert upd(0, [1.0], 1).is_finite()
     assert not upd(0, [float("nan")], 1).is_finite()
     assert not upd(0, [1.0], 1, c=[float("inf")]).is_finite()
+    assert upd(0, [3e38, 3e38], 1).is_finite()  # finite terms whose float32 sum overflows: still finite
+    assert not upd(0, [float("inf"), -float("inf")], 1).is_finite()
+    assert not upd(0, [float("-inf"), 1.0], 1).is_finite()
+    assert upd(0, [], 1).is_finite()
+    assert not upd(0, [1.0, float("nan")], 1, c=[1.0]).is_finite()  # with extras: the general path
 
 
 def test_uniform_sampler_count_fraction_seeded_and_bad_input():
