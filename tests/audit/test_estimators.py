@@ -86,6 +86,46 @@ def test_one_run_values():
     assert one_run_epsilon_lower_bound(1000, 1000, 500) == 0.0
 
 
+#: (m, r, v, delta, beta, epsilon lower bound) computed with two implementations that are not lightfed's: the paper's
+#: own code (Steinke, Nasr & Jagielski 2023, arXiv 2305.08846, Appendix D, ``p_value_DP_audit`` / ``get_eps_audit``:
+#: a running max over i, an integer-stepped bracket, 30 bisection steps, the low end returned) and Google DeepMind's
+#: jax_privacy (``jax_privacy/auditing.py``, ``_one_run_p_value`` / ``_epsilon_one_run``: survival-function
+#: differences, brentq). The two agreed to 1e-6 at every point; the values are the Appendix D code's, rounded.
+ONE_RUN_REFERENCE = [
+    (100, 100, 100, 0.0, 0.05, 3.492965),
+    (1000, 1000, 1000, 0.0, 0.05, 5.809068),
+    (1000, 100, 100, 1e-5, 0.05, 3.465376),
+    (1000, 600, 600, 1e-5, 0.05, 5.270399),
+    (1000, 500, 450, 1e-5, 0.05, 1.946012),
+    (10000, 1000, 900, 1e-5, 0.05, 2.015194),
+    (100000, 100, 100, 1e-5, 0.05, 0.809014),  # the 2 m delta term: the same guesses bound 3.47 with m = 1000
+    (400, 80, 75, 400**-1.1, 0.05, 1.083499),
+    (1000, 1000, 700, 1e-6, 0.1, 0.756724),
+    (2000, 400, 300, 1e-4, 0.05, 0.888563),
+    (1000, 200, 150, 0.0, 0.01, 0.715811),
+    (1000, 200, 180, 1e-3, 0.01, 0.0),  # 2 m delta = 2: no refutation, however good the guesses
+    (1000, 100, 55, 1e-5, 0.05, 0.0),
+]
+#: (m, r, v, epsilon, delta, p-value) from the same two implementations (equal to 10 significant digits).
+ONE_RUN_P_REFERENCE = [
+    (1000, 100, 90, 1.0, 1e-5, 0.0008412885614),
+    (1000, 500, 400, 1.0, 1e-4, 0.00406780828),
+    (100, 50, 40, 1.0, 0.0, 0.174292947),
+    (10000, 1000, 800, 0.5, 1e-5, 0.0009419268033),
+    (1000, 200, 120, 0.2, 1e-3, 0.1802269168),
+]
+
+
+@pytest.mark.parametrize(("m", "r", "v", "delta", "beta", "expected"), ONE_RUN_REFERENCE)
+def test_one_run_bound_matches_the_papers_code_and_jax_privacy(m, r, v, delta, beta, expected):
+    assert one_run_epsilon_lower_bound(m, r, v, delta, beta) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize(("m", "r", "v", "epsilon", "delta", "expected"), ONE_RUN_P_REFERENCE)
+def test_one_run_p_value_matches_the_papers_code_and_jax_privacy(m, r, v, epsilon, delta, expected):
+    assert one_run_p_value(m, r, v, epsilon, delta) == pytest.approx(expected, rel=1e-8)
+
+
 def test_p_value_is_the_binomial_tail_at_delta_zero_and_refuses_bad_counts():
     q = 1 / (1 + math.exp(-1.0))
     assert one_run_p_value(100, 50, 40, 1.0) == pytest.approx(stats.binom.sf(39, 50, q))
