@@ -230,6 +230,9 @@ def reconstruction_report(
     Images are ``(1, s, s)`` for flat inputs of ``s * s`` features, else the inputs' own shape; the pixel box is
     the training inputs' range. Scored by PSNR (analytic first layer and gradient inversion) and label accuracy.
 
+    The analytic attack needs a fully connected layer on the input among the sent parameters; where there is none
+    (a CNN, a frozen first layer) it is skipped and ``analytic_psnr`` is NaN.
+
     Raises:
         TypeError: for inputs that are not images (flat of a square size, or ``(c, h, w)``).
     """
@@ -271,19 +274,25 @@ def reconstruction_report(
         observed = released_update(local.module, local.spec, global_params, [one], privacy=mechanism, round_idx=cid, seed=seed)
         rows["truth"].append(truth[0].reshape(1, -1))
         for method in ("analytic", "inversion"):
-            r = attack_update(local.module, local.spec, global_params, observed, lr=lr, method=method,
-                              image_shape=image, box=box, truth=truth, seed=seed)
+            try:
+                r = attack_update(local.module, local.spec, global_params, observed, lr=lr, method=method,
+                                  image_shape=image, box=box, truth=truth, seed=seed)
+            except TypeError:  # no fully connected layer on the input in the payload (a CNN, a frozen first layer)
+                if method == "inversion":
+                    raise
+                continue
             scores[method].append(r.psnr)
             rows[method].append(r.images.reshape(1, -1))
         scores["labels"].append(r.label_accuracy)
     local.spec.assign(local.tensors, global_params)
-    grids = {k: torch.cat(v) for k, v in rows.items()}
+    grids = {k: torch.cat(v) for k, v in rows.items() if v}
     if writer is not None:
         for method in ("analytic", "inversion"):
-            log_reconstructions(writer, f"reconstruction/{method}", grids[method], grids["truth"], image, box)
+            if method in grids:
+                log_reconstructions(writer, f"reconstruction/{method}", grids[method], grids["truth"], image, box)
     if png is not None:
         save_png(grids, png, image, box)
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    mean = lambda v: sum(v) / len(v) if v else _math.nan  # noqa: E731
     return {
         "attack": "analytic first layer and gradient inversion (Geiping et al. 2020), one-example one-step updates",
         "privacy": "none" if mechanism is None else f"DPFixedClipping C={mechanism.clip_norm:.3g} z={mechanism.z:.3g}",

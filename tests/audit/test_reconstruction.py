@@ -176,6 +176,27 @@ def test_lightfed_audit_reconstruction_on_a_finished_run(tmp_path, capsys):
     assert "analytic PSNR" in capsys.readouterr().out
 
 
+def test_lightfed_audit_reconstruction_skips_the_analytic_attack_on_a_head_only_run(tmp_path):
+    """Head-only fine-tuning (a frozen first layer, 16 features on 64 inputs): no fully connected layer on the input
+    is sent, so the analytic attack is skipped (NaN) and gradient inversion still runs."""
+    import json
+    import math
+
+    from lightfed.audit.cli import main
+    from lightfed.cli import LightFedCLI
+    from tests.test_cli import write_config
+
+    cfg = write_config(tmp_path, logger=False, rounds=1, trainable=["net.3.*"])
+    cli = LightFedCLI(args=["--config", cfg, "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    main(["--config", cfg, "--ckpt_path", str(cli.trainer.last_checkpoint), "--out", str(tmp_path / "audit"),
+          "--attack", "reconstruction", "--clients", "2"])
+    report = json.loads((tmp_path / "audit" / "audit_reconstruction.json").read_text())
+    assert math.isnan(report["analytic_psnr"]) and report["per_client"]["analytic"] == []
+    assert math.isfinite(report["inversion_psnr"]) and len(report["per_client"]["inversion"]) == 2
+    assert (tmp_path / "audit" / "audit_reconstruction.png").stat().st_size > 0
+
+
 def test_inversion_leaves_a_model_with_shared_submodules_untouched():
     """Unrolling several steps through ``functional_call`` must not leave the swapped weights in the module
     (the CNN registers its layers twice, under ``features``/``head`` and ``net``)."""
