@@ -7,6 +7,9 @@ reconstruction; audit overhead; and how reconstruction degrades (local steps, ba
     python benchmarks/audit_table.py --reconstruction-only   # only the reconstruction table (digits, Fashion-MNIST)
     python benchmarks/audit_table.py --head-only --seeds 0   # head-only fine-tuning of a pretrained MLP (pretrains first)
     python benchmarks/audit_table.py --pretrain-only         # only the checkpoint experiments/audit_digits_head_only.yaml loads
+    python benchmarks/audit_table.py --fashion --seeds 0 1 2 --shadows 4               # the Fashion-MNIST rows
+    python benchmarks/audit_table.py --fashion --head-only --seeds 0 1 2 --shadows 4   # head-only on Fashion-MNIST
+    python benchmarks/audit_table.py --ideal 1290 30   # the canary estimator on the exact DP mechanism (d, rounds)
 
 Leakage columns of each row, on the same run: offline LiRA (Carlini et al. 2022; ``--shadows`` re-runs of the
 row's config on seeded pool subsets, :func:`lightfed.audit.cli.lira_report`) on the final model, AUC and TPR at
@@ -19,7 +22,9 @@ the one-shot canary audit (Andrew et al. 2024; 100 inserted + 100 held-out canar
 added by ``--trainer.callbacks+=``. The no-DP row audits with canaries of norm 0.5 (the DP rows' clip). The
 table goes between the ``audit-table`` markers in docs/auditing.md (``--fashion``: ``audit-fashion-table``;
 ``--head-only``: ``audit-head-table``, the rows of experiments/audit_digits_head_only.yaml, whose Fashion-MNIST
-pretraining :func:`pretrain` runs first) and to stdout. The overhead is CPU time of
+pretraining :func:`pretrain` runs first; ``--fashion --head-only``: ``audit-fashion-head-table``, the rows of
+experiments/audit_fashion_head_only.yaml, whose Animal-MNIST pretraining :func:`pretrain_animal` runs first) and
+to stdout. The overhead is CPU time of
 ``fit`` (``time.process_time``), which other processes on a shared machine do not inflate as they do wall time.
 """
 
@@ -34,7 +39,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from unittest import mock
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "auditing.md"
@@ -58,7 +67,23 @@ HBEGIN, HEND = "<!-- audit-head-table:begin -->", "<!-- audit-head-table:end -->
 HEAD_ROWS = [
     ("head-only fine-tuning, no DP", HEAD, ["--privacy", "null", "--trainer.init_checkpoint", str(PRETRAINED)],
      ["--trainer.callbacks.init_args.canary_norm=0.5"]),
+    ("head-only fine-tuning, DP target eps 8", HEAD,
+     ["--privacy.init_args.target_epsilon", "8", "--trainer.init_checkpoint", str(PRETRAINED)], []),
     ("head-only fine-tuning, DP target eps 3", HEAD, ["--trainer.init_checkpoint", str(PRETRAINED)], []),
+    ("head-only fine-tuning, DP target eps 1", HEAD,
+     ["--privacy.init_args.target_epsilon", "1", "--trainer.init_checkpoint", str(PRETRAINED)], []),
+]
+FASHION_HEAD = "audit_fashion_head_only.yaml"
+PRETRAINED_ANIMAL = ROOT / "runs" / "audit_fashion_head_only" / "pretrained_animal.pt"
+FHBEGIN, FHEND = "<!-- audit-fashion-head-table:begin -->", "<!-- audit-fashion-head-table:end -->"
+FASHION_HEAD_ROWS = [
+    ("head-only fine-tuning, no DP", FASHION_HEAD,
+     ["--privacy", "null", "--trainer.init_checkpoint", str(PRETRAINED_ANIMAL)], ["--trainer.callbacks.init_args.canary_norm=0.5"]),
+    ("head-only fine-tuning, DP target eps 8", FASHION_HEAD,
+     ["--privacy.init_args.target_epsilon", "8", "--trainer.init_checkpoint", str(PRETRAINED_ANIMAL)], []),
+    ("head-only fine-tuning, DP target eps 3", FASHION_HEAD, ["--trainer.init_checkpoint", str(PRETRAINED_ANIMAL)], []),
+    ("head-only fine-tuning, DP target eps 1", FASHION_HEAD,
+     ["--privacy.init_args.target_epsilon", "1", "--trainer.init_checkpoint", str(PRETRAINED_ANIMAL)], []),
 ]
 ROWS = [
     ("FedAvg, no DP", "digits_dp_eps8.yaml", ["--privacy", "null"], [*AUDIT, "--trainer.callbacks.init_args.canary_norm=0.5"]),
@@ -66,6 +91,27 @@ ROWS = [
     ("DP-FedAvg, target eps 3", "digits_dp_eps3.yaml", [], AUDIT),
     ("DP-FedAvg, target eps 1", "digits_dp_eps1.yaml", [], AUDIT),
 ]
+
+
+def _fit_mlp(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
+             epochs: int, seed: int, path: Path) -> float:
+    """Train ``model`` centrally (Adam, lr 1e-3, batch 128, ``epochs`` epochs shuffled by ``seed``), save its
+    state dict to ``path``; return its accuracy on ``(xt, yt)``."""
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(128):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    with torch.no_grad():
+        acc = (model(xt).argmax(1) == yt).float().mean().item()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+    return acc
 
 
 def pretrain(path: Path = PRETRAINED, epochs: int = 5, seed: int = 0) -> float:
@@ -93,20 +139,30 @@ def pretrain(path: Path = PRETRAINED, epochs: int = 5, seed: int = 0) -> float:
 
     torch.manual_seed(seed)
     (x, y), (xt, yt) = images("train"), images("t10k")
-    model = MLPClassifier(64, [64], 10)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(128):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    with torch.no_grad():
-        acc = (model(xt).argmax(1) == yt).float().mean().item()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+    acc = _fit_mlp(MLPClassifier(64, [64], 10), x, y, xt, yt, epochs, seed, path)
     print(f"pretrained on Fashion-MNIST 8x8 ({epochs} epochs, seed {seed}): test accuracy {100 * acc:.1f}%, saved "
           f"{path}", file=sys.stderr, flush=True)
+    return acc
+
+
+def pretrain_animal(path: Path = PRETRAINED_ANIMAL, epochs: int = 5, seed: int = 0) -> float:
+    """Pretrain the MLP 784-128-10 of experiments/audit_fashion_head_only.yaml centrally on public data disjoint
+    from Fashion-MNIST: Animal-MNIST's seeded 8,000-image training split (animal silhouettes, 28x28, normalised
+    with Fashion-MNIST's mean and std as the Fashion-MNIST rows are). Saves the state dict to ``path``; returns
+    the accuracy on Animal-MNIST's 2,000-image test split."""
+    import torch
+
+    from lightfed.data.animal import AnimalMNISTDataModule
+    from lightfed.data.partition import IID
+    from lightfed.models import MLPClassifier
+
+    torch.manual_seed(seed)
+    data = AnimalMNISTDataModule(IID(num_clients=1), flatten=True, val_fraction=0.0, seed=seed)
+    arrays = data.load()
+    (x, y), (xt, yt) = arrays.train, arrays.test
+    acc = _fit_mlp(MLPClassifier(784, [128], 10), x, y, xt, yt, epochs, seed, path)
+    print(f"pretrained on Animal-MNIST ({len(y)} images, {epochs} epochs, seed {seed}): test accuracy "
+          f"{100 * acc:.1f}%, saved {path}", file=sys.stderr, flush=True)
     return acc
 
 
@@ -162,31 +218,47 @@ def interval(rows: list[dict[str, float]], tag: str) -> str:
     return f"{fmt(est)} [{low:.3g}, {high:.3g}]"
 
 
+def grid_of(fashion: bool, head_only: bool) -> tuple[list, tuple[str, str]]:
+    """The rows and the docs/auditing.md markers of one of the four tables."""
+    if head_only:
+        return (FASHION_HEAD_ROWS, (FHBEGIN, FHEND)) if fashion else (HEAD_ROWS, (HBEGIN, HEND))
+    return (FASHION_ROWS, (FBEGIN, FEND)) if fashion else (ROWS, (BEGIN, END))
+
+
 def table(results: dict[str, list[dict[str, float]]], seeds: list[int], shadows: int = 8, fashion: bool = False,
           head: float | None = None) -> str:
-    task = ("Digits, 400 IID clients, Poisson q = 0.2, 50 rounds, an MLP 64-64-10 whose hidden layer was pretrained "
-            f"centrally on Fashion-MNIST downsampled to 8x8 (public, disjoint from digits; {100 * head:.1f}% on its "
-            "test set) and frozen, the head (650 parameters) fine-tuned and sent, canaries in the head's space"
-            if head is not None else
-            "Fashion-MNIST, a seeded 4,000 training images (members) and the 10,000 test images (non-members), 400 "
-            "IID clients, Poisson q = 0.2, 30 rounds, logistic regression on flat pixels (7,850 parameters)"
-            if fashion else "Digits, 400 IID clients, Poisson q = 0.2, 50 rounds, logistic regression (650 parameters)")
+    """The markdown table (with its caption) of ``results``; ``head``: the pretrained model's public test
+    accuracy for the head-only tables (None otherwise)."""
+    if head is not None and fashion:
+        task = ("Fashion-MNIST, a seeded 4,000 training images (members) and the 10,000 test images (non-members), "
+                "400 IID clients, Poisson q = 0.2, 30 rounds, an MLP 784-128-10 whose hidden layer was pretrained "
+                f"centrally on Animal-MNIST (public, disjoint from Fashion-MNIST; {100 * head:.1f}% on its test split) "
+                "and frozen, the head (1,290 parameters) fine-tuned and sent, canaries in the head's space")
+    elif head is not None:
+        task = ("Digits, 400 IID clients, Poisson q = 0.2, 50 rounds, an MLP 64-64-10 whose hidden layer was pretrained "
+                f"centrally on Fashion-MNIST downsampled to 8x8 (public, disjoint from digits; {100 * head:.1f}% on its "
+                "test set) and frozen, the head (650 parameters) fine-tuned and sent, canaries in the head's space")
+    elif fashion:
+        task = ("Fashion-MNIST, a seeded 4,000 training images (members) and the 10,000 test images (non-members), 400 "
+                "IID clients, Poisson q = 0.2, 30 rounds, logistic regression on flat pixels (7,850 parameters)")
+    else:
+        task = "Digits, 400 IID clients, Poisson q = 0.2, 50 rounds, logistic regression (650 parameters)"
     members = "" if fashion else " (members: the 1,438 training examples, non-members: the 359 test examples)"
+    command = ("python benchmarks/audit_table.py" + (" --fashion" if fashion else "") + (" --head-only" if head is not None else "")
+               + " --seeds " + " ".join(map(str, seeds)) + (f" --shadows {shadows}" if shadows != 8 else ""))
     lines = [
         f"{task}; mean ± std over "
         f"seeds {seeds}; empirical epsilons at the run's delta (1/400^1.1) with the mean 95% bootstrap interval over "
         f"canaries in brackets. LiRA: offline, {shadows} shadow re-runs of the row's config on subsets of the pool"
         f"{members}. Reconstruction: one "
         f"client's one-example, one-step update from the final model through the row's clip and noise (a cohort of "
-        f"one), mean over 5 clients. Produced by `python benchmarks/audit_table.py"
-        f"{' --fashion' if fashion else ''}{' --head-only' if head is not None else ''}"
-        f"{' --seeds ' + ' '.join(map(str, seeds)) if head is not None else ''}`.",
+        f"one), mean over 5 clients. Produced by `{command}`.",
         "",
         "| run | test accuracy (%) | accountant epsilon | empirical epsilon, final model | empirical epsilon, all iterates "
         "| LiRA AUC | LiRA TPR at 1% FPR (%) | reconstruction PSNR (dB), analytic / inversion |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for label, *_ in HEAD_ROWS if head is not None else FASHION_ROWS if fashion else ROWS:
+    for label, *_ in grid_of(fashion, head is not None)[0]:
         rows = results[label]
         acc = [r.get("central/test_acc", math.nan) for r in rows]
         eps = [r.get("privacy/epsilon", math.inf) for r in rows]
@@ -211,6 +283,56 @@ def overhead(repeats: int) -> str:
     p, a = statistics.median(plain), statistics.median(audited)
     return (f"Audit overhead on experiments/digits_dp_eps3.yaml (seed 0, median of {repeats} interleaved runs, CPU "
             f"seconds of fit): {p:.2f} s without, {a:.2f} s with 100 + 100 canaries: +{100 * (a - p) / p:.1f}%.")
+
+
+# ---------------------------------------------------------------------------------------- the ideal mechanism
+def ideal_mechanism(dimension: int, rounds: int, epsilons: list[float], seeds: int, canaries: int = 100,
+                    real: float = 0.0) -> str:
+    """The one-shot estimates of the exact mechanism the accountant charges, with nothing else in the model.
+
+    Each round, each of ``canaries`` inserted unit directions joins with probability q = 0.2 and the released step
+    is their sum plus ``N(0, z^2 I_d)`` (clip C = 1; ``z`` of DPFixedClipping at the target epsilon, 400 clients,
+    Poisson q = 0.2, ``rounds`` rounds, delta 1/400^1.1): the canary audit's statistics and estimator
+    (:func:`lightfed.audit.estimators.epsilon_two_gaussians`) on a mechanism that is (epsilon, delta)-DP by
+    construction. Estimates above the target show how far the estimator itself overshoots at this size.
+    ``real`` > 0 adds what real clients add, independent of the canaries: a random direction of norm
+    ``real * z * sqrt(d) * (1 - t / rounds)`` in round ``t`` (``real`` times the noise's norm, fading out).
+    """
+    import numpy as np
+
+    from lightfed import PoissonSampler
+    from lightfed.audit.estimators import GaussianFit, epsilon_two_gaussians
+    from lightfed.privacy import DPFixedClipping
+    from lightfed.strategy import FedAvg
+
+    delta, lines = 400**-1.1, []
+    for eps in epsilons:
+        privacy = DPFixedClipping(clip_norm=1.0, target_epsilon=eps, verbose=False)
+        privacy.setup(num_clients=400, sampler=PoissonSampler(0.2), rounds=rounds, strategy=FedAvg(weighted=False), seed=0)
+        z, est = privacy.z, {"final model": [], "all iterates": []}
+        for seed in range(seeds):
+            rng = np.random.default_rng(seed)
+            c = rng.normal(size=(2 * canaries, dimension))
+            c /= np.linalg.norm(c, axis=1, keepdims=True)
+            total, best = np.zeros(dimension), np.full(2 * canaries, -1.0)
+            for t in range(rounds):
+                step = c[:canaries][rng.random(canaries) < 0.2].sum(0) + rng.normal(0, z, dimension)
+                if real:
+                    other = rng.normal(size=dimension)
+                    step += other * (real * z * math.sqrt(dimension) * (1 - t / rounds) / np.linalg.norm(other))
+                total += step
+                best = np.maximum(best, c @ step / np.linalg.norm(step))
+            for name, stat in (("final model", c @ total / np.linalg.norm(total)), ("all iterates", best)):
+                est[name].append(epsilon_two_gaussians(GaussianFit.of(stat[:canaries]), GaussianFit.of(stat[canaries:]), delta))
+        cells = [f"{np.median(v):.2f} (max {max(v):.1f}, above the target in {sum(e > eps for e in v)} of {seeds})"
+                 for v in est.values()]
+        lines.append(f"| {eps:g} | {z:.3f} | {cells[0]} | {cells[1]} |")
+    extra = f" --ideal-real {real:g}" if real else ""
+    head = (f"Ideal mechanism, d = {dimension}, {rounds} rounds, {canaries} + {canaries} canaries, {seeds} seeds"
+            f"{f', real updates {real:g} x the noise norm, fading' if real else ''}; "
+            f"`python benchmarks/audit_table.py --ideal {dimension} {rounds}{extra}`.\n\n"
+            "| target epsilon | z | final model: median estimate | all iterates: median estimate |\n|---|---|---|---|")
+    return head + "\n" + "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------- reconstruction
@@ -350,11 +472,19 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=200, help="reconstruction: Adam steps of gradient inversion")
     parser.add_argument("--fashion", action="store_true", help="the Fashion-MNIST rows instead of digits")
     parser.add_argument("--head-only", action="store_true",
-                        help="the head-only fine-tuning rows (pretrains the checkpoint first) instead of digits")
+                        help="the head-only fine-tuning rows (pretrains the checkpoint first); with --fashion: on Fashion-MNIST")
     parser.add_argument("--pretrain-only", action="store_true",
-                        help="only pretrain the checkpoint experiments/audit_digits_head_only.yaml loads")
+                        help="only pretrain the checkpoint experiments/audit_digits_head_only.yaml loads "
+                             "(with --fashion: experiments/audit_fashion_head_only.yaml's)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/auditing.md alone")
+    parser.add_argument("--ideal", type=int, nargs=2, metavar=("DIMENSION", "ROUNDS"),
+                        help="only the one-shot estimates of the ideal mechanism (payload size, rounds), 20 seeds")
+    parser.add_argument("--ideal-real", type=float, default=0.0,
+                        help="--ideal: add real-client updates of this many times the noise's norm, fading out")
     args = parser.parse_args()
+    if args.ideal:
+        print(ideal_mechanism(*args.ideal, epsilons=[8.0, 3.0, 1.0], seeds=20, real=args.ideal_real))
+        return
     if args.reconstruction_only:
         text = reconstruction_table(args.targets, args.cohorts, args.iterations)
         print(text)
@@ -362,10 +492,10 @@ def main() -> None:
             write_between(RBEGIN, REND, text)
         return
     if args.pretrain_only:
-        pretrain()
+        pretrain_animal() if args.fashion else pretrain()
         return
-    head = pretrain() if args.head_only else None
-    grid = HEAD_ROWS if args.head_only else FASHION_ROWS if args.fashion else ROWS
+    head = (pretrain_animal() if args.fashion else pretrain()) if args.head_only else None
+    grid, markers = grid_of(args.fashion, args.head_only)
     results: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in grid}
     for label, config, row_args, audit_args in grid:
         for seed in args.seeds:
@@ -382,7 +512,7 @@ def main() -> None:
         text += "\n\n" + overhead(args.overhead)
     print(text)
     if not args.no_write and DOC.exists():
-        write_between(*((HBEGIN, HEND) if args.head_only else (FBEGIN, FEND) if args.fashion else (BEGIN, END)), text)
+        write_between(*markers, text)
 
 
 if __name__ == "__main__":

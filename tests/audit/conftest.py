@@ -43,7 +43,7 @@ def dp(cls: type[DPFixedClipping] = DPFixedClipping, z: float = 1.0, clip: float
 
 def run(
     root: Path, callbacks: list[Any], privacy: DPFixedClipping | None = None, rounds: int = 20, rate: float = 0.1,
-    num_clients: int = 200, ckpt_path: str | None = None, **kw: Any,
+    num_clients: int = 200, ckpt_path: str | None = None, lr: float = 0.1, **kw: Any,
 ) -> FederatedTrainer:
     """200 clients of 10 Gaussian-blob examples, an MLP of 771 parameters, Poisson sampling, uniform FedAvg."""
     trainer = FederatedTrainer(
@@ -52,7 +52,7 @@ def run(
         fed_eval_fraction=0.0, eval_every=rounds, callbacks=callbacks, **{"checkpoint_every": 0, **kw},
     )
     L.seed_everything(0, verbose=False)
-    model = MLPClassifier(in_features=8, hidden=[64], num_classes=3, lr=0.1)
+    model = MLPClassifier(in_features=8, hidden=[64], num_classes=3, lr=lr)
     data = BoringFederatedData(IID(num_clients=num_clients), n=10 * num_clients, val_fraction=0.0)
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return trainer
