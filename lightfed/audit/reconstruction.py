@@ -60,6 +60,10 @@ class LinearLayer:
     in_features: int
 
 
+class AnalyticNotApplicable(TypeError):
+    """The analytic first-layer attack does not apply: no biased fully connected layer on the input is sent."""
+
+
 def linear_layers(module: nn.Module, spec: ParamSpec) -> list[LinearLayer]:
     """The ``nn.Linear`` layers of ``module`` whose weight is in the payload, in module order.
 
@@ -337,9 +341,9 @@ def attack_update(
     if method == "analytic":
         first = layers[0]
         if first.bias is None:
-            raise TypeError(f"analytic recovery needs a bias on the first fully connected layer ({first.weight}).")
+            raise AnalyticNotApplicable(f"analytic recovery needs a bias on the first fully connected layer ({first.weight}).")
         if first.in_features != int(np.prod(image_shape)):
-            raise TypeError(
+            raise AnalyticNotApplicable(
                 f"analytic recovery needs the model's first layer to be fully connected on the input; "
                 f"{first.weight} takes {first.in_features} features, the input has {int(np.prod(image_shape))}. "
                 f"Use method='inversion' for this model."
@@ -442,7 +446,7 @@ def save_png(rows: dict[str, Tensor], path: Path, image_shape: Sequence[int], bo
 
 
 __all__ = [
-    "LinearLayer", "Reconstruction", "analytic_first_layer", "attack_update", "image_quality", "invert_gradients",
-    "label_accuracy", "linear_layers", "log_reconstructions", "recover_labels", "released_update", "save_png",
+    "AnalyticNotApplicable", "LinearLayer", "Reconstruction", "analytic_first_layer", "attack_update", "image_quality",
+    "invert_gradients", "label_accuracy", "linear_layers", "log_reconstructions", "recover_labels", "released_update", "save_png",
     "simulated_update", "to_images", "total_variation",
 ]
