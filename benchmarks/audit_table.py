@@ -10,6 +10,7 @@ reconstruction; audit overhead; and how reconstruction degrades (local steps, ba
     python benchmarks/audit_table.py --fashion --seeds 0 1 2 --shadows 4               # the Fashion-MNIST rows
     python benchmarks/audit_table.py --fashion --head-only --seeds 0 1 2 --shadows 4   # head-only on Fashion-MNIST
     python benchmarks/audit_table.py --ideal 1290 30   # the canary estimator on the exact DP mechanism (d, rounds)
+    python benchmarks/audit_table.py --ideal-nulls 1290 30   # the same, lightfed's null vs the authors' vs shift only
 
 Leakage columns of each row, on the same run: offline LiRA (Carlini et al. 2022; ``--shadows`` re-runs of the
 row's config on seeded pool subsets, :func:`lightfed.audit.cli.lira_report`) on the final model, AUC and TPR at
@@ -335,6 +336,48 @@ def ideal_mechanism(dimension: int, rounds: int, epsilons: list[float], seeds: i
     return head + "\n" + "\n".join(lines)
 
 
+def ideal_nulls(dimension: int, rounds: int, epsilons: list[float], seeds: int, canaries: int = 100) -> str:
+    """The exact mechanism of :func:`ideal_mechanism` (final model), scored three ways against the target epsilon.
+
+    ``fitted held-out`` is lightfed's estimate (Gaussians fitted to the inserted and the held-out canaries);
+    ``closed-form null`` is the authors' code (google-research/federated ``one_shot_epe``,
+    ``epsilon_closed_form_null_gaussian_alt``: the inserted fit against ``N(0, 1/d)``); ``mean shift only`` gives
+    the inserted canaries the null's variance (a pure Gaussian-mechanism reading).
+    """
+    import numpy as np
+
+    from lightfed import PoissonSampler
+    from lightfed.audit.estimators import GaussianFit, epsilon_two_gaussians
+    from lightfed.privacy import DPFixedClipping
+    from lightfed.strategy import FedAvg
+
+    delta, null_std, lines = 400**-1.1, dimension**-0.5, []
+    null = GaussianFit(0.0, null_std, 10**9)
+    for eps in epsilons:
+        privacy = DPFixedClipping(clip_norm=1.0, target_epsilon=eps, verbose=False)
+        privacy.setup(num_clients=400, sampler=PoissonSampler(0.2), rounds=rounds, strategy=FedAvg(weighted=False), seed=0)
+        est: dict[str, list[float]] = {"fitted": [], "closed": [], "shift": []}
+        for seed in range(seeds):
+            rng = np.random.default_rng(seed)
+            c = rng.normal(size=(2 * canaries, dimension))
+            c /= np.linalg.norm(c, axis=1, keepdims=True)
+            total = np.zeros(dimension)
+            for _ in range(rounds):
+                total += c[:canaries][rng.random(canaries) < 0.2].sum(0) + rng.normal(0, privacy.z, dimension)
+            stat = c @ total / np.linalg.norm(total)
+            seen, unseen = GaussianFit.of(stat[:canaries]), GaussianFit.of(stat[canaries:])
+            est["fitted"].append(epsilon_two_gaussians(seen, unseen, delta))
+            est["closed"].append(epsilon_two_gaussians(seen, null, delta))
+            est["shift"].append(epsilon_two_gaussians(GaussianFit(seen.mean, null_std, seen.n), null, delta))
+        cells = [f"{np.median(v):.2f} / {max(v):.2f} / {sum(e > eps for e in v)}" for v in est.values()]
+        lines.append(f"| {eps:g} | {' | '.join(cells)} |")
+    head = (f"Exact mechanism, d = {dimension}, {rounds} rounds, {canaries} + {canaries} canaries, {seeds} seeds, final "
+            f"model; median / maximum / seeds above the target; `python benchmarks/audit_table.py --ideal-nulls "
+            f"{dimension} {rounds}`.\n\n| target epsilon | fitted held-out (lightfed) | closed-form null (the authors' code) "
+            "| same variance as the null (mean shift only) |\n|---|---|---|---|")
+    return head + "\n" + "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------- reconstruction
 #: (row label, local steps, batch size, clients summed, target epsilon of the digits DP configs or None, secure aggregation)
 SETTINGS = [
@@ -479,9 +522,14 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/auditing.md alone")
     parser.add_argument("--ideal", type=int, nargs=2, metavar=("DIMENSION", "ROUNDS"),
                         help="only the one-shot estimates of the ideal mechanism (payload size, rounds), 20 seeds")
+    parser.add_argument("--ideal-nulls", type=int, nargs=2, metavar=("DIMENSION", "ROUNDS"),
+                        help="only the exact mechanism scored with lightfed's, the authors' and a mean-shift estimate")
     parser.add_argument("--ideal-real", type=float, default=0.0,
                         help="--ideal: add real-client updates of this many times the noise's norm, fading out")
     args = parser.parse_args()
+    if args.ideal_nulls:
+        print(ideal_nulls(*args.ideal_nulls, epsilons=[8.0, 3.0, 1.0], seeds=20))
+        return
     if args.ideal:
         print(ideal_mechanism(*args.ideal, epsilons=[8.0, 3.0, 1.0], seeds=20, real=args.ideal_real))
         return
