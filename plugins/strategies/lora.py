@@ -14,16 +14,22 @@ FedSALoRA      A only (B personal)                  mean A                      
 =============  ===================================  ===============================  ====================
 
 Parameters that are not LoRA factors (a new head, ``modules_to_save``) are averaged as FedAvg averages
-them, so on a model without adapters every variant is FedAvg. Heterogeneous ranks (``ranks``) follow
-HetLoRA: a client of tier ``r`` trains the first ``r`` rows of each ``A`` and columns of each ``B`` of the
-global adapter of rank ``R``; the rest stay zero on the client and do not enter its update (see
-:class:`~lightfed.models.lora.RankTiers`). Only the plugin's public API is used: the payload layout comes
+them, so on a model without adapters every variant is FedAvg. The server steps with the papers' rule,
+``w += server_lr * Delta`` (``Delta`` the round's aggregate update), or, with ``server_optimizer: adam``, with
+FedAdam on that same ``Delta`` (Reddi et al. 2021): for clients whose mean update is noisy and badly scaled,
+e.g. one label per client. Adam only post-processes the released aggregate, so it changes neither what
+travels, nor the exactness of FFA-LoRA and FLoRA, nor the composition with client-level DP.
+
+Heterogeneous ranks (``ranks``) follow HetLoRA: a client of tier ``r`` trains the first ``r`` rows of each
+``A`` and columns of each ``B`` of the global adapter of rank ``R``; the rest stay zero on the client and do
+not enter its update (see :class:`~lightfed.models.lora.RankTiers`). Only the plugin's public API is used: the payload layout comes
 from :class:`~lightfed.models.lora.LoRALayout`.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,7 +40,7 @@ from lightfed.models.lora import LoRALayout, RankTiers
 from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
 from lightfed.seeding import make_generator
-from lightfed_zoo.strategies.base import WeightedMean, check
+from lightfed_zoo.strategies.base import WeightedMean, check, check_fraction, restore_tensor
 
 log = logging.getLogger("lightfed")
 
@@ -42,15 +48,34 @@ _SCRATCH = "lora"
 
 
 class _LoRAStrategy(WeightedMean):
-    """Shared part of the LoRA strategies: the payload layout, rank tiers and a server learning rate.
+    """Shared part of the LoRA strategies: the payload layout, rank tiers and the server step.
+
+    The server step turns the round's aggregate update ``Delta`` into the new global model: ``"sgd"``
+    (the papers') is ``w + server_lr * Delta``; ``"adam"`` is FedAdam (Reddi et al. 2021, Algorithm 2, as
+    :class:`~lightfed_zoo.strategies.fedopt.FedAdam`: no bias correction, ``m`` starts at 0 and ``v`` at
+    ``tau^2``):
+
+    .. math::
+
+        m_t = \\beta_1 m_{t-1} + (1 - \\beta_1) \\Delta_t, \\quad
+        v_t = \\beta_2 v_{t-1} + (1 - \\beta_2) \\Delta_t^2, \\quad
+        w_{t+1} = w_t + \\eta \\frac{m_t}{\\sqrt{v_t} + \\tau}, \\qquad \\eta = \\text{server\\_lr}.
 
     Args:
-        server_lr: Scale of the server step (> 0).
+        server_lr: Scale of the server step (> 0): the server learning rate of SGD, Adam's ``eta``.
         weighted: Weight clients by their number of examples (``False``: uniform; client-level DP needs it).
         ranks: Tiers of heterogeneous clients (e.g. ``[2, 4, 8]``); ``None``: every client uses the full rank.
         rank_weights: Relative frequency of each tier (default equal).
         rank_seed: Seed of the tier draw (a client keeps its tier for the whole run).
         rank_file: CSV with columns ``client_id`` and ``rank`` (a data column); listed clients take that tier.
+        server_optimizer: ``"sgd"`` or ``"adam"`` (see above).
+        beta1: Adam's first-moment decay in ``[0, 1)``.
+        beta2: Adam's second-moment decay in ``[0, 1)``.
+        tau: Adam's adaptivity (> 0), also ``v``'s starting value ``tau^2``.
+
+    Raises:
+        ValueError: ``server_lr <= 0``, an unknown ``server_optimizer``, a ``beta`` outside ``[0, 1)``,
+            ``tau <= 0``, or mixed ranks for a variant that cannot mix them.
     """
 
     #: Whether clients of different ranks can be aggregated (HetLoRA truncation).
@@ -68,10 +93,23 @@ class _LoRAStrategy(WeightedMean):
         rank_weights: list[float] | None = None,
         rank_seed: int = 0,
         rank_file: str | None = None,
+        server_optimizer: str = "sgd",
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
     ) -> None:
         name = type(self).__name__
         check(server_lr > 0, f"{name} server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`).")
+        check(server_optimizer in ("sgd", "adam"),
+              f"{name} server_optimizer must be 'sgd' or 'adam', got {server_optimizer!r} (`strategy.init_args.server_optimizer`).")
+        check(tau > 0, f"{name} tau (Adam's adaptivity) must be > 0, got {tau} (`strategy.init_args.tau`).")
         self.server_lr = float(server_lr)
+        self.server_optimizer = server_optimizer
+        self.beta1 = check_fraction(beta1, "beta1", name, 0.0, 1.0)
+        self.beta2 = check_fraction(beta2, "beta2", name, 0.0, 1.0)
+        self.tau = float(tau)
+        self.m: Tensor | None = None
+        self.v: Tensor | None = None
         self.weighted = weighted
         self.ranks, self.rank_weights, self.rank_seed, self.rank_file = ranks, rank_weights, rank_seed, rank_file
         self.tiers: RankTiers | None = None
@@ -100,6 +138,8 @@ class _LoRAStrategy(WeightedMean):
         """
         self.layout = LoRALayout.from_spec(spec)
         self._masks = {}
+        if self.server_optimizer == "adam":
+            self.m, self.v = torch.zeros_like(global_params), torch.full_like(global_params, self.tau**2)
         name = type(self).__name__
         if not self.layout:
             log.warning("%s: the payload holds no LoRA adapter (no '*.lora_A.*' / '*.lora_B.*' parameter); it "
@@ -131,6 +171,26 @@ class _LoRAStrategy(WeightedMean):
 
     def _fix_base(self) -> str:
         return ""
+
+    # ------------------------------------------------------------------ server step
+    def server_step(self, global_params: Tensor, delta: Tensor) -> Tensor:
+        """The new global model from the round's aggregate update ``delta`` (SGD or Adam, see the class)."""
+        if self.server_optimizer == "sgd":
+            return global_params + self.server_lr * delta
+        if self.m is None or self.v is None:
+            self.m, self.v = torch.zeros_like(global_params), torch.full_like(global_params, self.tau**2)
+        self.m = self.beta1 * self.m + (1 - self.beta1) * delta
+        self.v = self.beta2 * self.v + (1 - self.beta2) * delta * delta
+        return global_params + self.server_lr * self.m / (self.v.sqrt() + self.tau)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"m": self.m, "v": self.v} if self.server_optimizer == "adam" else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.server_optimizer == "adam":
+            name = f"{type(self).__name__} (server_optimizer: adam)"
+            self.m = restore_tensor(state, "m", self.m, name)
+            self.v = restore_tensor(state, "v", self.v, name)
 
     # ------------------------------------------------------------------ ranks
     def client_rank(self, client_id: int) -> int:
@@ -185,13 +245,14 @@ class FedITLoRA(_LoRAStrategy):
     its sparsity weighting: a coordinate only some tiers train is averaged with zeros from the others.
 
     Args:
-        server_lr, weighted, ranks, rank_weights, rank_seed, rank_file: See the module docstring.
+        server_lr, weighted, ranks, rank_weights, rank_seed, rank_file, server_optimizer, beta1, beta2, tau: See
+            :class:`_LoRAStrategy`.
     """
 
     needs_b = None
 
     def aggregate(self, global_params: Tensor, aggregate: RoundAggregate, round_idx: int) -> Tensor:
-        return global_params + self.server_lr * aggregate.mean_delta()
+        return self.server_step(global_params, aggregate.mean_delta())
 
 
 @STRATEGIES.register("FFALoRA")
@@ -213,7 +274,8 @@ class FFALoRA(_LoRAStrategy):
     a payload that carries ``lora_A``.
 
     Args:
-        server_lr, weighted, ranks, rank_weights, rank_seed, rank_file: See the module docstring.
+        server_lr, weighted, ranks, rank_weights, rank_seed, rank_file, server_optimizer, beta1, beta2, tau: See
+            :class:`_LoRAStrategy`.
     """
 
     needs_a = False
@@ -223,7 +285,7 @@ class FFALoRA(_LoRAStrategy):
                 "trainable: ['*lora_B*', 'head.*'].")
 
     def aggregate(self, global_params: Tensor, aggregate: RoundAggregate, round_idx: int) -> Tensor:
-        return global_params + self.server_lr * aggregate.mean_delta()
+        return self.server_step(global_params, aggregate.mean_delta())
 
 
 @STRATEGIES.register("FedSALoRA")
@@ -241,7 +303,8 @@ class FedSALoRA(_LoRAStrategy):
     client-level DP and secure aggregation. One rank for all clients.
 
     Args:
-        server_lr, weighted, ranks, rank_weights, rank_seed, rank_file: See the module docstring.
+        server_lr, weighted, ranks, rank_weights, rank_seed, rank_file, server_optimizer, beta1, beta2, tau: See
+            :class:`_LoRAStrategy`.
     """
 
     uses_client_state = True
@@ -296,7 +359,7 @@ class FedSALoRA(_LoRAStrategy):
         step = aggregate.mean_delta()
         if self.layout:
             step = step.masked_fill(self._b(step.device), 0.0)  # B is personal: its (noisy) mean is not used
-        return global_params + self.server_lr * step
+        return self.server_step(global_params, step)
 
 
 @STRATEGIES.register("FLoRA")
@@ -324,12 +387,16 @@ class FLoRA(_LoRAStrategy):
     ``lora: {base_in_payload: true}``, and clients never train ``W``), so ``round/bytes_*`` count the dense
     ``W`` of the adapted layers; the ``strategy/bytes_*`` figures are the protocol's.
 
+    With ``server_optimizer: adam`` the server's Adam steps the merged update of ``W`` (and the head's
+    mean) instead of adding it; the adapters restart all the same.
+
     Needs every update (``needs_all_updates``): memory O(cohort x payload), and client-level DP and secure
     aggregation refuse it (they release only sums; ``sum_k p_k B_k A_k`` is not a sum of the sent factors).
 
     Args:
         seed: Seed of the re-initialised ``A`` (drawn per round and layer).
-        server_lr, weighted, ranks, rank_weights, rank_seed, rank_file: See the module docstring.
+        server_lr, weighted, ranks, rank_weights, rank_seed, rank_file, server_optimizer, beta1, beta2, tau: See
+            :class:`_LoRAStrategy`.
     """
 
     needs_all_updates = True
@@ -345,8 +412,12 @@ class FLoRA(_LoRAStrategy):
         rank_seed: int = 0,
         rank_file: str | None = None,
         seed: int = 0,
+        server_optimizer: str = "sgd",
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
     ) -> None:
-        super().__init__(server_lr, weighted, ranks, rank_weights, rank_seed, rank_file)
+        super().__init__(server_lr, weighted, ranks, rank_weights, rank_seed, rank_file, server_optimizer, beta1, beta2, tau)
         self.seed = int(seed)
         self._metrics: dict[str, float] = {}
         self._scaling: dict[str, float] = {}
@@ -387,13 +458,12 @@ class FLoRA(_LoRAStrategy):
             raise ValueError("FLoRA: the round's updates have no weight.")
         p = [w / total for w in weights]
         step = sum(pk * u.delta for pk, u in zip(p, updates))  # FedAvg for everything that is not an adapter
-        new = global_params + self.server_lr * step
         if not self.layout:
-            return new
+            return self.server_step(global_params, step)
         if any("lora_scaling" not in u.extras for u in updates):
             raise ValueError("FLoRA updates carry no 'lora_scaling' extra: FLoRA's client hooks did not run on these updates.")
         rank_sum = sum(self.client_rank(u.client_id) for u in updates)
-        for i, lay in enumerate(self.layout.layers):
+        for i, lay in enumerate(self.layout.layers):  # the exact merged update of each base weight
             a_stack, b_stack = [], []
             for pk, u in zip(p, updates):
                 r = self.client_rank(u.client_id)
@@ -401,9 +471,12 @@ class FLoRA(_LoRAStrategy):
                 a_stack.append(pk * lay.a_matrix(local)[:r])
                 b_stack.append(lay.b_matrix(local)[:, :r])
             scaling = updates[0].extras["lora_scaling"][i]
-            merged = scaling * (torch.cat(b_stack, dim=1) @ torch.cat(a_stack, dim=0))
             assert lay.base is not None and lay.a is not None and lay.b is not None
-            new[lay.base] = global_params[lay.base] + self.server_lr * merged.reshape(-1)
+            step[lay.base] = (scaling * (torch.cat(b_stack, dim=1) @ torch.cat(a_stack, dim=0))).reshape(-1)
+            step[lay.a], step[lay.b] = 0.0, 0.0  # the adapters restart below
+        new = self.server_step(global_params, step)
+        for i, lay in enumerate(self.layout.layers):
+            assert lay.a is not None and lay.b is not None
             new[lay.a] = self.initial_a(lay.rank, lay.a.stop - lay.a.start, round_idx, i, new.device)
             new[lay.b] = 0.0
         adapters = self.layout.adapter_numel()
