@@ -240,7 +240,7 @@ def caption(args: argparse.Namespace) -> str:
         f"clients holding one label each, {r.clients_per_round} per round, one local SGD step of 16 lines (lr {r.lr}), "
         f"{server(r)}, {args.rounds} rounds, seeds {seeds} (mean ± std over seeds "
         f"where several). Client val. acc.: a seeded {r.fed_eval_fraction:.0%} of the clients' validation splits. "
-        f"DP column: seed {dp_seeds} only, DPAdaptiveClipping (median clip, from {r.dp_initial_clip}), Poisson "
+        f"DP column: {'seed ' + dp_seeds + ' only' if len(args.dp_seeds) == 1 else 'seeds ' + dp_seeds}, DPAdaptiveClipping (median clip, from {r.dp_initial_clip}), Poisson "
         f"q = {r.dp_sampling_rate} (about {round(446 * r.dp_sampling_rate)} clients per round), uniform weights, "
         f"epsilon 8 over the {args.rounds} rounds. {command(args)}."
     )
