@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,6 +12,25 @@ from lightfed.messages import RoundAggregate
 from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
 from lightfed_zoo.strategies.base import WeightedMean, check, check_fraction, restore_tensor
+
+
+def adaptive_step(
+    global_params: Tensor, delta: Tensor, m: Tensor, v: Tensor, *, eta: float, beta1: float, tau: float,
+    second_moment: Callable[[Tensor, Tensor], Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One server step of Reddi et al. (2021), Algorithm 2 (see :class:`FedOpt`): ``(w_{t+1}, m_t, v_t)``.
+
+    Shared by the FedOpt strategies and any strategy that offers an adaptive server step (the LoRA strategies'
+    ``server_optimizer: adam``); ``second_moment(v_{t-1}, Delta_t^2)`` is the variant's rule.
+    """
+    m = beta1 * m + (1 - beta1) * delta
+    v = second_moment(v, delta * delta)
+    return global_params + eta * m / (v.sqrt() + tau), m, v
+
+
+def adam_second_moment(v: Tensor, delta_sq: Tensor, beta2: float) -> Tensor:
+    """FedAdam's ``v_t = beta2 v_{t-1} + (1 - beta2) Delta_t^2``."""
+    return beta2 * v + (1 - beta2) * delta_sq
 
 
 class FedOpt(WeightedMean):
@@ -64,10 +84,11 @@ class FedOpt(WeightedMean):
         if self.m is None or self.v is None:
             self.m = torch.zeros_like(global_params)
             self.v = torch.full_like(global_params, self.tau**2)
-        delta = aggregate.mean_delta()
-        self.m = self.beta1 * self.m + (1 - self.beta1) * delta
-        self.v = self.second_moment(self.v, delta * delta)
-        return global_params + self.eta * self.m / (self.v.sqrt() + self.tau)
+        new, self.m, self.v = adaptive_step(
+            global_params, aggregate.mean_delta(), self.m, self.v, eta=self.eta, beta1=self.beta1, tau=self.tau,
+            second_moment=self.second_moment,
+        )
+        return new
 
     def state_dict(self) -> dict[str, Any]:
         return {"m": self.m, "v": self.v}
@@ -128,7 +149,7 @@ class FedAdam(FedOpt):
         super().__init__(eta=eta, beta1=beta1, beta2=beta2, tau=tau, weighted=weighted)
 
     def second_moment(self, v: Tensor, delta_sq: Tensor) -> Tensor:
-        return self.beta2 * v + (1 - self.beta2) * delta_sq
+        return adam_second_moment(v, delta_sq, self.beta2)
 
 
 @STRATEGIES.register("FedYogi")

@@ -41,6 +41,7 @@ from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
 from lightfed.seeding import make_generator
 from lightfed_zoo.strategies.base import WeightedMean, check, check_fraction, restore_tensor
+from lightfed_zoo.strategies.fedopt import adam_second_moment, adaptive_step
 
 log = logging.getLogger("lightfed")
 
@@ -179,9 +180,11 @@ class _LoRAStrategy(WeightedMean):
             return global_params + self.server_lr * delta
         if self.m is None or self.v is None:
             self.m, self.v = torch.zeros_like(global_params), torch.full_like(global_params, self.tau**2)
-        self.m = self.beta1 * self.m + (1 - self.beta1) * delta
-        self.v = self.beta2 * self.v + (1 - self.beta2) * delta * delta
-        return global_params + self.server_lr * self.m / (self.v.sqrt() + self.tau)
+        new, self.m, self.v = adaptive_step(
+            global_params, delta, self.m, self.v, eta=self.server_lr, beta1=self.beta1, tau=self.tau,
+            second_moment=lambda v, delta_sq: adam_second_moment(v, delta_sq, self.beta2),
+        )
+        return new
 
     def state_dict(self) -> dict[str, Any]:
         return {"m": self.m, "v": self.v} if self.server_optimizer == "adam" else {}
