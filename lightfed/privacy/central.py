@@ -49,6 +49,24 @@ log = logging.getLogger("lightfed")
 #: The count adaptive clipping adds to each update: the centred clip bit ``b_k - 1/2``.
 UNCLIPPED_COUNT = "dp_unclipped_centred"
 
+def check_delta(delta: float | None, num_clients: int) -> None:
+    """Refuse ``delta >= 1/N`` at set-up: the usual guidance is ``delta << 1/N``.
+
+    A mechanism that publishes one randomly chosen client's data outright is ``(0, 1/N)``-DP: with
+    ``delta >= 1/N`` the guarantee admits such a total leak of a client, so the epsilon it prints would mean
+    nothing (Dwork & Roth 2014, Sec. 2.3). ``1/N^1.1`` (the default) is below it for every ``N > 1``.
+
+    Raises:
+        ValueError: naming ``privacy.init_args.delta``, the bound ``1/N`` and the default.
+    """
+    if delta is not None and delta >= 1.0 / num_clients:
+        raise ValueError(
+            f"privacy.init_args.delta={delta:g} is not below 1/N = {1.0 / num_clients:.3g} for N={num_clients} clients: "
+            f"a mechanism that publishes one client's data outright satisfies (0, 1/N)-DP, so this epsilon would "
+            f"promise nothing. Use delta << 1/N, e.g. leave it unset (default 1/N^1.1 = {default_delta(num_clients):.3g})."
+        )
+
+
 def check_dp_strategy(strategy: Strategy, mechanism: str, weighted_ok: bool) -> None:
     """Refuse strategies whose aggregate is not a mean of uniformly (or capped-)weighted updates.
 
@@ -172,6 +190,7 @@ class DPFixedClipping(PrivacyMechanism):
         client_num_examples: Sequence[int] | None = None,
     ) -> None:
         check_dp_strategy(strategy, type(self).__name__, weighted_ok=self.weighted_estimator)
+        check_delta(self.delta, num_clients)
         self.seed = seed
         self.rounds = rounds
         self.scheme = SamplingScheme.from_sampler(sampler, num_clients)
@@ -466,4 +485,4 @@ def adaptive_update_noise_multiplier(noise_multiplier: float, clipped_count_stdd
     return rest**-0.5
 
 
-__all__ = ["DPAdaptiveClipping", "DPFixedClipping", "adaptive_update_noise_multiplier", "check_dp_strategy"]
+__all__ = ["DPAdaptiveClipping", "DPFixedClipping", "adaptive_update_noise_multiplier", "check_delta", "check_dp_strategy"]
