@@ -147,6 +147,12 @@ class DPFixedClipping(PrivacyMechanism):
                 "privacy.init_args.noise_placement: distributed needs clipping: client (the clients clip and noise "
                 "their own updates before secure aggregation; the server never sees them to clip)."
             )
+        if noise_placement == "distributed" and weighted_estimator:
+            raise ValueError(
+                "privacy.init_args.noise_placement: distributed with weighted_estimator: true would release the "
+                "secure sum of the weights sum_k min(n_k / w_hat, 1) to the server without noise; use uniform weights "
+                "(weighted_estimator: false) or noise_placement: server."
+            )
         check_noise_budget(
             noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta, accountant=accountant,
             max_epsilon=max_epsilon,
@@ -368,6 +374,8 @@ class DPAdaptiveClipping(DPFixedClipping):
         noise_multiplier, target_epsilon, delta, max_epsilon, clipping, weighted_estimator, weight_cap,
             total_weight, accountant, pld_discretization, verbose: as :class:`DPFixedClipping`; ``z`` is
             the total noise multiplier that the accountant charges.
+        noise_placement: Only ``"server"``: ``"distributed"`` is refused, because the clip count's noise is
+            added by the server, which under secure aggregation would see the exact count first.
     """
 
     def __init__(
@@ -387,8 +395,15 @@ class DPAdaptiveClipping(DPFixedClipping):
         accountant: AccountantName = "pld",
         pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
         verbose: bool = True,
+        noise_placement: Literal["server", "distributed"] = "server",
     ) -> None:
         check_positive(initial_clip, "initial_clip")
+        if noise_placement == "distributed":
+            raise ValueError(
+                "privacy.init_args.noise_placement: distributed is not supported by DPAdaptiveClipping: its clip count "
+                "sum_k (b_k - 1/2) is noised by the server after secure aggregation unmasks it, so the server would see "
+                "the exact count first. Use DPFixedClipping with noise_placement: distributed, or noise_placement: server."
+            )
         super().__init__(
             initial_clip, noise_multiplier, target_epsilon, delta, max_epsilon, clipping, weighted_estimator,
             weight_cap, total_weight, accountant, pld_discretization, verbose,
@@ -436,6 +451,8 @@ class DPAdaptiveClipping(DPFixedClipping):
         return clipped
 
     def process_aggregate(self, aggregate: RoundAggregate, round_idx: int) -> RoundAggregate:
+        if self.noise_placement != "server":  # the count noise below is the server's: never after unmasking
+            raise RuntimeError("DPAdaptiveClipping adds its clip-count noise on the server: noise_placement must be 'server'.")
         aggregate = super().process_aggregate(aggregate, round_idx)  # noise with the clip of this round
         assert self.scheme is not None
         gen = make_generator(self.seed, "dp_clip_count", round_idx)
