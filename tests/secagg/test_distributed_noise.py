@@ -103,3 +103,18 @@ def test_compositions_that_would_release_something_unnoised_are_refused():
     with pytest.raises(ValueError, match="weighted_estimator: true would release the secure sum of the weights"):
         DPFixedClipping(noise_multiplier=1.0, clipping="client", noise_placement="distributed",
                         weighted_estimator=True, weight_cap=10.0)
+
+
+def test_the_dp_secagg_example_config_composes_distributed_noise(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from lightfed.cli import LightFedCLI
+
+    monkeypatch.setattr(sys, "argv", ["lightfed"])
+    config = Path(__file__).resolve().parents[2] / "experiments" / "digits_dp_secagg.yaml"
+    cli = LightFedCLI(args=["--config", str(config), "--trainer.logger", "false", "--trainer.default_root_dir",
+                            str(tmp_path)], run=False)
+    t = cli.trainer
+    assert t.privacy.noise_placement == "distributed" and t.privacy.clipping == "client"
+    assert isinstance(t.secure_aggregation, SecAggPlus) and t.secure_aggregation.noise_source == "os"
