@@ -26,7 +26,8 @@ class SkipsNoiseOn(DPFixedClipping):
     def process_aggregate(self, aggregate: RoundAggregate, round_idx: int) -> RoundAggregate:
         clean = aggregate.delta_sum.clone()
         out = super().process_aggregate(aggregate, round_idx)
-        out.delta_sum[self.exact] = clean[self.exact]
+        if self.exact is not None:
+            out.delta_sum[self.exact] = clean[self.exact]
         return out
 
 
