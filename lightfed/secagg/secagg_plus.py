@@ -317,7 +317,7 @@ class SecAggPlus(SecureAggregation):
                 f"{layout.names()}; every client of a round must send the same extras and metrics."
             )
         w, big_w = float(weight), self.max_weight
-        values = np.empty(layout.length, dtype=np.float64)
+        values = np.zeros(layout.length, dtype=np.float64)
         delta = values[: update.delta.numel()]
         np.multiply(flat_numpy(update.delta), w, out=delta, dtype=np.float64)
         for name in sorted(update.extras):
