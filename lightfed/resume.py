@@ -2,7 +2,8 @@
 
 Format 2 (format 1 checkpoints are refused; lightfed has no users to migrate yet)::
 
-    {"format": 2, "digest": sha256 of every tensor below,
+    {"format": 2, "digest": a hash over everything below (:mod:`lightfed.integrity`; keyed with
+     $LIGHTFED_CHECKPOINT_KEY for tamper evidence),
      "progress": {round, seed, num_clients, history, config},
      "model": {payload_names, global_params, state, frozen},
      "strategy": {name, state}, "privacy": {...}, "secure_aggregation": {...},
@@ -25,6 +26,7 @@ import yaml
 from torch import Tensor, nn
 
 from lightfed import checkpoint as ckpt_io
+from lightfed import integrity
 
 if TYPE_CHECKING:
     from lightfed.callbacks import Callback
@@ -69,9 +71,8 @@ def fingerprint(tensors: dict[str, Tensor]) -> str:
 
 
 def digest(state: dict[str, Any]) -> str:
-    """The integrity hash of a checkpoint: its global payload and model state."""
-    model = state["model"]
-    return fingerprint({"\0global_params": model["global_params"], **model["state"]})
+    """The integrity hash of a checkpoint: every stateful part (keyed when $LIGHTFED_CHECKPOINT_KEY is set)."""
+    return integrity.digest(state, integrity.checkpoint_key())
 
 
 def collect(trainer: FederatedTrainer) -> dict[str, Any]:
@@ -93,8 +94,7 @@ def collect(trainer: FederatedTrainer) -> dict[str, Any]:
         "client_states": trainer.client_states,
         "callbacks": callback_states(trainer.callbacks),
     })
-    state["digest"] = digest(state)
-    return state
+    return integrity.sign(state)
 
 
 def callback_keys(callbacks: list[Callback]) -> list[str]:
@@ -138,11 +138,7 @@ def read(path: str | Path) -> dict[str, Any]:
             f"{str(p)!r} is a lightfed checkpoint of format {state['format']}, this lightfed reads format {FORMAT} "
             f"(checkpoints became a dict over the run's stateful parts). Start the run again."
         )
-    if state.get("digest") != digest(state):
-        raise ValueError(
-            f"--ckpt_path {str(p)!r} is corrupted: its tensors do not match the integrity hash written with them. "
-            f"Resume from another checkpoint (checkpoints/round-XXXXX.ckpt)."
-        )
+    integrity.verify(state, f"--ckpt_path {str(p)!r}")
     return state
 
 
@@ -214,6 +210,12 @@ def restore(trainer: FederatedTrainer, path: str | Path) -> None:
     where = f"--ckpt_path {str(path)!r}"
     state = read(path)
     check_compatible(trainer, state, where)
+    accountant = getattr(trainer.privacy, "accountant", None)
+    integrity.check_privacy_progress(
+        state["privacy"], int(state["progress"]["round"]), where,
+        epsilon=accountant.epsilon if accountant is not None and hasattr(accountant, "epsilon") else None,
+        cohorts=trainer.sample,
+    )
     assert trainer.module is not None and trainer.spec is not None
     device = trainer.fabric.device
     frozen = frozen_parameters(trainer.module, list(trainer.spec.names))

@@ -74,7 +74,7 @@ class FederatedTrainer:
         fed_eval_metric: Logged metric (or its suffix, e.g. ``acc`` matches ``val_acc``) used for the
             federated evaluation mean and worst-10% figure.
         checkpoint_every: Save a checkpoint every this many rounds (and after the last); 0: only last.
-        keep_checkpoints: Keep only the newest this many ``round-*.ckpt`` files (``None``: all).
+        keep_checkpoints: Keep only the newest this many ``round-*.ckpt`` files (default 3; ``None``: all).
             ``last.ckpt`` is a link to the newest, not a copy.
         default_root_dir: Where logs, checkpoints and the exported model go.
         logger: ``True`` for TensorBoard under ``default_root_dir/<name>/version_N``, ``False`` for none
@@ -122,7 +122,7 @@ class FederatedTrainer:
         fed_eval_fraction: float = 0.2,
         fed_eval_metric: str = "acc",
         checkpoint_every: int = 5,
-        keep_checkpoints: int | None = None,
+        keep_checkpoints: int | None = 3,
         default_root_dir: str = ".",
         logger: Logger | bool = True,
         name: str | None = None,

@@ -10,6 +10,8 @@
   (Geiping et al. 2020), PSNR/SSIM, TensorBoard images;
 * :func:`lightfed.audit.dpsgd_audit.one_run_audit` - the one-run audit of sample-level DP (Steinke et al. 2023):
   mislabelled canaries included with probability 1/2 in one ordinary run, an epsilon lower bound at 95%;
+* :class:`ReleasedNoiseCheck` (:mod:`lightfed.audit.noise_check`) - a direct check of the noise the pipeline
+  releases, per tensor and per block of coordinates, against the mechanism's noise plan;
 * :mod:`lightfed.audit.estimators` - the pure maths: the epsilon of two Gaussians, bootstrap intervals, and
   the one-run lower bound of Steinke, Nasr & Jagielski (NeurIPS 2023).
 
@@ -18,6 +20,7 @@ gives an estimate or a lower bound for one attack, never a proof of privacy: see
 """
 
 from lightfed.audit.canary import OneShotCanaryAudit
+from lightfed.audit.noise_check import NoiseCheckReport, ReleasedNoiseCheck, check_released_noise
 from lightfed.audit.estimators import (
     GaussianFit,
     best_one_run_bound,
@@ -29,6 +32,6 @@ from lightfed.audit.estimators import (
 )
 
 __all__ = [
-    "GaussianFit", "OneShotCanaryAudit", "best_one_run_bound", "bootstrap_interval", "epsilon_two_gaussians",
+    "GaussianFit", "NoiseCheckReport", "OneShotCanaryAudit", "ReleasedNoiseCheck", "check_released_noise", "best_one_run_bound", "bootstrap_interval", "epsilon_two_gaussians",
     "gdp_epsilon", "one_run_epsilon_lower_bound", "one_run_p_value",
 ]

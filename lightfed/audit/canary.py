@@ -39,6 +39,21 @@ deviations. The report gives ``canary_share_of_update`` and warns above one half
 them. They do move the model a little (``k q C / m`` per round in random directions, ``m`` the expected
 cohort), as in the paper, which reports no measurable utility cost.
 
+**Canary kinds** (``kind``). ``"random"``: directions uniform on the sphere of the whole payload (the paper).
+A mechanism that skips the noise on *part* of the update hides from them (each direction is only partly in
+the unnoised part), so two more kinds confine canaries, after Nasr, Hayes, Steinke, Balle, Tramer, Jagielski,
+Carlini & Terzis (USENIX Security 2023), "Tight Auditing of Differentially Private Machine Learning":
+
+* ``"per_tensor"``: each canary is a random direction inside *one* tensor (round-robin over the tensors of at
+  least 4 coordinates), and its statistic is the cosine with that tensor's part of the step;
+* ``"dirac"``: each canary is one coordinate (a basis vector ``e_j``, Nasr et al.'s Dirac canary; distinct
+  coordinates, round-robin over the tensors), with the same per-tensor statistic.
+
+Both report an estimate per tensor (``groups``) beside the pooled one, and ``max_group_epsilon``: a tensor
+released without noise shows up as its own, far larger, estimate. A pattern inside every tensor (every other
+coordinate noised) still mixes noised and exact coordinates in every group; the direct check of the released
+noise (:class:`~lightfed.audit.noise_check.ReleasedNoiseCheck`) is what catches it.
+
 **What the number means.** An *estimate* of what this attack (cosine with a known direction) learns; not a
 lower bound with a guarantee and never a proof of privacy. An estimate clearly above the claimed epsilon means
 the pipeline adds less noise, or clips less, than it claims only if it is also above what the estimator gives on
@@ -70,6 +85,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lightfed")
 Participation = Literal["sampled", "every_round"]
+CanaryKind = Literal["random", "per_tensor", "dirac"]
 #: Directions are kept in memory; refuse set-ups whose canary matrix would exceed this.
 MAX_CANARY_BYTES = 1 << 30
 
@@ -89,6 +105,8 @@ class OneShotCanaryAudit(Callback):
         num_canaries: ``k``, canaries inserted into training.
         num_held_out: Canaries drawn but never inserted (default ``k``).
         participation: ``"sampled"`` (each canary joins a round with the sampler's rate) or ``"every_round"``.
+        kind: ``"random"`` (whole-payload directions), ``"per_tensor"`` or ``"dirac"`` (canaries confined to one
+            tensor / one coordinate, estimated per tensor; see the module docstring).
         canary_norm: L2 norm of a canary update. Default: the privacy mechanism's clip norm of the round
             times ``clip_multiple`` (a run without client-level clipping must set it).
         clip_multiple: Canaries at this multiple of the clip (``> 1`` tests that clipping happens: a correct
@@ -117,7 +135,11 @@ class OneShotCanaryAudit(Callback):
         bootstrap: int = 200,
         seed: int | None = None,
         report_name: str = "audit_one_shot.json",
+        kind: CanaryKind = "random",
     ) -> None:
+        if kind not in ("random", "per_tensor", "dirac"):
+            raise ValueError(f"OneShotCanaryAudit kind must be 'random', 'per_tensor' or 'dirac', got {kind!r}.")
+        self.kind: CanaryKind = kind
         held_out = num_canaries if num_held_out is None else num_held_out
         if num_canaries < 2 or held_out < 2:
             raise ValueError(
@@ -169,7 +191,7 @@ class OneShotCanaryAudit(Callback):
                 f"canaries would outnumber the real clients and dominate the model. Use at most {n} (the paper "
                 f"inserts far fewer canaries than clients)."
             )
-        if 2 * total > d:
+        if self.kind == "random" and 2 * total > d:
             raise ValueError(
                 f"OneShotCanaryAudit: {total} canary directions in a payload of {d} parameters are not nearly "
                 f"orthogonal (need num_canaries + num_held_out <= d / 2 = {d // 2}); use fewer canaries."
@@ -197,17 +219,67 @@ class OneShotCanaryAudit(Callback):
         seed = trainer.seed if self.seed is None else self.seed
         self._seed = seed
         device = trainer.global_params.device
-        rows = []
-        for i in range(total):
-            v = torch.randn(d, generator=make_generator(seed, "canary", i), dtype=torch.float32)
-            rows.append(v / v.norm())
-        self.directions = torch.stack(rows).to(device)
+        self.groups: list[tuple[str, int, int]] = []  # (tensor, start, stop) of each canary's tensor
+        if self.kind == "random":
+            rows = []
+            for i in range(total):
+                v = torch.randn(d, generator=make_generator(seed, "canary", i), dtype=torch.float32)
+                rows.append(v / v.norm())
+            self.directions = torch.stack(rows).to(device)
+        else:
+            self.directions = self._confined_directions(trainer, seed, total).to(device)
         self.max_cos = torch.full((total,), -1.0, dtype=torch.float64)
         self.appearances = torch.zeros(self.num_canaries, dtype=torch.int64)
         sizes = trainer.datamodule.client_num_examples() if trainer.datamodule is not None else None
         self.canary_examples = int(sizes.float().median().round()) if sizes is not None and len(sizes) else 1
         self.num_clients = n
         self.dimension = d
+
+    def _confined_directions(self, trainer: FederatedTrainer, seed: int, total: int) -> Tensor:
+        """Per-tensor or Dirac canaries: inserted ``i`` and held-out ``i`` go to tensor ``i mod T`` alike."""
+        assert trainer.spec is not None
+        tensors, start = [], 0
+        for name, n in zip(trainer.spec.names, trainer.spec.numels):
+            if n >= 4:
+                tensors.append((name, start, start + n))
+            start += n
+        if not tensors:
+            raise ValueError("OneShotCanaryAudit kind per_tensor/dirac needs a payload tensor of at least 4 coordinates.")
+        d = trainer.spec.numel
+        rows = torch.zeros(total, d, dtype=torch.float32)
+        order = {name: torch.randperm(stop - lo, generator=make_generator(seed, "canary_dirac", name)).tolist()
+                 for name, lo, stop in tensors}
+        used = dict.fromkeys(order, 0)
+        for i in range(total):
+            local = i if i < self.num_canaries else i - self.num_canaries
+            for step in range(len(tensors)):
+                name, lo, stop = tensors[(local + step) % len(tensors)]
+                if self.kind == "per_tensor" or used[name] < stop - lo:
+                    break
+            else:
+                raise ValueError(
+                    f"OneShotCanaryAudit kind dirac needs {total} distinct coordinates but the payload's tensors of at "
+                    f"least 4 coordinates hold {sum(stop - lo for _, lo, stop in tensors)}; use fewer canaries."
+                )
+            if self.kind == "dirac":
+                rows[i, lo + order[name][used[name]]] = 1.0
+                used[name] += 1
+            else:
+                v = torch.randn(stop - lo, generator=make_generator(seed, "canary", i), dtype=torch.float32)
+                rows[i, lo:stop] = v / v.norm()
+            self.groups.append((name, lo, stop))
+        return rows
+
+    def _cosines(self, step: Tensor) -> Tensor:
+        """Cosine of every canary with ``step`` (per-tensor kinds: with the canary's tensor's part of it)."""
+        assert self.directions is not None
+        dots = (self.directions @ step).double().cpu()
+        if self.kind == "random":
+            norm = float(step.norm())
+            return dots / norm if norm > 0 else torch.zeros_like(dots)
+        norms = {name: float(step[lo:stop].norm()) for name, lo, stop in set(self.groups)}
+        scale = torch.tensor([norms[name] for name, _, _ in self.groups], dtype=torch.float64)
+        return torch.where(scale > 0, dots / scale.clamp_min(1e-300), torch.zeros_like(dots))
 
     def on_fit_start(self, trainer: FederatedTrainer) -> None:
         assert trainer.global_params is not None
@@ -255,9 +327,8 @@ class OneShotCanaryAudit(Callback):
             self.run_delta = float(result.metrics["privacy/delta"])
         assert trainer.global_params is not None and self._before is not None
         step = (trainer.global_params - self._before).to(self.directions.dtype)
-        norm = float(step.norm())
-        if norm > 0:
-            self.max_cos = torch.maximum(self.max_cos, (self.directions @ step).double().cpu() / norm)
+        if float(step.norm()) > 0:
+            self.max_cos = torch.maximum(self.max_cos, self._cosines(step))
         self.rounds_seen += 1
         if trainer.round_idx >= trainer.rounds:  # the last round: report with it (logged at its step)
             result.metrics.update(self.finish(trainer))
@@ -282,9 +353,7 @@ class OneShotCanaryAudit(Callback):
         assert self.directions is not None and self.initial is not None and self.max_cos is not None
         assert trainer.global_params is not None
         total_step = (trainer.global_params - self.initial).to(self.directions.dtype)
-        norm = float(total_step.norm())
-        final = (self.directions @ total_step).double().cpu() / norm if norm > 0 else torch.zeros(len(self.directions))
-        return final.numpy(), self.max_cos.numpy()
+        return self._cosines(total_step).numpy(), self.max_cos.numpy()
 
     def finish(self, trainer: FederatedTrainer) -> dict[str, float]:
         """Fit, estimate, write the JSON report (rank 0); return the ``audit/...`` metrics."""
@@ -305,7 +374,7 @@ class OneShotCanaryAudit(Callback):
             "paper": "Andrew et al., One-shot Empirical Privacy Estimation for Federated Learning, ICLR 2024",
             "seed": self._seed, "rounds": self.rounds_seen, "dimension": self.dimension,
             "num_canaries": k, "num_held_out": self.num_held_out, "participation": self.participation,
-            "participation_rate": self.rate, "mean_appearances": float(self.appearances.double().mean()),
+            "kind": self.kind, "participation_rate": self.rate, "mean_appearances": float(self.appearances.double().mean()),
             "canary_norm": self.canary_norm, "clip_multiple": self.clip_multiple, "delta": delta,
             "confidence": self.confidence, "canary_share_of_update": share, "claimed_epsilon": claimed, "accountant_epsilon": self.accountant_epsilon,
         }
@@ -319,6 +388,13 @@ class OneShotCanaryAudit(Callback):
             metrics[f"audit/epsilon_{tag}"] = part["epsilon"]
             metrics[f"audit/epsilon_{tag}_low"] = part["interval"][0]
             metrics[f"audit/epsilon_{tag}_high"] = part["interval"][1]
+        if self.kind != "random":
+            report["groups"] = self._group_estimates(final, iterates, delta)
+            finite = [g["final_model"]["epsilon"] for g in report["groups"].values()]
+            finite += [g["all_iterates"]["epsilon"] for g in report["groups"].values()]
+            report["max_group_epsilon"] = max(finite) if finite else None
+            if finite:
+                metrics["audit/epsilon_max_group"] = max(finite)
         path = trainer.log_dir / self.report_name
         report["path"] = str(path)
         report["metrics"] = metrics
@@ -327,6 +403,20 @@ class OneShotCanaryAudit(Callback):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         return metrics
+
+    def _group_estimates(self, final: np.ndarray, iterates: np.ndarray, delta: float) -> dict[str, Any]:
+        """The estimate of each tensor's canaries (at least 2 inserted and 2 held out)."""
+        k, out = self.num_canaries, {}
+        names = [name for name, _, _ in self.groups]
+        for name in dict.fromkeys(names):
+            seen = [i for i in range(k) if names[i] == name]
+            unseen = [i for i in range(k, len(names)) if names[i] == name]
+            if len(seen) < 2 or len(unseen) < 2:
+                continue
+            out[name] = {"num_canaries": len(seen), "dimension": next(stop - lo for n, lo, stop in self.groups if n == name)}
+            for part, stat in (("final_model", final), ("all_iterates", iterates)):
+                out[name][part] = self._estimate(stat[seen], stat[unseen], delta, derive_seed(self._seed, "bootstrap", name, part))
+        return out
 
     def _estimate(self, seen: np.ndarray, unseen: np.ndarray, delta: float, seed: int) -> dict[str, Any]:
         def eps(a: np.ndarray, b: np.ndarray) -> float:
@@ -363,15 +453,15 @@ class OneShotCanaryAudit(Callback):
         return {
             "initial": self.initial, "max_cos": self.max_cos, "appearances": self.appearances,
             "rounds_seen": self.rounds_seen, "num_canaries": self.num_canaries, "num_held_out": self.num_held_out,
-            "participation": self.participation,
+            "participation": self.participation, "kind": self.kind,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = (self.num_canaries, self.num_held_out, self.participation)
-        theirs = (state["num_canaries"], state["num_held_out"], state["participation"])
+        mine = (self.num_canaries, self.num_held_out, self.participation, self.kind)
+        theirs = (state["num_canaries"], state["num_held_out"], state["participation"], state.get("kind", "random"))
         if mine != theirs:
             raise ValueError(
-                f"the checkpoint's canary audit had (num_canaries, num_held_out, participation) = {theirs}, this run "
+                f"the checkpoint's canary audit had (num_canaries, num_held_out, participation, kind) = {theirs}, this run "
                 f"{mine}: resume with the same audit settings, or the estimate mixes two experiments."
             )
         device = self.directions.device if self.directions is not None else "cpu"

@@ -49,6 +49,24 @@ log = logging.getLogger("lightfed")
 #: The count adaptive clipping adds to each update: the centred clip bit ``b_k - 1/2``.
 UNCLIPPED_COUNT = "dp_unclipped_centred"
 
+def check_delta(delta: float | None, num_clients: int) -> None:
+    """Refuse ``delta >= 1/N`` at set-up: the usual guidance is ``delta << 1/N``.
+
+    A mechanism that publishes one randomly chosen client's data outright is ``(0, 1/N)``-DP: with
+    ``delta >= 1/N`` the guarantee admits such a total leak of a client, so the epsilon it prints would mean
+    nothing (Dwork & Roth 2014, Sec. 2.3). ``1/N^1.1`` (the default) is below it for every ``N > 1``.
+
+    Raises:
+        ValueError: naming ``privacy.init_args.delta``, the bound ``1/N`` and the default.
+    """
+    if delta is not None and delta >= 1.0 / num_clients:
+        raise ValueError(
+            f"privacy.init_args.delta={delta:g} is not below 1/N = {1.0 / num_clients:.3g} for N={num_clients} clients: "
+            f"a mechanism that publishes one client's data outright satisfies (0, 1/N)-DP, so this epsilon would "
+            f"promise nothing. Use delta << 1/N, e.g. leave it unset (default 1/N^1.1 = {default_delta(num_clients):.3g})."
+        )
+
+
 def check_dp_strategy(strategy: Strategy, mechanism: str, weighted_ok: bool) -> None:
     """Refuse strategies whose aggregate is not a mean of uniformly (or capped-)weighted updates.
 
@@ -129,6 +147,12 @@ class DPFixedClipping(PrivacyMechanism):
                 "privacy.init_args.noise_placement: distributed needs clipping: client (the clients clip and noise "
                 "their own updates before secure aggregation; the server never sees them to clip)."
             )
+        if noise_placement == "distributed" and weighted_estimator:
+            raise ValueError(
+                "privacy.init_args.noise_placement: distributed with weighted_estimator: true would release the "
+                "secure sum of the weights sum_k min(n_k / w_hat, 1) to the server without noise; use uniform weights "
+                "(weighted_estimator: false) or noise_placement: server."
+            )
         check_noise_budget(
             noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta, accountant=accountant,
             max_epsilon=max_epsilon,
@@ -172,6 +196,7 @@ class DPFixedClipping(PrivacyMechanism):
         client_num_examples: Sequence[int] | None = None,
     ) -> None:
         check_dp_strategy(strategy, type(self).__name__, weighted_ok=self.weighted_estimator)
+        check_delta(self.delta, num_clients)
         self.seed = seed
         self.rounds = rounds
         self.scheme = SamplingScheme.from_sampler(sampler, num_clients)
@@ -349,6 +374,8 @@ class DPAdaptiveClipping(DPFixedClipping):
         noise_multiplier, target_epsilon, delta, max_epsilon, clipping, weighted_estimator, weight_cap,
             total_weight, accountant, pld_discretization, verbose: as :class:`DPFixedClipping`; ``z`` is
             the total noise multiplier that the accountant charges.
+        noise_placement: Only ``"server"``: ``"distributed"`` is refused, because the clip count's noise is
+            added by the server, which under secure aggregation would see the exact count first.
     """
 
     def __init__(
@@ -368,8 +395,15 @@ class DPAdaptiveClipping(DPFixedClipping):
         accountant: AccountantName = "pld",
         pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
         verbose: bool = True,
+        noise_placement: Literal["server", "distributed"] = "server",
     ) -> None:
         check_positive(initial_clip, "initial_clip")
+        if noise_placement == "distributed":
+            raise ValueError(
+                "privacy.init_args.noise_placement: distributed is not supported by DPAdaptiveClipping: its clip count "
+                "sum_k (b_k - 1/2) is noised by the server after secure aggregation unmasks it, so the server would see "
+                "the exact count first. Use DPFixedClipping with noise_placement: distributed, or noise_placement: server."
+            )
         super().__init__(
             initial_clip, noise_multiplier, target_epsilon, delta, max_epsilon, clipping, weighted_estimator,
             weight_cap, total_weight, accountant, pld_discretization, verbose,
@@ -417,6 +451,8 @@ class DPAdaptiveClipping(DPFixedClipping):
         return clipped
 
     def process_aggregate(self, aggregate: RoundAggregate, round_idx: int) -> RoundAggregate:
+        if self.noise_placement != "server":  # the count noise below is the server's: never after unmasking
+            raise RuntimeError("DPAdaptiveClipping adds its clip-count noise on the server: noise_placement must be 'server'.")
         aggregate = super().process_aggregate(aggregate, round_idx)  # noise with the clip of this round
         assert self.scheme is not None
         gen = make_generator(self.seed, "dp_clip_count", round_idx)
@@ -466,4 +502,4 @@ def adaptive_update_noise_multiplier(noise_multiplier: float, clipped_count_stdd
     return rest**-0.5
 
 
-__all__ = ["DPAdaptiveClipping", "DPFixedClipping", "adaptive_update_noise_multiplier", "check_dp_strategy"]
+__all__ = ["DPAdaptiveClipping", "DPFixedClipping", "adaptive_update_noise_multiplier", "check_delta", "check_dp_strategy"]

@@ -25,7 +25,7 @@ from lightfed.privacy.accounting import (
     epsilon_for,
 )
 from lightfed.privacy.base import NoisePlan, PrivacyMechanism, check_noise_budget, check_positive
-from lightfed.privacy.central import check_dp_strategy
+from lightfed.privacy.central import check_delta, check_dp_strategy
 from lightfed.privacy.clipping import clip_update, gaussian_like
 from lightfed.registry import PRIVACY
 from lightfed.sampling import ClientSampler
@@ -89,6 +89,7 @@ class LocalDP(PrivacyMechanism):
         client_num_examples: Sequence[int] | None = None,
     ) -> None:
         check_dp_strategy(strategy, "LocalDP", weighted_ok=False)
+        check_delta(self.delta, num_clients)
         self.seed = seed
         self.delta_used = self.delta if self.delta is not None else default_delta(num_clients)
         z = self.noise_multiplier

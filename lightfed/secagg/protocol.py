@@ -27,9 +27,11 @@ component would reveal its own partial sum, Bell et al. section 3), or when a se
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from collections.abc import Callable, Iterable
+from fractions import Fraction
 
 import numpy as np
 
@@ -56,6 +58,15 @@ from lightfed.secagg.messages import (
 )
 from lightfed.secagg.quantize import FixedPoint
 from lightfed.secagg.view import ServerView
+
+
+def shamir_threshold(fraction: float, k: int) -> int:
+    """``t = floor(fraction * k) + 1``, computed exactly from the decimal the fraction was configured as.
+
+    In binary floating point ``0.58 * 50`` is ``28.999999999999996``, which would give ``t = 29``; the
+    decimal ``0.58`` (the shortest repr of the float) times 50 is exactly 29, so ``t = 30`` as documented.
+    """
+    return math.floor(Fraction(repr(float(fraction))) * k) + 1
 
 
 def self_mask_key(seed: bytes, round_idx: int, client_id: int) -> bytes:
@@ -241,7 +252,7 @@ class SecAggServer:
         if not self._enough(u1, "advertise_keys"):
             return {}
         self.k = num_neighbours(len(u1), self.requested_k)
-        self.view.threshold = int(self.threshold_fraction * self.k) + 1
+        self.view.threshold = shamir_threshold(self.threshold_fraction, self.k)
         self.view.graph = self._make_graph(u1, self.k)
         return {
             u: NeighbourKeys({v: self.view.advertised[v] for v in self.view.graph[u]}, self.view.threshold) for u in u1

@@ -14,6 +14,17 @@ with ``W`` = ``max_weight`` (a public bound on the weights, so every entry stays
 range), ``n_k`` the update's counts (a privacy mechanism's centred clip bit, summed unweighted) and
 ``c_k`` the fraction of coordinates the client had to clip (neither divided by W).
 The server rescales by ``W``; the weighted metric means are ``sum w m / sum w``.
+
+With distributed Gaussian noise (``(z, C)``, ``n_min`` survivors at least) each client
+
+1. clips ``w (delta_k, e_k)`` -- the update *and every extra together* (SCAFFOLD's ``delta_c``) -- to L2
+   norm ``C``, and adds ``N(0, sigma^2)``, ``sigma = z C / sqrt(n_min)``, to every coordinate of both, so
+   every summed part the strategy consumes carries ``N(0, (z C)^2)`` or more on the sum;
+2. sends no metrics (its loss would reach the server un-noised);
+3. encodes into a range sized for signal plus noise, ``B = max(clip, (C + k sigma) / W)`` per coordinate,
+   with ``k`` the smallest multiple of 0.1 whose two-sided Gaussian tail, union-bounded over all
+   ``n d`` noisy coordinates of the round, is at most ``NOISE_TAIL = 1e-6``: the noise is clipped (and the
+   released variance falls short of the plan) with probability at most 1e-6 per round.
 """
 
 from __future__ import annotations
@@ -40,6 +51,16 @@ from lightfed.strategy import Strategy
 
 #: Clipping range of a count (a privacy mechanism's centred clip bit lies in [-1/2, 1/2]).
 COUNT_BOUND = 1.0
+#: Probability bound (per round, union over all noisy coordinates) that distributed noise is clipped.
+NOISE_TAIL = 1e-6
+
+
+def tail_multiplier(draws: int, tail: float = NOISE_TAIL) -> float:
+    """The smallest ``k`` (a multiple of 0.1) with ``draws * P(|N(0, 1)| > k) <= tail`` (union bound)."""
+    k = 1.0
+    while max(draws, 1) * math.erfc(k / math.sqrt(2)) > tail:
+        k = round(k + 0.1, 1)
+    return k
 
 
 @SECURE_AGGREGATION.register("SecAggPlus")
@@ -71,6 +92,11 @@ class SecAggPlus(SecureAggregation):
             least the ``N(0, (z C)**2)`` on the sum that the accountant assumes.
         noise_clip_norm: ``C`` for ``noise_multiplier``; ``None``: the privacy mechanism's ``clip_norm``.
         key_source: ``"seeded"`` (reproducible 256-bit keys derived from the run seed) or ``"os"``.
+        noise_source: Where each client's distributed noise comes from: ``"seeded"`` (derived from
+            ``(seed, round, client)``: reproducible and resumable, but whoever knows the run seed can
+            recompute every share and subtract it from the sum, so the DP guarantee then holds only
+            against a server that does not know the seed) or ``"os"`` (the operating system's entropy,
+            as ``key_source: os``: nobody can recompute it; runs are no longer bit-reproducible).
         record_vectors: Keep every masked vector in the server view (else only SHA-256 digests).
         server_view_dir: If set, save each round's server view there as ``round-XXXXX.npz``.
         timer: ``"wall"`` (elapsed time) or ``"cpu"`` (process CPU time, stable on a shared machine) for the
@@ -93,6 +119,7 @@ class SecAggPlus(SecureAggregation):
         noise_multiplier: float | None = None,
         noise_clip_norm: float | None = None,
         key_source: Literal["seeded", "os"] = "seeded",
+        noise_source: Literal["seeded", "os"] = "seeded",
         record_vectors: bool = True,
         server_view_dir: str | None = None,
         timer: Literal["wall", "cpu"] = "wall",
@@ -118,6 +145,8 @@ class SecAggPlus(SecureAggregation):
             raise ValueError(f"secure_aggregation.timer must be 'wall' or 'cpu', got {timer!r}.")
         if key_source not in ("seeded", "os"):
             raise ValueError(f"secure_aggregation.key_source must be 'seeded' or 'os', got {key_source!r}.")
+        if noise_source not in ("seeded", "os"):
+            raise ValueError(f"secure_aggregation.noise_source must be 'seeded' or 'os', got {noise_source!r}.")
         self.codec = FixedPoint(quantization_bits, modulus_bits)
         self.clip = float(clip)
         self.extras_clip = float(extras_clip) if extras_clip is not None else float(clip)
@@ -130,6 +159,7 @@ class SecAggPlus(SecureAggregation):
         self.noise_multiplier = float(noise_multiplier or 0.0)
         self.noise_clip_norm = noise_clip_norm
         self.key_source = key_source
+        self.noise_source = noise_source
         self.record_vectors = record_vectors
         self.server_view_dir = server_view_dir
         self.timer = timer
@@ -226,12 +256,31 @@ class SecAggPlus(SecureAggregation):
         self.rounds_run = int(state.get("rounds_run", 0))
 
     # ------------------------------------------------------------------ client side
-    def layout_for(self, update: ClientUpdate) -> Layout:
-        """The public vector layout of a round, fixed by the shapes (not values) of the first update."""
-        parts: list[tuple[str, int, float]] = [("delta", update.delta.numel(), self.clip)]
-        parts += [(f"extra/{k}", update.extras[k].numel(), self.extras_clip) for k in sorted(update.extras)]
+    def noise_range(self, numel: int, cohort_size: int) -> float:
+        """``(C + k sigma) / W``: the coordinate range that holds a noisy clipped coordinate (0 without noise).
+
+        ``|w x_i| <= C`` for a coordinate of an update clipped to L2 norm ``C``; ``k`` is
+        :func:`tail_multiplier` over the ``n d`` noisy coordinates of the round.
+        """
+        z, clip_norm = self.noise_params()
+        if z <= 0:
+            return 0.0
+        sigma = self.noise_std_per_client(cohort_size)
+        return (clip_norm + tail_multiplier(numel * cohort_size) * sigma) / self.max_weight
+
+    def layout_for(self, update: ClientUpdate, cohort_size: int = 1) -> Layout:
+        """The public vector layout of a round, fixed by the shapes (not values) of the first update.
+
+        Under distributed noise the update and extras segments are widened to :meth:`noise_range` and the
+        client metrics are left out (they would reach the server without noise).
+        """
+        noisy = self.noise_params()[0] > 0
+        numel = update.delta.numel() + sum(v.numel() for v in update.extras.values())
+        wide = self.noise_range(numel, cohort_size)
+        parts: list[tuple[str, int, float]] = [("delta", update.delta.numel(), max(self.clip, wide))]
+        parts += [(f"extra/{k}", update.extras[k].numel(), max(self.extras_clip, wide)) for k in sorted(update.extras)]
         parts.append(("weight", 1, 1.0))
-        parts += [(f"metric/{k}", 1, self.metrics_bound) for k in sorted(update.metrics)]
+        parts += [] if noisy else [(f"metric/{k}", 1, self.metrics_bound) for k in sorted(update.metrics)]
         parts += [(f"count/{k}", 1, COUNT_BOUND) for k in sorted(update.counts)]
         parts.append(("clipped", 1, 1.0))
         return Layout.build(parts)
@@ -262,38 +311,48 @@ class SecAggPlus(SecureAggregation):
                 f"quantization. Set max_weight to at least the largest client weight (FedAvg: its example count)."
             )
         expected = self.layout_for(update)
-        if expected != layout:
+        if [(g.name, g.length) for g in expected.segments] != [(g.name, g.length) for g in layout.segments]:
             raise ValueError(
                 f"round {round_idx}: client {update.client_id} sends {expected.names()} but the round's layout is "
                 f"{layout.names()}; every client of a round must send the same extras and metrics."
             )
         w, big_w = float(weight), self.max_weight
-        values = np.empty(layout.length, dtype=np.float64)
+        values = np.zeros(layout.length, dtype=np.float64)
         delta = values[: update.delta.numel()]
         np.multiply(flat_numpy(update.delta), w, out=delta, dtype=np.float64)
-        sigma, clip_norm = noise
-        if sigma > 0:
-            norm = float(np.linalg.norm(delta))
-            if norm > clip_norm:
-                delta *= clip_norm / norm
-            delta += sigma * np.random.default_rng(derive_seed(self.seed, "secagg/noise", round_idx, update.client_id)).standard_normal(delta.size)
         for name in sorted(update.extras):
             seg = layout[f"extra/{name}"]
             np.multiply(flat_numpy(update.extras[name]), w, out=values[seg.start : seg.stop], dtype=np.float64)
+        stop = layout["weight"].start
+        sigma, clip_norm = noise
+        if sigma > 0:  # the update and every extra: clipped together, each coordinate noised
+            signal = values[:stop]
+            norm = float(np.linalg.norm(signal))
+            if norm > clip_norm:
+                signal *= clip_norm / norm
+            signal += sigma * self._noise_rng(round_idx, update.client_id).standard_normal(stop)
         values[layout["weight"].start] = w
         for name in sorted(update.metrics):
+            if f"metric/{name}" not in layout.names():
+                continue  # not sent under distributed noise
             m = float(update.metrics[name])
             values[layout[f"metric/{name}"].start] = w * m if math.isfinite(m) else 0.0
         values /= big_w
         for name in sorted(update.counts):  # counts are summed unweighted (a privacy mechanism's clip bit)
             values[layout[f"count/{name}"].start] = float(update.counts[name])
-        stop = layout["weight"].start
-        head, extras = values[: update.delta.numel()], values[update.delta.numel() : stop]
-        over = int(np.count_nonzero(np.abs(head) > self.clip)) + int(np.count_nonzero(np.abs(extras) > self.extras_clip))
+        over = int(np.count_nonzero(np.abs(values[: update.delta.numel()]) > layout["delta"].bound))
+        for name in sorted(update.extras):
+            seg = layout[f"extra/{name}"]
+            over += int(np.count_nonzero(np.abs(values[seg.start : seg.stop]) > seg.bound))
         values[layout["clipped"].start] = over / max(stop, 1)
         rng = np.random.default_rng(derive_seed(self.seed, "secagg/rounding", round_idx, update.client_id))
         encoded, _ = self.codec.encode(values, layout, rng)
         return encoded, over
+
+    def _noise_rng(self, round_idx: int, client_id: int) -> np.random.Generator:
+        if self.noise_source == "os":
+            return np.random.default_rng()  # fresh OS entropy (numpy's SeedSequence reads os.urandom)
+        return np.random.default_rng(derive_seed(self.seed, "secagg/noise", round_idx, client_id))
 
     def make_graph(self, round_idx: int) -> Any:
         """The server's graph sampler for a round (seeded by ``(seed, round)``)."""
