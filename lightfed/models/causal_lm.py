@@ -120,8 +120,10 @@ class CausalLM(L.LightningModule):
             _check_targets(net, lora)
             add_lora(net, lora)
         if gradient_checkpointing:
-            enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5.x
+                net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             net.config.use_cache = False
         self.model = net
         self._sums: Tensor | None = None
