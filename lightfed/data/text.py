@@ -618,16 +618,21 @@ class ShakespeareCausalDataModule(_PlaysDataModule):
                                groups=torch.cat(train_g))
 
     def _draw_held_out(self, by_group: dict[int, list[str]]) -> set[int]:
-        planted = {i for i, n in enumerate(self.group_names) if n in self.planted}
-        eligible = [g for g in sorted(by_group) if len(by_group[g]) >= self.held_out_min_lines and g not in planted]
-        if len(eligible) < self.held_out_speakers:
-            raise ValueError(
-                f"data.held_out_speakers={self.held_out_speakers}, but only {len(eligible)} speakers have at least "
-                f"data.held_out_min_lines={self.held_out_min_lines} lines; lower either."
-            )
+        """A seeded order of the eligible speakers; the first ``held_out_speakers`` without planted lines.
+
+        Skipping planted speakers after the draw (not before) keeps the held-out set of a run with canaries
+        equal to that of the same run without, unless a planted speaker would have been drawn.
+        """
+        eligible = [g for g in sorted(by_group) if len(by_group[g]) >= self.held_out_min_lines]
         gen = make_generator(self.seed, "held_out_speakers")
-        pick = torch.randperm(len(eligible), generator=gen)[: self.held_out_speakers]
-        return {eligible[i] for i in pick.tolist()}
+        order = [eligible[i] for i in torch.randperm(len(eligible), generator=gen).tolist()]
+        chosen = [g for g in order if self.group_names[g] not in self.planted][: self.held_out_speakers]
+        if len(chosen) < self.held_out_speakers:
+            raise ValueError(
+                f"data.held_out_speakers={self.held_out_speakers}, but only {len(chosen)} speakers without planted "
+                f"lines have at least data.held_out_min_lines={self.held_out_min_lines} lines; lower either."
+            )
+        return set(chosen)
 
     def _subset(self, tensors: tuple[Tensor, ...], what: str) -> tuple[Tensor, ...]:
         if self.test_subset is None or len(tensors[0]) <= self.test_subset:
