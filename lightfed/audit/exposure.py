@@ -167,16 +167,25 @@ def digit_secret_scores(model: Any, tokenizer: Any, prefix: str, digits: int, ba
         child = []
         for start in range(0, len(ids), batch_size):
             part = ids[start:start + batch_size]
-            logp = torch.log_softmax(model(input_ids=part).logits.double(), -1)
             n_sep = len(sep)
+            logp = torch.log_softmax(_last_logits(model, part, n_sep + 1).double(), -1)  # (B, n_sep + 1, V)
             sep_nll = torch.zeros(len(part), dtype=torch.float64, device=device)
             for j in range(n_sep):  # the separator tokens after the previous digit
                 pos = part.shape[1] - n_sep + j
-                sep_nll -= logp[:, pos - 1].gather(1, part[:, pos:pos + 1]).squeeze(1)
+                sep_nll -= logp[:, j].gather(1, part[:, pos:pos + 1]).squeeze(1)
             child.append(sep_nll[:, None] - logp[:, -1, digit_ids.to(device)])
         scores = (scores[:, None] + torch.cat(child).cpu()).reshape(-1)
     model.train(was_training)
     return scores / math.log(2)
+
+
+def _last_logits(model: Any, ids: Tensor, keep: int) -> Tensor:
+    """Logits of the last ``keep`` positions only (``logits_to_keep`` spares the vocabulary projection elsewhere)."""
+    try:
+        logits = model(input_ids=ids, logits_to_keep=keep).logits
+    except TypeError:  # a model without the argument
+        logits = model(input_ids=ids).logits
+    return logits[:, -keep:]
 
 
 @torch.no_grad()

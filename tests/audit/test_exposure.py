@@ -66,7 +66,7 @@ def test_digit_tree_equals_scoring_each_candidate(tmp_path: Path) -> None:
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)[0]
         nats = -sum(logp[t - 1, ids[0, t]].item() for t in range(n_head, ids.shape[1]))
-        assert tree[i].item() == pytest.approx(nats / math.log(2), rel=1e-9)
+        assert tree[i].item() == pytest.approx(nats / math.log(2), rel=1e-6)  # float32 logits
 
 
 class _Parrot:
