@@ -9,7 +9,7 @@ One row per setting, all on the same clients, test sets and canaries:
 * ``fedit_dp`` -- the same under client-level DP (fixed clip, Gaussian noise) at ``--epsilon``.
 
 Columns: perplexity on held-out lines of training speakers (seen) and on wholly held-out speakers (unseen);
-exposure (bits, exact over the 10^4 secrets) of a canary planted ``--repeats`` times in 1 client and of one
+exposure (bits, exact over the 10^n secrets, n = ``--digits``) of a canary planted ``--repeats`` times in 1 client and of one
 planted in ``--k`` clients, and whether greedy decoding of the prefix emits each secret; epsilon; bytes sent up
 per client per round; seconds per round (for ``central``: the plain loop's seconds for one round's steps, the
 baseline of the 1.10x target). One torch thread. Results are appended to ``--out`` (JSON lines), so settings can
@@ -40,7 +40,6 @@ from lightfed.models.causal_lm import CausalLM
 from lightfed.registry import STRATEGIES
 
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-DIGITS = 4
 
 
 def data(args: argparse.Namespace, planted: dict[str, list[str]] | None = None) -> ShakespeareCausalDataModule:
@@ -56,12 +55,12 @@ def data(args: argparse.Namespace, planted: dict[str, list[str]] | None = None) 
 def canaries(args: argparse.Namespace) -> tuple[list[Canary], dict[str, list[str]], list[str]]:
     """Canary 0 in the first client's text, canary 1 in the first ``k`` clients' text, each ``repeats`` times."""
     names = data(args).client_names()
-    c = make_canaries(2, DIGITS, args.seed)
+    c = make_canaries(2, args.digits, args.seed)
     plan = [(c[0], names[:1]), (c[1], names[: args.k])]
     return c, planted_lines(plan, args.repeats), names
 
 
-def evaluate(model: CausalLM, dm: ShakespeareCausalDataModule, cs: list[Canary]) -> dict[str, Any]:
+def evaluate(model: CausalLM, dm: ShakespeareCausalDataModule, cs: list[Canary], digits: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     model.eval()
@@ -74,7 +73,7 @@ def evaluate(model: CausalLM, dm: ShakespeareCausalDataModule, cs: list[Canary])
         out[name] = math.exp(nll / count)
     for i, c in enumerate(cs):
         start = time.perf_counter()
-        scores = digit_secret_scores(model.model, model.tokenizer, c.prefix, DIGITS)
+        scores = digit_secret_scores(model.model, model.tokenizer, c.prefix, digits)
         out[f"exposure_{i}"] = exposure_from_scores(scores, c.index)
         out[f"extracted_{i}"] = greedy_extracts(model.model, model.tokenizer, c)
         out["exposure_seconds"] = time.perf_counter() - start
@@ -82,7 +81,7 @@ def evaluate(model: CausalLM, dm: ShakespeareCausalDataModule, cs: list[Canary])
 
 
 def run_base(args: argparse.Namespace, dm: ShakespeareCausalDataModule, cs: list[Canary]) -> dict[str, Any]:
-    return evaluate(CausalLM(lora=LORA), dm, cs)
+    return evaluate(CausalLM(lora=LORA), dm, cs, args.digits)
 
 
 def run_central(args: argparse.Namespace, dm: ShakespeareCausalDataModule, cs: list[Canary]) -> dict[str, Any]:
@@ -104,7 +103,7 @@ def run_central(args: argparse.Namespace, dm: ShakespeareCausalDataModule, cs: l
         opt.zero_grad()
         times.append(time.perf_counter() - start)
     per_round = statistics.median(times) * args.clients * args.local_steps
-    return {**evaluate(model, dm, cs), "sec_round": per_round, "steps": steps}
+    return {**evaluate(model, dm, cs, args.digits), "sec_round": per_round, "steps": steps}
 
 
 def run_federated(args: argparse.Namespace, dm: ShakespeareCausalDataModule, cs: list[Canary], dp: bool) -> dict[str, Any]:
@@ -125,7 +124,7 @@ def run_federated(args: argparse.Namespace, dm: ShakespeareCausalDataModule, cs:
     trainer.local.spec.assign(trainer.local.tensors, trainer.global_params)
     last = history[-1]
     return {
-        **evaluate(trainer.module, dm, cs),
+        **evaluate(trainer.module, dm, cs, args.digits),
         "sec_round": statistics.median(h["round/seconds"] for h in history),
         "bytes_up": statistics.mean(h["round/bytes_up_per_client"] for h in history),
         "epsilon": last.get("privacy/epsilon", float("nan")),
@@ -161,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--digits", type=int, default=3, help="secret length n: |R| = 10^n candidates, all scored")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--clip", type=float, default=0.05)
