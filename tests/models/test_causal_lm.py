@@ -16,6 +16,7 @@ from lightfed.models import CausalLM, convert
 from lightfed.models.causal_lm import GenerationSamples
 from lightfed.models.lora import LoRALayout
 from lightfed.params import ParamSpec
+from lightfed.registry import STRATEGIES
 
 LORA = {"r": 2, "lora_alpha": 4, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
@@ -166,3 +167,34 @@ def test_one_fedit_round_through_the_trainer(tiny_llama: Path, tmp_path: Path) -
     assert (trainer.log_dir / "peft" / "adapter" / "adapter_config.json").is_file()
     unseen = trainer.local.evaluate(dm.unseen_test_data(), trainer.global_params, "test", 16)
     assert unseen["test_ppl"] > 1.0
+
+
+def _composition(kind: str) -> dict:
+    from lightfed.privacy import DPFixedClipping
+    from lightfed.secagg import SecAggPlus
+
+    return {
+        "FedIT+DP": dict(strategy=STRATEGIES.create("FedITLoRA", weighted=False), privacy=DPFixedClipping(clip_norm=0.1, noise_multiplier=0.5,
+                                                                       clipping="client", verbose=False)),
+        "FedIT+SecAgg": dict(strategy="FedITLoRA", secure_aggregation=SecAggPlus(clip=1.0, max_weight=64.0)),
+        "FFALoRA": dict(strategy="FFALoRA", trainable=["*lora_B*"]),
+        "FedSALoRA": dict(strategy="FedSALoRA"),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["FedIT+DP", "FedIT+SecAgg", "FFALoRA", "FedSALoRA"])
+def test_dict_batches_travel_through_dp_secure_aggregation_and_the_lora_strategies(
+    kind: str, tiny_llama: Path, tmp_path: Path
+) -> None:
+    dm = ShakespeareCausalDataModule(Natural(min_size=4, max_clients=3), model=str(tiny_llama), block_size=32,
+                                     plays=["macbeth"], held_out_speakers=2, test_subset=8)
+    model = CausalLM(model=str(tiny_llama), lora=LORA, lr=1e-2)
+    rounds = 2 if kind == "FedSALoRA" else 1  # B starts at zero, so A has no gradient before B is trained
+    trainer = FederatedTrainer(rounds=rounds, sampler=FullParticipation(), local_steps=1, batch_size=4, logger=False,
+                               enable_progress_bar=False, default_root_dir=str(tmp_path), fed_eval_fraction=0.0,
+                               checkpoint_every=0, eval_batch_size=8, **_composition(kind))
+    spec = ParamSpec.from_module(model, trainer.trainable)
+    before = spec.flatten(spec.tensors(model)).clone()
+    last = trainer.fit(model, dm)[-1]
+    assert last["round/updates"] == 3.0 and math.isfinite(last["central/test_ppl"])
+    assert not torch.equal(trainer.global_params, before)
