@@ -6,7 +6,8 @@ One row per setting, all on the same clients, test sets and canaries:
 * ``central``  -- a plain PyTorch + peft loop (no lightfed) on the pooled text of the same clients, with as
                   many optimiser steps as the federated run takes in all (rounds x clients x local steps);
 * ``fedit``    -- FedIT (LoRA factors averaged) through lightfed's trainer;
-* ``fedit_dp`` -- the same under client-level DP (fixed clip, Gaussian noise) at ``--epsilon``.
+* ``fedit_dp`` -- the same under client-level DP (fixed clip, Gaussian noise) at ``--epsilon``;
+* ``fedit_secagg`` -- FedIT under SecAgg+ (the server sees only the masked sum).
 
 Columns: perplexity on held-out lines of training speakers (seen) and on wholly held-out speakers (unseen);
 exposure (bits, exact over the 10^n secrets, n = ``--digits``) of a canary planted ``--repeats`` times in 1 client and of one
@@ -106,17 +107,23 @@ def run_central(args: argparse.Namespace, dm: ShakespeareCausalDataModule, cs: l
     return {**evaluate(model, dm, cs, args.digits), "sec_round": per_round, "steps": steps}
 
 
-def run_federated(args: argparse.Namespace, dm: ShakespeareCausalDataModule, cs: list[Canary], dp: bool) -> dict[str, Any]:
+def run_federated(
+    args: argparse.Namespace, dm: ShakespeareCausalDataModule, cs: list[Canary], dp: bool, secagg: bool = False
+) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = CausalLM(lora=LORA, lr=args.lr)
-    privacy = None
+    privacy = secure = None
     if dp:
         from lightfed.privacy import DPFixedClipping
 
         privacy = DPFixedClipping(clip_norm=args.clip, target_epsilon=args.epsilon, clipping="client", verbose=False)
+    if secagg:
+        from lightfed.secagg import SecAggPlus
+
+        secure = SecAggPlus(clip=1.0, max_weight=1024.0)
     trainer = FederatedTrainer(
         rounds=args.rounds, sampler=FullParticipation(), strategy=STRATEGIES.create("FedITLoRA", weighted=not dp),
-        privacy=privacy, local_steps=args.local_steps, batch_size=args.batch, eval_every=args.rounds,
+        privacy=privacy, secure_aggregation=secure, local_steps=args.local_steps, batch_size=args.batch, eval_every=args.rounds,
         eval_batch_size=16, fed_eval_fraction=0.0, checkpoint_every=0, logger=False, enable_progress_bar=False,
         default_root_dir=tempfile.mkdtemp(prefix="llm-table-"), accelerator="cpu", num_threads=1, seed=args.seed,
     )
@@ -182,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
             row = run_base(args, dm, cs)
         elif setting == "central":
             row = run_central(args, dm, cs)
-        elif setting in ("fedit", "fedit_dp"):
-            row = run_federated(args, dm, cs, dp=setting == "fedit_dp")
+        elif setting in ("fedit", "fedit_dp", "fedit_secagg"):
+            row = run_federated(args, dm, cs, dp=setting == "fedit_dp", secagg=setting == "fedit_secagg")
         else:
             raise SystemExit(f"llm_table: unknown setting {setting!r}")
         row = {"setting": setting, **row, "wall_seconds": time.perf_counter() - start, "args": vars(args)}
