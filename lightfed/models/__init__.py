@@ -10,6 +10,7 @@ from __future__ import annotations
 from lightfed._lazy import lazy_exports
 
 _WHERE = {
+    "CausalLM": "lightfed.models.causal_lm",
     "CNNClassifier": "lightfed.models.vision",
     "CharLSTM": "lightfed.models.charlm",
     "HFSequenceClassifier": "lightfed.models.hf",

@@ -201,6 +201,8 @@ def export_peft(
     Raises:
         ValueError: ``module`` has no adapters from :func:`add_lora`, or ``params`` comes without ``spec``.
     """
+    if callable(getattr(module, "export_peft", None)):  # a model that exports itself (CausalLM)
+        return module.export_peft(directory, params, spec)
     peft = require("peft", "export_peft")
     from safetensors.torch import save_file
 
@@ -244,7 +246,8 @@ def export_peft(
 
 def has_lora(module: nn.Module) -> bool:
     """Whether ``module`` (or its ``encoder``) carries adapters from :func:`add_lora`, i.e. :func:`export_peft` applies."""
-    return any("_lightfed_lora" in m.__dict__ for m in (module, getattr(module, "encoder", None)) if m is not None)
+    inner = (module, getattr(module, "encoder", None), getattr(module, "model", None))
+    return any(m is not None and "_lightfed_lora" in m.__dict__ for m in inner)
 
 
 def _unload(module: nn.Module) -> None:
