@@ -1,0 +1,154 @@
+"""The timed engine's contract: a ``trainer.clock`` decides who trains when; a backend trains and serves.
+
+A :class:`RoundClock` replaces the trainer's "sample, train everyone, aggregate" round by a policy in
+virtual time (:mod:`lightfed.simtime.policies`: deadlines, over-selection, stragglers;
+:mod:`lightfed.simtime.buffered`: FedBuff / FedAsync). One trainer round is one server call: a
+synchronous round, or one buffer flush. Everything else of the trainer stays as it is: evaluation,
+callbacks, logging, checkpoints of the model and strategy.
+
+The clock talks to the rest through a :class:`Backend` (pfl-research's seam between algorithm and
+simulation): how long a visit takes, train one client from given weights, and run the server over a set of
+updates. :class:`TrainerBackend` is the trainer's; tests use a few-line backend with a hand-analysable update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from torch import Tensor
+
+from lightfed.messages import ClientUpdate, RoundResult
+from lightfed.simtime.clock import VirtualClock
+from lightfed.simtime.plot import VirtualTimePlot
+from lightfed.simtime.privacy import check_timed_privacy
+from lightfed.simtime.secagg import bind_trace_dropout
+from lightfed.simtime.serving import run_server
+from lightfed.simtime.traces import SyntheticTrace, Trace, VisitTime
+
+if TYPE_CHECKING:
+    from lightfed.trainer import FederatedTrainer
+
+
+class Backend(Protocol):
+    """What a clock needs from the federated run (the trainer's, or a test's)."""
+
+    num_clients: int
+    seed: int
+
+    @property
+    def global_params(self) -> Tensor: ...
+    def planned_steps(self, client_id: int) -> int: ...
+    def visit_time(self, client_id: int, steps: int) -> VisitTime: ...
+    def train(self, client_id: int, visit_idx: int, global_params: Tensor, steps: int | None) -> ClientUpdate: ...
+    def flush(self, round_idx: int, cohort: list[int], updates: list[ClientUpdate]) -> RoundResult: ...
+
+
+class TrainerBackend:
+    """The :class:`Backend` of a :class:`~lightfed.trainer.FederatedTrainer` (after its set-up).
+
+    Clients train one at a time with the trainer's :class:`~lightfed.client.LocalTrainer` (the privacy
+    mechanism's wrapper included), so ``trainer.executor`` is not used by a timed run.
+    """
+
+    def __init__(self, trainer: FederatedTrainer, trace: Trace) -> None:
+        assert trainer.spec is not None and trainer.datamodule is not None
+        self.trainer = trainer
+        self.trace = trace
+        self.num_clients = int(trainer.num_clients)
+        self.seed = int(trainer.seed)
+        self.samples_per_step = trainer.batch_size * int(trainer.loop_flags["accumulate_grad_batches"])
+        self.bytes_up = int(trainer.spec.num_bytes)
+
+    @property
+    def global_params(self) -> Tensor:
+        assert self.trainer.global_params is not None
+        return self.trainer.global_params
+
+    def planned_steps(self, client_id: int) -> int:
+        return int(self.trainer.local.visit_steps(self.trainer.datamodule.client_train(client_id)))
+
+    def visit_time(self, client_id: int, steps: int) -> VisitTime:
+        payload = self.trainer.strategy.client_payload(0)
+        extra = sum(v.numel() * v.element_size() for v in payload.values() if isinstance(v, Tensor))
+        return self.trace.profile(client_id).seconds(
+            samples=steps * self.samples_per_step, bytes_down=self.bytes_up + extra, bytes_up=self.bytes_up,
+            compute_factor=self.trace.compute_factor,
+        )
+
+    def train(self, client_id: int, visit_idx: int, global_params: Tensor, steps: int | None) -> ClientUpdate:
+        trainer = self.trainer
+        data = trainer.datamodule.client_train(client_id)
+        with _local_steps(trainer.local, steps):
+            return trainer.local.fit_client(
+                client_id, visit_idx, data, global_params, {}, trainer.strategy.client_payload(visit_idx)
+            )
+
+    def flush(self, round_idx: int, cohort: list[int], updates: list[ClientUpdate]) -> RoundResult:
+        trainer = self.trainer
+        outcome = run_server(trainer.server, round_idx, cohort, updates, self.global_params, payload_bytes=self.bytes_up)
+        trainer.global_params = outcome.global_params
+        return outcome.result
+
+
+@contextlib.contextmanager
+def _local_steps(local: Any, steps: int | None) -> Iterator[None]:
+    """Run a visit with exactly ``steps`` local steps (partial work), restoring the trainer's setting after."""
+    if steps is None:
+        yield
+        return
+    saved = local.local_steps
+    local.local_steps = int(steps)
+    try:
+        yield
+    finally:
+        local.local_steps = saved
+
+
+class RoundClock:
+    """Base class of ``trainer.clock`` plugins: one :meth:`run_round` is one call of the round server.
+
+    Args:
+        trace: The population's devices (default: :class:`~lightfed.simtime.traces.SyntheticTrace`).
+    """
+
+    def __init__(self, trace: Trace | None = None) -> None:
+        self.trace = trace if trace is not None else SyntheticTrace()
+        self.clock = VirtualClock()
+        self.backend: Backend | None = None
+
+    def setup(self, trainer: FederatedTrainer) -> None:
+        """Check the run can be timed, build the trainer's backend, bind trace dropouts and the time plot."""
+        if trainer.strategy.uses_client_state:
+            raise ValueError(
+                f"trainer.clock: strategy {type(trainer.strategy).__name__} keeps per-client state, which a timed run "
+                f"does not carry between visits yet; use a stateless strategy (FedAvg, FedBuff, FedAdam, ...)."
+            )
+        if trainer.fabric.world_size > 1:
+            raise ValueError("trainer.clock runs in one process (the event order is global); use trainer.devices=1.")
+        check_timed_privacy(trainer.privacy, trainer.local_steps, type(self).__name__)
+        self.attach(TrainerBackend(trainer, self.trace))
+        bind_trace_dropout(trainer.secure_aggregation, self)
+        if not any(isinstance(cb, VirtualTimePlot) for cb in trainer.callbacks):
+            plot = VirtualTimePlot()
+            trainer.add_callbacks([plot])
+            plot.setup(trainer)
+
+    def attach(self, backend: Backend) -> None:
+        """Use ``backend`` (the trainer's, or a test's)."""
+        self.backend = backend
+
+    def run_round(self, trainer: FederatedTrainer | None, round_idx: int) -> RoundResult:
+        """Advance virtual time until the next server call; return its result (``time/*`` metrics included)."""
+        raise NotImplementedError
+
+    def online_at(self, client_id: int, t: float) -> bool:
+        """Whether ``client_id`` is online at virtual time ``t`` (secure aggregation's dropouts read it)."""
+        return self.trace.profile(client_id).available(t)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"clock": self.clock.state_dict()}
+
+
+__all__ = ["Backend", "RoundClock", "TrainerBackend"]
