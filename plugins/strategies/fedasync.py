@@ -21,7 +21,8 @@ class FedAsync(FedBuff):
         \\alpha_t = \\alpha\\, s(\\tau), \\qquad x_t = x_{t-1} + \\alpha_t \\Delta_k,
 
     with ``s`` constant, polynomial ``(1 + tau)^-a`` or hinge (``1`` for ``tau <= b``, else
-    ``1 / (a (tau - b) + 1)``). This is :class:`FedBuff` with ``K = 1``, plain SGD and ``eta = alpha``.
+    ``1 / (a (tau - b) + 1)``). This is :class:`FedBuff` with ``K = 1``, plain SGD and ``eta = alpha``; with a
+    larger ``trainer.clients_per_round`` (or in untimed rounds) it steps by ``alpha`` times the buffer's mean.
 
     Paper vs. popular code: the paper mixes models, ``x_t = (1 - alpha_t) x_{t-1} + alpha_t x_new``, which is
     ``x_{t-1} + alpha_t (Delta_k + x_{t-tau} - x_{t-1})``: it also pulls the model back towards the stale
@@ -42,10 +43,3 @@ class FedAsync(FedBuff):
         check(0 < alpha <= 1, f"FedAsync alpha must be in (0, 1], got {alpha} (`strategy.init_args.alpha`).")
         super().__init__(server_lr=alpha, staleness=staleness, staleness_a=staleness_a, staleness_b=staleness_b)
         self.alpha = float(alpha)
-
-    def check_cohort(self, cohort_size: float) -> None:
-        check(
-            cohort_size == 1,
-            f"FedAsync steps on every arrival: set trainer.clients_per_round: 1 (got a buffer of {cohort_size:g}); "
-            f"for larger buffers use strategy FedBuff.",
-        )

@@ -120,8 +120,3 @@ def test_fedasync_steps_on_every_arrival_with_alpha_times_staleness_weight():
 
     # t=1: c0 from 0 -> w = 0.5 * 0.5 = 0.25; t=2: c1 (downloaded w=0) -> w = 0.25 + 0.5 * 1.0
     assert backend.models == pytest.approx([0.25, 0.75], abs=1e-12)
-
-
-def test_fedasync_refuses_a_buffer():
-    with pytest.raises(ValueError, match="clients_per_round: 1"):
-        FedAsync().check_cohort(10)
