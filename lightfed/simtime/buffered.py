@@ -67,6 +67,8 @@ class BufferedAsync(RoundClock):
         idle_seconds: When no client can start a visit, the slot tries again this much later.
     """
 
+    caps_participations = True
+
     def __init__(
         self,
         trace: Trace | None = None,
@@ -87,7 +89,6 @@ class BufferedAsync(RoundClock):
         self.visits = 0
         self.in_flight: set[int] = set()
         self.buffer: list[tuple[ClientUpdate, int]] = []
-        self.participations: Counter[int] = Counter()
         self.counts = Counter[str]()
         self.started = False
         self.last_flush = 0.0
@@ -99,15 +100,6 @@ class BufferedAsync(RoundClock):
             f"trainer.sampler {type(trainer.sampler).__name__} does not give a fixed K. Remove trainer.sampler.",
         )
         self.buffer_size = max(1, int(round(trainer.sampler.expected_cohort(trainer.num_clients))))
-        cap = getattr(trainer.privacy, "max_participations", None)
-        if cap is not None:
-            if self.max_participations is not None and self.max_participations != cap:
-                raise ValueError(
-                    f"trainer.clock.init_args.max_participations={self.max_participations} but the privacy "
-                    f"accountant composes privacy.init_args.max_participations={cap}; set one of them (the engine "
-                    f"enforces the accountant's cap)."
-                )
-            self.max_participations = int(cap)
         super().setup(trainer)
         require(
             self.concurrency + self.buffer_size <= trainer.num_clients,
@@ -195,7 +187,7 @@ class BufferedAsync(RoundClock):
     def _eligible(self, cid: int, now: float, buffered: set[int]) -> bool:
         if cid in self.in_flight or cid in buffered:
             return False
-        if self.max_participations is not None and self.participations[cid] >= self.max_participations:
+        if not self.under_cap(cid):
             return False
         return self.trace.profile(cid).available(now)
 

@@ -14,6 +14,7 @@ updates. :class:`TrainerBackend` is the trainer's; tests use a few-line backend 
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -113,8 +114,13 @@ class RoundClock:
         trace: The population's devices (default: :class:`~lightfed.simtime.traces.SyntheticTrace`).
     """
 
+    #: Whether the clock never lets a client take part more than ``max_participations`` times (DP needs it).
+    caps_participations: bool = False
+
     def __init__(self, trace: Trace | None = None) -> None:
         self.trace = trace if trace is not None else SyntheticTrace()
+        self.max_participations: int | None = None
+        self.participations: Counter[int] = Counter()
         self.clock = VirtualClock()
         self.backend: Backend | None = None
 
@@ -127,13 +133,31 @@ class RoundClock:
             )
         if trainer.fabric.world_size > 1:
             raise ValueError("trainer.clock runs in one process (the event order is global); use trainer.devices=1.")
-        check_timed_privacy(trainer.privacy, trainer.local_steps, type(self).__name__)
+        self._take_cap(trainer.privacy)
+        check_timed_privacy(trainer.privacy, trainer.local_steps, self)
         self.attach(TrainerBackend(trainer, self.trace))
         bind_trace_dropout(trainer.secure_aggregation, self)
         if not any(isinstance(cb, VirtualTimePlot) for cb in trainer.callbacks):
             plot = VirtualTimePlot()
             trainer.add_callbacks([plot])
             plot.setup(trainer)
+
+    def _take_cap(self, privacy: Any) -> None:
+        """Enforce the privacy accountant's participation cap (refuse a different cap set on the clock)."""
+        cap = getattr(privacy, "max_participations", None)
+        if cap is None:
+            return
+        if self.max_participations is not None and self.max_participations != cap:
+            raise ValueError(
+                f"trainer.clock.init_args.max_participations={self.max_participations} but the privacy accountant "
+                f"composes privacy.init_args.max_participations={cap}; set one of them (the clock enforces the "
+                f"accountant's cap)."
+            )
+        self.max_participations = int(cap)
+
+    def under_cap(self, client_id: int) -> bool:
+        """Whether ``client_id`` may take part once more."""
+        return self.max_participations is None or self.participations[client_id] < self.max_participations
 
     def attach(self, backend: Backend) -> None:
         """Use ``backend`` (the trainer's, or a test's)."""

@@ -2,7 +2,7 @@
 
 A round at virtual time ``t0`` with target cohort ``m`` (``trainer.clients_per_round``):
 
-1. only clients online at ``t0`` can be sampled; ``ceil(over_selection * m)`` of them are drawn uniformly,
+1. only clients online at ``t0`` (and under ``max_participations``) can be sampled; ``ceil(over_selection * m)`` of them are drawn uniformly,
    from ``(seed, round)``;
 2. client ``k``'s visit ends at ``t0 + download_k + steps_k * step_k + upload_k``; a client whose online
    window closes before that drops out (a real dropout, not a coin);
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from lightfed.checks import check_positive, require
+from lightfed.checks import check_int, check_positive, require
 from lightfed.messages import RoundResult
 from lightfed.seeding import make_generator
 from lightfed.simtime.engine import RoundClock
@@ -44,7 +44,11 @@ class SyncRounds(RoundClock):
         over_selection: Select this many times ``m`` clients (>= 1; 1.3 is Bonawitz et al.'s).
         stragglers: ``"drop"`` or ``"partial"`` (keep the local steps done by the deadline; needs ``deadline``).
         idle_seconds: When nobody is online, the server waits this long before trying again.
+        max_participations: The most rounds any client may be selected for (``None``: unlimited); set from
+            ``privacy.init_args.max_participations`` under :class:`~lightfed.simtime.DPCappedParticipation`.
     """
+
+    caps_participations = True
 
     def __init__(
         self,
@@ -53,8 +57,11 @@ class SyncRounds(RoundClock):
         over_selection: float = 1.0,
         stragglers: Literal["drop", "partial"] = "drop",
         idle_seconds: float = 60.0,
+        max_participations: int | None = None,
     ) -> None:
         super().__init__(trace)
+        if max_participations is not None:
+            self.max_participations = check_int(max_participations, "trainer.clock.init_args.max_participations", 1)
         if deadline is not None:
             check_positive(deadline, "trainer.clock.init_args.deadline")
         require(over_selection >= 1.0, f"trainer.clock.init_args.over_selection must be >= 1, got {over_selection}.")
@@ -75,11 +82,12 @@ class SyncRounds(RoundClock):
     def select(self, round_idx: int, t0: float) -> list[int]:
         """Step 1: ``ceil(over_selection * m)`` of the clients online at ``t0``, uniformly (sorted ids)."""
         assert self.backend is not None
-        online = [c for c in range(self.backend.num_clients) if self.trace.profile(c).available(t0)]
+        online = [c for c in range(self.backend.num_clients) if self.under_cap(c) and self.trace.profile(c).available(t0)]
         want = min(len(online), math.ceil(self.over_selection * self.cohort_size))
         gen = make_generator(self.backend.seed, "simtime/select", round_idx)
-        pick = torch.randperm(len(online), generator=gen)[:want].tolist()
-        return sorted(online[i] for i in pick)
+        pick = sorted(online[i] for i in torch.randperm(len(online), generator=gen)[:want].tolist())
+        self.participations.update(pick)  # selected = may contribute: counted against the cap
+        return pick
 
     def plan(self, round_idx: int, t0: float) -> tuple[list[tuple[float, int, int | None]], dict[str, float]]:
         """Steps 2-5: ``[(finish, client, steps or None for all)]`` of the kept clients, and the round's counts."""

@@ -16,7 +16,8 @@ claimed: the trace does not give random, data-independent *and secret* sampling,
 What this needs, and what is refused (:func:`check_timed_privacy`):
 
 * the engine caps participations (:class:`~lightfed.simtime.buffered.BufferedAsync` never starts a visit of a
-  client at the cap), and a client is never twice in one buffer;
+  client at the cap, :class:`~lightfed.simtime.policies.SyncRounds` never selects one), and a client is never
+  twice in one buffer;
 * a visit's duration must not depend on the client's data: ``trainer.local_steps`` fixed (with epochs, the step
   count, hence the arrival time, would reveal the client's number of examples);
 * the strategy's weight must be public and at most 1 (uniform, or a staleness weight), never ``n_k``;
@@ -130,7 +131,8 @@ class DPCappedParticipation(DPFixedClipping):
         require(
             self.enforced_by is not None,
             "privacy: DPCappedParticipation composes at most max_participations flushes per client, which only an "
-            "engine that enforces the cap may promise; use it with trainer.clock: lightfed.simtime.BufferedAsync.",
+            "engine that enforces the cap may promise; use it with trainer.clock: lightfed.simtime.BufferedAsync "
+            "(or SyncRounds).",
         )
         return True
 
@@ -160,7 +162,7 @@ class DPCappedParticipation(DPFixedClipping):
         self.participations = Counter({int(k): int(v) for k, v in state.get("participations", {}).items()})
 
 
-def check_timed_privacy(privacy: PrivacyMechanism | None, local_steps: int | None, clock: str) -> None:
+def check_timed_privacy(privacy: PrivacyMechanism | None, local_steps: int | None, clock: Any) -> None:
     """Refuse privacy under a timed run unless its guarantee holds (module docstring); bind the cap's enforcer.
 
     Raises:
@@ -169,25 +171,25 @@ def check_timed_privacy(privacy: PrivacyMechanism | None, local_steps: int | Non
     """
     if privacy is None:
         return
-    name = type(privacy).__name__
+    name, clock_name = type(privacy).__name__, type(clock).__name__
     if not isinstance(privacy, DPCappedParticipation):
         raise ValueError(
             f"privacy {name} under trainer.clock: its accountant takes its sampling amplification from trainer.sampler, "
             f"but in a timed run the trace decides who takes part (who is online, who finishes first): the amplification "
             f"would not hold. Use privacy: {{class_path: lightfed.simtime.DPCappedParticipation}} (per-client composition, "
-            f"no amplification) with trainer.clock: lightfed.simtime.BufferedAsync."
+            f"no amplification)."
         )
-    if clock != "BufferedAsync":
+    if not getattr(clock, "caps_participations", False):
         raise ValueError(
-            f"privacy DPCappedParticipation needs an engine that caps each client's participations; trainer.clock {clock} "
-            f"does not. Use trainer.clock: lightfed.simtime.BufferedAsync."
+            f"privacy DPCappedParticipation needs an engine that caps each client's participations; trainer.clock "
+            f"{clock_name} does not. Use lightfed.simtime.BufferedAsync or SyncRounds."
         )
     if local_steps is None:
         raise ValueError(
             "privacy DPCappedParticipation under trainer.clock: with local epochs a visit's duration (steps x step time) "
             "reveals the client's number of examples through its arrival time; set trainer.local_steps."
         )
-    privacy.enforced_by = clock
+    privacy.enforced_by = clock_name
 
 
 __all__ = ["DPCappedParticipation", "check_timed_privacy"]

@@ -10,7 +10,7 @@ import torch
 from lightfed import FederatedTrainer
 from lightfed.privacy import DPFixedClipping
 from lightfed.privacy.accounting import SamplingScheme, epsilon_for
-from lightfed.simtime import BufferedAsync, DPCappedParticipation, SyncRounds, SyntheticTrace
+from lightfed.simtime import BufferedAsync, DPCappedParticipation, RoundClock, SyncRounds, SyntheticTrace
 from lightfed_zoo.strategies import FedBuff
 from tests.conftest import BoringFederatedData, boring_model
 
@@ -78,9 +78,9 @@ def test_capped_dp_is_refused_with_epochs_or_without_an_enforcing_engine(tmp_pat
                           local_steps=None)
     with pytest.raises(ValueError, match="set trainer.local_steps"):
         epochs.fit(boring_model(), BoringFederatedData())
-    sync = make_trainer(tmp_path / "s", strategy=FedBuff(), privacy=dp(), clock=SyncRounds())
+    uncapped = make_trainer(tmp_path / "s", strategy=FedBuff(), privacy=dp(), clock=RoundClock())
     with pytest.raises(ValueError, match="does not"):
-        sync.fit(boring_model(), BoringFederatedData())
+        uncapped.fit(boring_model(), BoringFederatedData())
     untimed = make_trainer(tmp_path / "u", strategy=FedBuff(), privacy=dp())
     with pytest.raises(ValueError, match="only an engine that enforces the cap"):
         untimed.fit(boring_model(), BoringFederatedData())
@@ -91,3 +91,13 @@ def test_the_engine_never_starts_a_visit_over_the_participation_cap(tmp_path):
     trainer.fit(boring_model(), BoringFederatedData())
 
     assert max(trainer.clock.participations.values()) <= 2
+
+
+def test_sync_rounds_under_dp_never_select_a_client_over_the_cap(tmp_path):
+    privacy = DPCappedParticipation(clip_norm=0.5, noise_multiplier=1.0, max_participations=1, verbose=False)
+    trainer = make_trainer(tmp_path, privacy=privacy, strategy=FedBuff(), clock=SyncRounds(), rounds=4)
+    trainer.fit(boring_model(), BoringFederatedData())
+
+    assert max(privacy.participations.values()) == 1 and len(privacy.participations) == 12
+    assert trainer.history[-1]["privacy/epsilon"] == pytest.approx(
+        epsilon_for(1.0, SamplingScheme("full", 3, 1.0, 3), 1, privacy.delta_used))
