@@ -169,6 +169,8 @@ class BufferedAsync(RoundClock):
         now = self.clock.now
         cid = self.choose(now)
         if cid is None:
+            if not self.in_flight:
+                self.check_not_exhausted(self.backend.num_clients)
             self.clock.schedule(now + self.idle_seconds, -1, "retry")
             self.counts["idle_slots"] += 1
             return

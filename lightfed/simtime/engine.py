@@ -159,6 +159,15 @@ class RoundClock:
         """Whether ``client_id`` may take part once more."""
         return self.max_participations is None or self.participations[client_id] < self.max_participations
 
+    def check_not_exhausted(self, num_clients: int) -> None:
+        """Stop with a clear error once every client has used its participations (no server call can follow)."""
+        cap = self.max_participations
+        if cap is not None and len(self.participations) == num_clients and min(self.participations.values()) >= cap:
+            raise RuntimeError(
+                f"every one of the {num_clients} clients has taken part max_participations={cap} times: no further "
+                f"round or flush can run. Lower trainer.rounds, or raise the cap (the epsilon grows with it)."
+            )
+
     def attach(self, backend: Backend) -> None:
         """Use ``backend`` (the trainer's, or a test's)."""
         self.backend = backend

@@ -93,6 +93,8 @@ class SyncRounds(RoundClock):
         """Steps 2-5: ``[(finish, client, steps or None for all)]`` of the kept clients, and the round's counts."""
         assert self.backend is not None
         selected = self.select(round_idx, t0)
+        if not selected:
+            self.check_not_exhausted(self.backend.num_clients)
         end_by = math.inf if self.deadline is None else t0 + self.deadline
         done: list[tuple[float, int, int | None]] = []
         late: list[tuple[float, int, int | None]] = []

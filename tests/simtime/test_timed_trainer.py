@@ -101,3 +101,9 @@ def test_sync_rounds_under_dp_never_select_a_client_over_the_cap(tmp_path):
     assert max(privacy.participations.values()) == 1 and len(privacy.participations) == 12
     assert trainer.history[-1]["privacy/epsilon"] == pytest.approx(
         epsilon_for(1.0, SamplingScheme("full", 3, 1.0, 3), 1, privacy.delta_used))
+
+
+def test_a_run_longer_than_the_participation_cap_allows_stops_with_a_clear_error(tmp_path):
+    trainer = make_trainer(tmp_path, rounds=10, strategy=FedBuff(), clock=SyncRounds(max_participations=1))
+    with pytest.raises(RuntimeError, match="max_participations=1 times"):
+        trainer.fit(boring_model(), BoringFederatedData())
