@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import sys
 import tempfile
@@ -86,13 +87,26 @@ def run(mode: str, *, dp: bool, rounds: int, clients: int = 400, k: int = 10, co
     return out
 
 
+#: (label, mode, K, rounds or flushes): synchronous rounds of 10 (and of 100, FedBuff's concurrency), FedBuff.
+ROWS = (
+    ("FedAvg, m=10", "sync", 10, 100), ("FedAvg, m=100", "sync", 100, 30),
+    ("deadline 3 s, select 13 keep 10", "deadline", 10, 100), ("deadline 3 s, select 130 keep 100", "deadline", 100, 30),
+    ("FedBuff K=10 C=100", "fedbuff", 10, 200), ("FedBuff K=40 C=100", "fedbuff", 40, 50),
+)
+
+
 def table(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for dp in (False, True):
-        for mode, rounds in (("sync", args.sync_rounds), ("deadline", args.sync_rounds), ("fedbuff", args.flushes)):
-            row = run(mode, dp=dp, rounds=rounds)
+        for label, mode, k, rounds in ROWS:
+            # under DP every visit counts against the cap: give each row the cap its length needs
+            visits = rounds * (math.ceil(1.3 * k) if mode == "deadline" else k) + (100 if mode == "fedbuff" else 0)
+            cap = math.ceil(visits / 400) + 1
+            row = {"label": label, "k": k, **run(mode, dp=dp, rounds=rounds, k=k, max_participations=cap, eval_every=1)}
+            if dp:
+                row["max_participations"] = cap
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+            print(json.dumps({key: v for key, v in row.items() if key != "curve"}), flush=True)
     return rows
 
 
@@ -170,8 +184,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--overhead", action="store_true")
-    parser.add_argument("--sync-rounds", type=int, default=100)
-    parser.add_argument("--flushes", type=int, default=200)
     parser.add_argument("--population", type=int, default=10_000)
     parser.add_argument("--overhead-flushes", type=int, default=1000)
     parser.add_argument("--populations", type=int, nargs="*", default=[1_000, 10_000, 100_000])
