@@ -116,6 +116,7 @@ class BufferedAsync(RoundClock):
     def run_round(self, trainer: FederatedTrainer | None, round_idx: int) -> RoundResult:
         assert self.backend is not None
         if not self.started:
+            self.check_fresh(round_idx)
             self.started = True
             for _ in range(self.concurrency):
                 self._start_visit()

@@ -159,6 +159,15 @@ class RoundClock:
         """Whether ``client_id`` may take part once more."""
         return self.max_participations is None or self.participations[client_id] < self.max_participations
 
+    def check_fresh(self, round_idx: int) -> None:
+        """Refuse to continue a resumed run: the checkpoint does not hold the clock (time, visits in flight)."""
+        if round_idx > 0 and self.clock.events_processed == 0 and self.clock.now == 0.0 and not self.participations:
+            raise ValueError(
+                f"trainer.clock cannot resume at round {round_idx}: the checkpoint holds the model and strategy but not "
+                f"the virtual clock (its time, the visits in flight, the participation counts). Start the timed run "
+                f"from round 0."
+            )
+
     def check_not_exhausted(self, num_clients: int) -> None:
         """Stop with a clear error once every client has used its participations (no server call can follow)."""
         cap = self.max_participations

@@ -138,6 +138,7 @@ class SyncRounds(RoundClock):
 
     def run_round(self, trainer: FederatedTrainer | None, round_idx: int) -> RoundResult:
         assert self.backend is not None
+        self.check_fresh(round_idx)
         t0 = self.clock.now
         kept, counts = self.plan(round_idx, t0)
         end = counts.pop("_end")
