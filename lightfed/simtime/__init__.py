@@ -1,4 +1,4 @@
-"""Time in federated training: a virtual clock, device traces, deadlines, and asynchronous buffered aggregation.
+"""Time in federated training: a virtual clock, device traces, deadlines, buffered asynchronous aggregation.
 
 ``trainer.clock`` picks the policy (docs/time.md):
 
@@ -22,7 +22,8 @@ from lightfed.simtime.staleness import STALENESS, staleness_of, staleness_weight
 from lightfed.simtime.traces import DeviceProfile, FedScaleTrace, SyntheticTrace, Trace, VisitTime
 
 __all__ = [
-    "STALENESS", "Backend", "BufferedAsync", "DPCappedParticipation", "DeviceProfile", "Event", "FedScaleTrace",
-    "RoundClock", "SyncRounds", "SyntheticTrace", "TraceDropout", "Trace", "TrainerBackend", "VirtualClock",
+    "STALENESS", "Backend", "BufferedAsync", "DPCappedParticipation", "DeviceProfile", "Event",
+    "FedScaleTrace", "RoundClock", "SyncRounds", "SyntheticTrace", "TraceDropout", "Trace", "TrainerBackend",
+    "VirtualClock",
     "VirtualTimePlot", "VisitTime", "staleness_of", "staleness_weight",
 ]

@@ -53,7 +53,7 @@ class Visit:
 
 
 class BufferedAsync(RoundClock):
-    """FedBuff's / FedAsync's asynchronous engine (``trainer.clock: {class_path: lightfed.simtime.BufferedAsync}``).
+    """FedBuff's and FedAsync's engine (``trainer.clock: {class_path: lightfed.simtime.BufferedAsync}``).
 
     The buffer size ``K`` is ``trainer.clients_per_round`` (clients per server step, as in a synchronous
     run); ``trainer.rounds`` counts flushes.
@@ -79,10 +79,12 @@ class BufferedAsync(RoundClock):
     ) -> None:
         super().__init__(trace)
         self.concurrency = check_int(concurrency, "trainer.clock.init_args.concurrency", 1)
-        self.max_staleness = None if max_staleness is None else check_int(max_staleness, "trainer.clock.init_args.max_staleness", 0)
-        self.max_participations = (
-            None if max_participations is None else check_int(max_participations, "trainer.clock.init_args.max_participations", 1)
+        key = "trainer.clock.init_args."
+        self.max_staleness = (
+            None if max_staleness is None else check_int(max_staleness, key + "max_staleness", 0)
         )
+        if max_participations is not None:
+            self.max_participations = check_int(max_participations, key + "max_participations", 1)
         self.idle_seconds = check_positive(idle_seconds, "trainer.clock.init_args.idle_seconds")
         self.buffer_size = 1
         self.version = 0
@@ -97,14 +99,16 @@ class BufferedAsync(RoundClock):
         require(
             trainer.sampler.kind == "uniform",
             f"trainer.clock: BufferedAsync takes its buffer size K from trainer.clients_per_round; "
-            f"trainer.sampler {type(trainer.sampler).__name__} does not give a fixed K. Remove trainer.sampler.",
+            f"trainer.sampler {type(trainer.sampler).__name__} does not give a fixed K. Remove "
+            f"trainer.sampler.",
         )
         self.buffer_size = max(1, int(round(trainer.sampler.expected_cohort(trainer.num_clients))))
         super().setup(trainer)
         require(
             self.concurrency + self.buffer_size <= trainer.num_clients,
-            f"trainer.clock.init_args.concurrency={self.concurrency} plus the buffer K={self.buffer_size} exceeds the "
-            f"{trainer.num_clients} clients: a slot could never be filled. Lower the concurrency.",
+            f"trainer.clock.init_args.concurrency={self.concurrency} plus the buffer K={self.buffer_size} "
+            f"exceeds the {trainer.num_clients} clients: a slot could never be filled. Lower the "
+            f"concurrency.",
         )
 
     def start(self, backend: Backend, buffer_size: int) -> None:
@@ -195,13 +199,14 @@ class BufferedAsync(RoundClock):
         return self.trace.profile(cid).available(now)
 
     def choose(self, now: float) -> int | None:
-        """The client that starts the next visit at ``now`` (``None``: nobody can); step 5 of the module docstring.
+        """The client that starts the next visit at ``now`` (``None``: nobody can); the module's step 5.
 
         The seam for other selection rules (and for tests with a scripted schedule).
         """
         assert self.backend is not None
         n = self.backend.num_clients
-        rng = random.Random(derive_seed(self.backend.seed, "simtime/visit", self.visits, self.counts["idle_slots"]))
+        seed = derive_seed(self.backend.seed, "simtime/visit", self.visits, self.counts["idle_slots"])
+        rng = random.Random(seed)
         buffered = {u.client_id for u, _ in self.buffer}
         for _ in range(_DRAWS):
             cid = rng.randrange(n)

@@ -60,7 +60,10 @@ class VirtualClock:
         return len(self._heap)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"now": self.now, "seq": self.seq, "events_processed": self.events_processed, "pending": len(self._heap)}
+        return {
+            "now": self.now, "seq": self.seq, "events_processed": self.events_processed,
+            "pending": len(self._heap),
+        }
 
 
 __all__ = ["Event", "VirtualClock"]

@@ -42,7 +42,9 @@ class Backend(Protocol):
     def global_params(self) -> Tensor: ...
     def planned_steps(self, client_id: int) -> int: ...
     def visit_time(self, client_id: int, steps: int) -> VisitTime: ...
-    def train(self, client_id: int, visit_idx: int, global_params: Tensor, steps: int | None) -> ClientUpdate: ...
+    def train(
+        self, client_id: int, visit_idx: int, global_params: Tensor, steps: int | None
+    ) -> ClientUpdate: ...
     def flush(self, round_idx: int, cohort: list[int], updates: list[ClientUpdate]) -> RoundResult: ...
 
 
@@ -88,14 +90,16 @@ class TrainerBackend:
 
     def flush(self, round_idx: int, cohort: list[int], updates: list[ClientUpdate]) -> RoundResult:
         trainer = self.trainer
-        outcome = run_server(trainer.server, round_idx, cohort, updates, self.global_params, payload_bytes=self.bytes_up)
+        outcome = run_server(
+            trainer.server, round_idx, cohort, updates, self.global_params, payload_bytes=self.bytes_up
+        )
         trainer.global_params = outcome.global_params
         return outcome.result
 
 
 @contextlib.contextmanager
 def _local_steps(local: Any, steps: int | None) -> Iterator[None]:
-    """Run a visit with exactly ``steps`` local steps (partial work), restoring the trainer's setting after."""
+    """Run a visit with exactly ``steps`` local steps (partial work); restore the trainer's setting after."""
     if steps is None:
         yield
         return
@@ -128,11 +132,13 @@ class RoundClock:
         """Check the run can be timed, build the trainer's backend, bind trace dropouts and the time plot."""
         if trainer.strategy.uses_client_state:
             raise ValueError(
-                f"trainer.clock: strategy {type(trainer.strategy).__name__} keeps per-client state, which a timed run "
-                f"does not carry between visits yet; use a stateless strategy (FedAvg, FedBuff, FedAdam, ...)."
+                f"trainer.clock: strategy {type(trainer.strategy).__name__} keeps per-client state, which a "
+                f"timed run does not carry between visits yet; use a stateless strategy (FedBuff, ...)."
             )
         if trainer.fabric.world_size > 1:
-            raise ValueError("trainer.clock runs in one process (the event order is global); use trainer.devices=1.")
+            raise ValueError(
+                "trainer.clock runs in one process (the event order is global); use trainer.devices=1."
+            )
         self._take_cap(trainer.privacy)
         check_timed_privacy(trainer.privacy, trainer.local_steps, self)
         self.attach(TrainerBackend(trainer, self.trace))
@@ -149,9 +155,9 @@ class RoundClock:
             return
         if self.max_participations is not None and self.max_participations != cap:
             raise ValueError(
-                f"trainer.clock.init_args.max_participations={self.max_participations} but the privacy accountant "
-                f"composes privacy.init_args.max_participations={cap}; set one of them (the clock enforces the "
-                f"accountant's cap)."
+                f"trainer.clock.init_args.max_participations={self.max_participations} but the privacy "
+                f"accountant composes privacy.init_args.max_participations={cap}; set one of them (the "
+                f"clock enforces the accountant's cap)."
             )
         self.max_participations = int(cap)
 
@@ -160,21 +166,23 @@ class RoundClock:
         return self.max_participations is None or self.participations[client_id] < self.max_participations
 
     def check_fresh(self, round_idx: int) -> None:
-        """Refuse to continue a resumed run: the checkpoint does not hold the clock (time, visits in flight)."""
-        if round_idx > 0 and self.clock.events_processed == 0 and self.clock.now == 0.0 and not self.participations:
+        """Refuse to continue a resumed run: the checkpoint does not hold the clock (time, visits)."""
+        fresh = self.clock.events_processed == 0 and self.clock.now == 0.0 and not self.participations
+        if round_idx > 0 and fresh:
             raise ValueError(
-                f"trainer.clock cannot resume at round {round_idx}: the checkpoint holds the model and strategy but not "
-                f"the virtual clock (its time, the visits in flight, the participation counts). Start the timed run "
-                f"from round 0."
+                f"trainer.clock cannot resume at round {round_idx}: the checkpoint holds the model and "
+                f"strategy but not the virtual clock (its time, the visits in flight, the participation "
+                f"counts). Start the timed run from round 0."
             )
 
     def check_not_exhausted(self, num_clients: int) -> None:
-        """Stop with a clear error once every client has used its participations (no server call can follow)."""
+        """Stop with a clear error once every client has used its participations (nothing can follow)."""
         cap = self.max_participations
-        if cap is not None and len(self.participations) == num_clients and min(self.participations.values()) >= cap:
+        counts = self.participations
+        if cap is not None and len(counts) == num_clients and min(counts.values()) >= cap:
             raise RuntimeError(
-                f"every one of the {num_clients} clients has taken part max_participations={cap} times: no further "
-                f"round or flush can run. Lower trainer.rounds, or raise the cap (the epsilon grows with it)."
+                f"every one of the {num_clients} clients has taken part max_participations={cap} times: no "
+                f"further round or flush can run. Lower trainer.rounds, or raise the cap."
             )
 
     def attach(self, backend: Backend) -> None:
@@ -182,7 +190,7 @@ class RoundClock:
         self.backend = backend
 
     def run_round(self, trainer: FederatedTrainer | None, round_idx: int) -> RoundResult:
-        """Advance virtual time until the next server call; return its result (``time/*`` metrics included)."""
+        """Advance virtual time to the next server call; return its result (``time/*`` metrics included)."""
         raise NotImplementedError
 
     def online_at(self, client_id: int, t: float) -> bool:

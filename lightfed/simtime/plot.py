@@ -37,7 +37,7 @@ class VirtualTimePlot(Callback):
 
     def on_fit_end(self, trainer: FederatedTrainer) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
-        if not self.points or not trainer.is_global_zero or experiment is None or not hasattr(experiment, "add_figure"):
+        if not self.points or not trainer.is_global_zero or not hasattr(experiment, "add_figure"):
             return
         experiment.add_figure("time/curve", self.figure(), global_step=trainer.round_idx)
 

@@ -2,8 +2,8 @@
 
 A round at virtual time ``t0`` with target cohort ``m`` (``trainer.clients_per_round``):
 
-1. only clients online at ``t0`` (and under ``max_participations``) can be sampled; ``ceil(over_selection * m)`` of them are drawn uniformly,
-   from ``(seed, round)``;
+1. only clients online at ``t0`` (and under ``max_participations``) can be sampled;
+   ``ceil(over_selection * m)`` of them are drawn uniformly, from ``(seed, round)``;
 2. client ``k``'s visit ends at ``t0 + download_k + steps_k * step_k + upload_k``; a client whose online
    window closes before that drops out (a real dropout, not a coin);
 3. the server keeps the first ``m`` to finish (ties by client id) -- Bonawitz et al. 2019, "Towards
@@ -42,7 +42,7 @@ class SyncRounds(RoundClock):
         trace: The population's devices.
         deadline: Seconds a round may last (``None``: wait for the ``m`` fastest of the selected).
         over_selection: Select this many times ``m`` clients (>= 1; 1.3 is Bonawitz et al.'s).
-        stragglers: ``"drop"`` or ``"partial"`` (keep the local steps done by the deadline; needs ``deadline``).
+        stragglers: ``"drop"`` or ``"partial"`` (keep the steps done by the deadline; needs ``deadline``).
         idle_seconds: When nobody is online, the server waits this long before trying again.
         max_participations: The most rounds any client may be selected for (``None``: unlimited); set from
             ``privacy.init_args.max_participations`` under :class:`~lightfed.simtime.DPCappedParticipation`.
@@ -61,14 +61,17 @@ class SyncRounds(RoundClock):
     ) -> None:
         super().__init__(trace)
         if max_participations is not None:
-            self.max_participations = check_int(max_participations, "trainer.clock.init_args.max_participations", 1)
+            key = "trainer.clock.init_args.max_participations"
+            self.max_participations = check_int(max_participations, key, 1)
         if deadline is not None:
             check_positive(deadline, "trainer.clock.init_args.deadline")
-        require(over_selection >= 1.0, f"trainer.clock.init_args.over_selection must be >= 1, got {over_selection}.")
+        require(over_selection >= 1.0,
+                f"trainer.clock.init_args.over_selection must be >= 1, got {over_selection}.")
         require(stragglers in ("drop", "partial"),
                 f"trainer.clock.init_args.stragglers must be 'drop' or 'partial', got {stragglers!r}.")
         require(stragglers == "drop" or deadline is not None,
-                "trainer.clock.init_args.stragglers: partial keeps the work done by the deadline; set deadline too.")
+                "trainer.clock.init_args.stragglers: partial keeps the work done by the deadline; set "
+                "deadline too.")
         self.deadline = deadline
         self.over_selection = float(over_selection)
         self.stragglers = stragglers
@@ -82,7 +85,8 @@ class SyncRounds(RoundClock):
     def select(self, round_idx: int, t0: float) -> list[int]:
         """Step 1: ``ceil(over_selection * m)`` of the clients online at ``t0``, uniformly (sorted ids)."""
         assert self.backend is not None
-        online = [c for c in range(self.backend.num_clients) if self.under_cap(c) and self.trace.profile(c).available(t0)]
+        n = self.backend.num_clients
+        online = [c for c in range(n) if self.under_cap(c) and self.trace.profile(c).available(t0)]
         want = min(len(online), math.ceil(self.over_selection * self.cohort_size))
         gen = make_generator(self.backend.seed, "simtime/select", round_idx)
         pick = sorted(online[i] for i in torch.randperm(len(online), generator=gen)[:want].tolist())
@@ -90,7 +94,7 @@ class SyncRounds(RoundClock):
         return pick
 
     def plan(self, round_idx: int, t0: float) -> tuple[list[tuple[float, int, int | None]], dict[str, float]]:
-        """Steps 2-5: ``[(finish, client, steps or None for all)]`` of the kept clients, and the round's counts."""
+        """Steps 2-5: ``[(finish, client, steps or None: all)]`` of the kept clients, and the counts."""
         assert self.backend is not None
         selected = self.select(round_idx, t0)
         if not selected:
@@ -112,7 +116,8 @@ class SyncRounds(RoundClock):
                 continue
             if self.stragglers == "partial":
                 per_step = visit.compute / steps if steps else math.inf
-                fit = math.floor((end_by - t0 - visit.download - visit.upload) / per_step) if per_step > 0 else 0
+                room = end_by - t0 - visit.download - visit.upload
+                fit = math.floor(room / per_step) if per_step > 0 else 0
                 if fit >= 1 and end_by <= until:
                     late.append((end_by, cid, min(fit, steps)))
                     continue
@@ -143,7 +148,8 @@ class SyncRounds(RoundClock):
         kept, counts = self.plan(round_idx, t0)
         end = counts.pop("_end")
         params = self.backend.global_params
-        updates = [self.backend.train(cid, round_idx, params, steps) for _, cid, steps in sorted(kept, key=lambda x: x[1])]
+        by_id = sorted(kept, key=lambda x: x[1])
+        updates = [self.backend.train(cid, round_idx, params, steps) for _, cid, steps in by_id]
         self.clock.advance(end)  # the server aggregates (and secure aggregation runs) at the round's end
         result = self.backend.flush(round_idx, sorted(cid for _, cid, _ in kept), updates)
         result.metrics.update(counts)

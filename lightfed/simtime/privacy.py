@@ -1,25 +1,26 @@
 """Client-level DP without rounds: one Gaussian per flush a client can contribute to, no amplification.
 
-A buffer flush releases ``S = sum_{k in buffer} w_k clip(Delta_k) + N(0, (z C)^2 I)`` with ``w_k = s(tau_k) <= 1``
-(the strategy's staleness weight) and the fixed denominator ``K``. Who is in a buffer is decided by the trace
-(who is online, how fast each device is) and the run's seed, never by a client's data: the engine's schedule is
-a public, data-independent function. Under the *zero-out* neighbouring relation (one client's data replaced by
-data whose update is zero; the device and its timing stay: Kairouz, McMahan, Song, Thakkar, Thakurta & Xu 2021,
-"Practical and Private (Deep) Learning without Sampling or Shuffling", Sec. 2), one client changes each flush it
-is part of by at most ``C`` in L2 and no other flush at all. Each such flush is a Gaussian mechanism of
-multiplier ``z``; the flushes are adaptively composed (every model is post-processing of the previous outputs).
-So client ``k`` spends ``Gaussian(z)`` composed ``P_k`` times, and the run spends the worst client's
-``Gaussian(z)^(max_participations)`` -- exactly dp-accounting's ``GaussianDpEvent(z)`` self-composed, which is
-:func:`lightfed.privacy.accounting.epsilon_for` with the ``"full"`` scheme. No sampling amplification is
-claimed: the trace does not give random, data-independent *and secret* sampling, so none may be claimed.
+A buffer flush releases ``S = sum_{k in buffer} w_k clip(Delta_k) + N(0, (z C)^2 I)`` with weights
+``w_k = s(tau_k) <= 1`` (the strategy's staleness weight) and the fixed denominator ``K``. Who is in a buffer
+is decided by the trace (who is online, how fast each device is) and the run's seed, never by a client's
+data: the engine's schedule is a public, data-independent function. Under the *zero-out* neighbouring
+relation (one client's data replaced by data whose update is zero; the device and its timing stay: Kairouz,
+McMahan, Song, Thakkar, Thakurta & Xu 2021, "Practical and Private (Deep) Learning without Sampling or
+Shuffling", Sec. 2), one client changes each flush it is part of by at most ``C`` in L2 and no other flush at
+all. Each such flush is a Gaussian mechanism of multiplier ``z``; the flushes are adaptively composed (every
+model is post-processing of the previous outputs). So client ``k`` spends ``Gaussian(z)`` composed ``P_k``
+times, and the run spends the worst client's ``Gaussian(z)^(max_participations)``: dp-accounting's
+``GaussianDpEvent(z)`` self-composed, which is :func:`lightfed.privacy.accounting.epsilon_for` with the
+``"full"`` scheme. No sampling amplification is claimed: the trace does not give random, data-independent
+*and secret* sampling, so none may be claimed.
 
 What this needs, and what is refused (:func:`check_timed_privacy`):
 
-* the engine caps participations (:class:`~lightfed.simtime.buffered.BufferedAsync` never starts a visit of a
-  client at the cap, :class:`~lightfed.simtime.policies.SyncRounds` never selects one), and a client is never
-  twice in one buffer;
-* a visit's duration must not depend on the client's data: ``trainer.local_steps`` fixed (with epochs, the step
-  count, hence the arrival time, would reveal the client's number of examples);
+* the engine caps participations (:class:`~lightfed.simtime.buffered.BufferedAsync` never starts a visit of
+  a client at the cap, :class:`~lightfed.simtime.policies.SyncRounds` never selects one), and a client is
+  never twice in one buffer;
+* a visit's duration must not depend on the client's data: ``trainer.local_steps`` fixed (with epochs, the
+  step count, hence the arrival time, would reveal the client's number of examples);
 * the strategy's weight must be public and at most 1 (uniform, or a staleness weight), never ``n_k``;
 * any other privacy mechanism is refused under a timed run: its accountant derives amplification from
   ``trainer.sampler``, which no longer decides who takes part.
@@ -76,12 +77,13 @@ class DPCappedParticipation(DPFixedClipping):
         verbose: bool = True,
     ) -> None:
         super().__init__(
-            clip_norm=clip_norm, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
-            clipping=clipping, accountant=accountant, pld_discretization=pld_discretization, verbose=verbose,
+            clip_norm=clip_norm, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+            delta=delta, clipping=clipping, accountant=accountant, pld_discretization=pld_discretization,
+            verbose=verbose,
         )
         self.max_participations = check_int(max_participations, "privacy.init_args.max_participations", 1)
         self.participations: Counter[int] = Counter()
-        #: Set by the engine that enforces the cap (:func:`check_timed_privacy`); a run without one is refused.
+        #: Set by the clock that enforces the cap (:func:`check_timed_privacy`); else refused.
         self.enforced_by: str | None = None
 
     def setup(
@@ -98,11 +100,13 @@ class DPCappedParticipation(DPFixedClipping):
         if z is None:
             assert self.target_epsilon is not None
             z = calibrate_noise_multiplier(
-                self.target_epsilon, self.delta_used, self.scheme, self.max_participations, self.accountant_name,
-                self.pld_discretization,
+                self.target_epsilon, self.delta_used, self.scheme, self.max_participations,
+                self.accountant_name, self.pld_discretization,
             )
         self.z = float(z)
-        self.accountant = RoundAccountant(self.z, self.scheme, self.delta_used, self.accountant_name, self.pld_discretization)
+        self.accountant = RoundAccountant(
+            self.z, self.scheme, self.delta_used, self.accountant_name, self.pld_discretization
+        )
         self.denominator = float(k)
         self.update_noise_multiplier = self.z
         if self.verbose:
@@ -110,13 +114,15 @@ class DPCappedParticipation(DPFixedClipping):
 
     def plan(self) -> str:
         assert self.accountant is not None and self.scheme is not None
-        how = f"calibrated for target epsilon {self.target_epsilon}" if self.target_epsilon is not None else "given"
+        target = self.target_epsilon
+        how = f"calibrated for target epsilon {target}" if target is not None else "given"
         return "\n".join([
-            f"[lightfed privacy] {type(self).__name__}: client-level DP per flush (zero-out one client), no amplification",
+            f"[lightfed privacy] {type(self).__name__}: client-level DP per flush (zero-out one client), "
+            f"no amplification",
             f"  flush        : K = {self.scheme.cohort} updates, fixed denominator K, weights s(tau) <= 1",
             f"  clipping     : {self.clipping}-side, C = {self.clip_norm:.4g}",
             f"  noise        : z = {self.z:.4g} ({how}); std on the flush's sum z*C",
-            f"  cap          : each client contributes to at most {self.max_participations} flushes (engine-enforced)",
+            f"  cap          : each client in at most {self.max_participations} flushes (clock-enforced)",
             f"  accountant   : {self.accountant_name.upper()}, GaussianDpEvent(z) composed per client",
             f"  delta        : {self.delta_used:.3g}",
             f"  worst client : epsilon {self.accountant.epsilon(self.max_participations):.4g} after "
@@ -130,9 +136,9 @@ class DPCappedParticipation(DPFixedClipping):
     def can_run_round(self, round_idx: int) -> bool:
         require(
             self.enforced_by is not None,
-            "privacy: DPCappedParticipation composes at most max_participations flushes per client, which only an "
-            "engine that enforces the cap may promise; use it with trainer.clock: lightfed.simtime.BufferedAsync "
-            "(or SyncRounds).",
+            "privacy: DPCappedParticipation composes at most max_participations flushes per client, which "
+            "only an engine that enforces the cap may promise; use it with trainer.clock: "
+            "lightfed.simtime.BufferedAsync (or SyncRounds).",
         )
         return True
 
@@ -140,10 +146,11 @@ class DPCappedParticipation(DPFixedClipping):
         assert self.accountant is not None
         self.participations.update(cohort)
         worst = max(self.participations.values(), default=0)
-        if worst > self.max_participations:  # the engine broke its promise: fail closed, never a false epsilon
+        if worst > self.max_participations:  # the clock broke its promise: fail closed, never a false epsilon
             raise RuntimeError(
-                f"flush {round_idx}: a client contributed to {worst} flushes, over privacy.init_args.max_participations="
-                f"{self.max_participations}; the reported epsilon would not hold."
+                f"flush {round_idx}: a client contributed to {worst} flushes, over "
+                f"privacy.init_args.max_participations={self.max_participations}; the reported epsilon would "
+                f"not hold."
             )
         self.accountant.rounds = worst
         return {
@@ -163,7 +170,7 @@ class DPCappedParticipation(DPFixedClipping):
 
 
 def check_timed_privacy(privacy: PrivacyMechanism | None, local_steps: int | None, clock: Any) -> None:
-    """Refuse privacy under a timed run unless its guarantee holds (module docstring); bind the cap's enforcer.
+    """Refuse privacy under a timed run unless its guarantee holds (module docstring); bind the enforcer.
 
     Raises:
         ValueError: naming why (a mechanism that claims amplification, a data-dependent visit duration, a
@@ -174,20 +181,21 @@ def check_timed_privacy(privacy: PrivacyMechanism | None, local_steps: int | Non
     name, clock_name = type(privacy).__name__, type(clock).__name__
     if not isinstance(privacy, DPCappedParticipation):
         raise ValueError(
-            f"privacy {name} under trainer.clock: its accountant takes its sampling amplification from trainer.sampler, "
-            f"but in a timed run the trace decides who takes part (who is online, who finishes first): the amplification "
-            f"would not hold. Use privacy: {{class_path: lightfed.simtime.DPCappedParticipation}} (per-client composition, "
-            f"no amplification)."
+            f"privacy {name} under trainer.clock: its accountant takes its sampling amplification from "
+            f"trainer.sampler, but in a timed run the trace decides who takes part (who is online, who "
+            f"finishes first): the amplification would not hold. Use privacy: {{class_path: "
+            f"lightfed.simtime.DPCappedParticipation}} (per-client composition, no amplification)."
         )
     if not getattr(clock, "caps_participations", False):
         raise ValueError(
-            f"privacy DPCappedParticipation needs an engine that caps each client's participations; trainer.clock "
-            f"{clock_name} does not. Use lightfed.simtime.BufferedAsync or SyncRounds."
+            f"privacy DPCappedParticipation needs an engine that caps each client's participations; "
+            f"trainer.clock {clock_name} does not. Use lightfed.simtime.BufferedAsync or SyncRounds."
         )
     if local_steps is None:
         raise ValueError(
-            "privacy DPCappedParticipation under trainer.clock: with local epochs a visit's duration (steps x step time) "
-            "reveals the client's number of examples through its arrival time; set trainer.local_steps."
+            "privacy DPCappedParticipation under trainer.clock: with local epochs a visit's duration "
+            "(steps x step time) reveals the client's number of examples through its arrival time; set "
+            "trainer.local_steps."
         )
     privacy.enforced_by = clock_name
 

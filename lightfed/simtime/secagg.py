@@ -6,10 +6,10 @@ together. That is the existing protocol over a cohort, so its guarantee is the e
 only the sum of the survivors' inputs. The price is that a buffered client must still be online at the flush.
 
 :class:`TraceDropout` makes the trace decide who drops, instead of a coin: a client offline at the flush's
-virtual time never advertises its keys (its update is lost); one whose window closes within ``protocol_seconds``
-after the flush sends its masked input and is gone before unmasking (its input counts, its self mask is
-reconstructed from its neighbours' shares). Configure it as ``secure_aggregation.init_args.dropout``; a
-``trainer.clock`` binds it.
+virtual time never advertises its keys (its update is lost); one whose window closes within
+``protocol_seconds`` after the flush sends its masked input and is gone before unmasking (its input counts,
+its self mask is reconstructed from its neighbours' shares). Configure it as
+``secure_aggregation.init_args.dropout``; a ``trainer.clock`` binds it.
 
 What this is not: a buffer that holds *masked* updates across flushes without the clients online (BASecAgg,
 So, Nolet, Yang, Li, Mohassel, Ghosh & Avestimehr 2021, arXiv 2110.02177, which needs a different masking
@@ -36,7 +36,8 @@ class TraceDropout(DropoutModel):
     """
 
     def __init__(self, protocol_seconds: float = 5.0) -> None:
-        self.protocol_seconds = check_positive(protocol_seconds, "secure_aggregation.init_args.dropout.init_args.protocol_seconds")
+        key = "secure_aggregation.init_args.dropout.init_args.protocol_seconds"
+        self.protocol_seconds = check_positive(protocol_seconds, key)
         self.clock: RoundClock | None = None
 
     def bind(self, clock: RoundClock) -> None:

@@ -47,7 +47,9 @@ def run_server(
     start = time.perf_counter()
     aggregator = server.new_aggregator(round_idx, cohort)
     shard = server.collect(round_idx, aggregator, updates, commit_state)
-    result = RoundResult(round_idx=round_idx, cohort=list(cohort), num_updates=len(shard.metrics), rejected=shard.rejected)
+    result = RoundResult(
+        round_idx=round_idx, cohort=list(cohort), num_updates=len(shard.metrics), rejected=shard.rejected
+    )
     aggregate = server.release(round_idx, shard.aggregator, global_params.device)
     new = global_params
     if aggregate is None:
@@ -63,7 +65,8 @@ def run_server(
         result.metrics.update({f"secagg/{k}": v for k, v in secure.items()})
         client_metrics = []  # the server learns only sums
         result.num_updates = int(secure.get("survivors", result.num_updates))
-    result.metrics.update(round_statistics(result, client_metrics, payload_bytes, {}, time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    result.metrics.update(round_statistics(result, client_metrics, payload_bytes, {}, seconds))
     return Outcome(new, aggregate, result)
 
 

@@ -45,7 +45,8 @@ def staleness_weight(tau: int, kind: StalenessKind = "polynomial", a: float = 0.
 def check_staleness(kind: str, a: float, b: int, owner: str) -> None:
     """Refuse a staleness function that is not one of the three, or whose parameters leave ``(0, 1]``."""
     require(kind in ("constant", "polynomial", "hinge"),
-            f"{owner}: strategy.init_args.staleness must be 'constant', 'polynomial' or 'hinge', got {kind!r}.")
+            f"{owner}: strategy.init_args.staleness must be 'constant', 'polynomial' or 'hinge', "
+            f"got {kind!r}.")
     require(a >= 0, f"{owner}: strategy.init_args.staleness_a must be >= 0, got {a}.")
     require(b >= 0, f"{owner}: strategy.init_args.staleness_b must be >= 0, got {b}.")
 

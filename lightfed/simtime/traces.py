@@ -44,7 +44,8 @@ class DeviceProfile:
         up_kbps: Upload bandwidth in kbit/s.
         active: Sorted start times (seconds, within a period) of the online windows.
         inactive: End times of the same windows (``active[i] <= inactive[i]``).
-        period: The windows repeat every ``period`` seconds (FedScale's ``finish_time``); ``None``: always online.
+        period: The windows repeat every ``period`` seconds (FedScale's ``finish_time``); ``None``: always
+            online.
     """
 
     ms_per_sample: float
@@ -74,7 +75,9 @@ class DeviceProfile:
         window = self._window(t)
         return t if window is None else window[1]
 
-    def seconds(self, *, samples: int, bytes_down: int, bytes_up: int, compute_factor: float = 1.0) -> VisitTime:
+    def seconds(
+        self, *, samples: int, bytes_down: int, bytes_up: int, compute_factor: float = 1.0
+    ) -> VisitTime:
         """The virtual duration of a visit that trains on ``samples`` examples (steps x batch size)."""
         return VisitTime(
             download=bytes_down * 8 / 1000 / self.down_kbps,
@@ -144,12 +147,14 @@ class SyntheticTrace(Trace):
         upload_ratio: float = 0.25,
         online_fraction: float = 1.0,
     ) -> None:
-        check_positive(median_ms_per_sample, "clock.init_args.trace.init_args.median_ms_per_sample")
-        check_positive(median_kbps, "clock.init_args.trace.init_args.median_kbps")
-        check_positive(upload_ratio, "clock.init_args.trace.init_args.upload_ratio")
+        key = "trainer.clock.init_args.trace.init_args."
+        check_positive(median_ms_per_sample, key + "median_ms_per_sample")
+        check_positive(median_kbps, key + "median_kbps")
+        check_positive(upload_ratio, key + "upload_ratio")
         require(compute_sigma >= 0 and bandwidth_sigma >= 0,
-                f"clock.init_args.trace: the sigmas must be >= 0, got {compute_sigma}, {bandwidth_sigma}.")
-        check_range(online_fraction, "clock.init_args.trace.init_args.online_fraction", 0.0, 1.0, True, False)
+                f"{key}compute_sigma and bandwidth_sigma must be >= 0, got {compute_sigma} and "
+                f"{bandwidth_sigma}.")
+        check_range(online_fraction, key + "online_fraction", 0.0, 1.0, True, False)
         self.seed = int(seed)
         self.median_ms_per_sample = float(median_ms_per_sample)
         self.compute_sigma = float(compute_sigma)
@@ -174,7 +179,8 @@ class SyntheticTrace(Trace):
 
     def describe(self) -> str:
         return (
-            f"SyntheticTrace(seed={self.seed}, median {self.median_ms_per_sample} ms/sample sigma {self.compute_sigma}, "
+            f"SyntheticTrace(seed={self.seed}, median {self.median_ms_per_sample} ms/sample sigma "
+            f"{self.compute_sigma}, "
             f"median {self.median_kbps:g} kbit/s down sigma {self.bandwidth_sigma}, up x{self.upload_ratio}, "
             f"online {self.online_fraction:.0%} of the day)"
         )
@@ -199,15 +205,20 @@ class FedScaleTrace(Trace):
     """
 
     def __init__(
-        self, capacity: str | dict[Any, Any], availability: str | dict[Any, Any] | None = None, compute_factor: float = 3.0
+        self,
+        capacity: str | dict[Any, Any],
+        availability: str | dict[Any, Any] | None = None,
+        compute_factor: float = 3.0,
     ) -> None:
-        self.compute_factor = check_positive(compute_factor, "clock.init_args.trace.init_args.compute_factor")
+        key = "trainer.clock.init_args.trace.init_args."
+        self.compute_factor = check_positive(compute_factor, key + "compute_factor")
         cap = _load(capacity, "capacity")
         self._capacity = [cap[k] for k in sorted(cap, key=_key)]
         for key, entry in zip(sorted(cap, key=_key), self._capacity, strict=True):
             require(
                 isinstance(entry, Mapping) and "computation" in entry and "communication" in entry,
-                f"clock.init_args.trace.init_args.capacity[{key!r}] must hold 'computation' and 'communication', got {entry!r}.",
+                f"trainer.clock.init_args.trace.init_args.capacity[{key!r}] must hold 'computation' and "
+                f"'communication', got {entry!r}.",
             )
         avail = _load(availability, "availability") if availability is not None else None
         self._availability = [avail[k] for k in sorted(avail, key=_key)] if avail else None
@@ -215,8 +226,8 @@ class FedScaleTrace(Trace):
             require(
                 "active" in entry and "inactive" in entry and "finish_time" in entry
                 and len(entry["active"]) == len(entry["inactive"]),
-                "clock.init_args.trace.init_args.availability entries need 'active' and 'inactive' lists of equal "
-                "length and 'finish_time' (FedScale's client_behave_trace format, see docs/time.md).",
+                f"{key}availability entries need 'active' and 'inactive' lists of "
+                "equal length and 'finish_time' (FedScale's client_behave_trace format, see docs/time.md).",
             )
 
     def profile(self, client_id: int) -> DeviceProfile:
@@ -228,7 +239,8 @@ class FedScaleTrace(Trace):
         period = float(av["finish_time"])
         pairs = sorted((float(a), float(b)) for a, b in zip(av["active"], av["inactive"], strict=True))
         return DeviceProfile(
-            float(cap["computation"]), kbps, kbps, tuple(a for a, _ in pairs), tuple(b for _, b in pairs), period,
+            float(cap["computation"]), kbps, kbps, tuple(a for a, _ in pairs), tuple(b for _, b in pairs),
+            period,
         )
 
     def describe(self) -> str:
@@ -249,13 +261,14 @@ def _load(source: str | dict[Any, Any], what: str) -> dict[Any, Any]:
         data = dict(source)
     else:
         path = Path(source)
-        require(path.is_file(), f"clock.init_args.trace.init_args.{what}: no file {str(path)!r}.")
+        require(path.is_file(), f"trainer.clock.init_args.trace.init_args.{what}: no file {str(path)!r}.")
         if path.suffix == ".json":
             data = json.loads(path.read_text())
         else:  # FedScale ships pickles; only load files you trust
             with path.open("rb") as fh:
                 data = pickle.load(fh)  # noqa: S301
-    require(isinstance(data, Mapping) and len(data) > 0, f"clock.init_args.trace.init_args.{what} holds no clients.")
+    require(isinstance(data, Mapping) and len(data) > 0,
+            f"trainer.clock.init_args.trace.init_args.{what} holds no clients.")
     return data
 
 
