@@ -38,8 +38,14 @@ class FedAsync(FedBuff):
     """
 
     def __init__(
-        self, alpha: float = 0.6, staleness: StalenessKind = "polynomial", staleness_a: float = 0.5, staleness_b: int = 4
+        self,
+        alpha: float = 0.6,
+        staleness: StalenessKind = "polynomial",
+        staleness_a: float = 0.5,
+        staleness_b: int = 4,
     ) -> None:
         check(0 < alpha <= 1, f"FedAsync alpha must be in (0, 1], got {alpha} (`strategy.init_args.alpha`).")
-        super().__init__(server_lr=alpha, staleness=staleness, staleness_a=staleness_a, staleness_b=staleness_b)
+        super().__init__(
+            server_lr=alpha, staleness=staleness, staleness_a=staleness_a, staleness_b=staleness_b
+        )
         self.alpha = float(alpha)

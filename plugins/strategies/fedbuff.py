@@ -24,22 +24,25 @@ class FedBuff(WeightedMean):
 
     .. math::
 
-        \\bar\\Delta = \\frac{1}{K} \\sum_{k \\in B} s(\\tau_k)\\, \\Delta_k, \\qquad s(\\tau) = (1 + \\tau)^{-1/2},
+        \\bar\\Delta = \\frac{1}{K} \\sum_{k \\in B} s(\\tau_k)\\, \\Delta_k,
+        \\qquad s(\\tau) = (1 + \\tau)^{-1/2},
 
-    where ``tau_k`` is how many flushes happened since client ``k`` downloaded its model, then a server step:
-    ``sgd`` ``w <- w + eta Delta``, ``momentum`` ``m <- beta m + Delta; w <- w + eta m`` (FedAvgM's), or ``adam``
-    (FedAdam's step, Reddi et al. 2021, no bias correction). Nguyen, Malik, Zhan, Yousefpour, Rabbat, Malek &
-    Huba, "Federated Learning with Buffered Asynchronous Aggregation", AISTATS 2022, Algorithm 1 and Sec. 4.
+    where ``tau_k`` is how many flushes happened since client ``k`` downloaded its model, then a server
+    step: ``sgd`` ``w <- w + eta Delta``, ``momentum`` ``m <- beta m + Delta; w <- w + eta m`` (FedAvgM's),
+    or ``adam`` (FedAdam's step, Reddi et al. 2021, no bias correction). Nguyen, Malik, Zhan, Yousefpour,
+    Rabbat, Malek & Huba, "Federated Learning with Buffered Asynchronous Aggregation", AISTATS 2022,
+    Algorithm 1 and Sec. 4.
 
-    Paper vs. popular code: the paper divides by ``K``, not by the sum of the weights, so stale buffers step less;
-    so does this implementation (under DP the denominator is the public ``K`` anyway). FLSim's FedBuff also
-    divides by ``K``. Clients are weighted uniformly (``weighted`` is fixed to ``False``): example counts would
-    break DP's sensitivity and the paper does not use them. The ``max_staleness`` cut-off is the engine's
-    (``trainer.clock.init_args.max_staleness``): a discarded update never enters the buffer.
+    Paper vs. popular code: the paper divides by ``K``, not by the sum of the weights, so stale buffers step
+    less; so does this implementation (under DP the denominator is the public ``K`` anyway), and so does
+    FLSim's FedBuff. Clients are weighted uniformly (``weighted`` is fixed to ``False``): example counts
+    would break DP's sensitivity and the paper does not use them. The ``max_staleness`` cut-off is the
+    engine's (``trainer.clock.init_args.max_staleness``): a discarded update never enters the buffer.
 
     Args:
         server_lr: ``eta`` (> 0).
-        staleness: ``s(tau)``: ``polynomial`` (``(1 + tau)^-a``, the paper's with ``a = 1/2``), ``hinge`` or ``constant``.
+        staleness: ``s(tau)``: ``polynomial`` (``(1 + tau)^-a``, the paper's with ``a = 1/2``), ``hinge``
+            or ``constant``.
         staleness_a: ``a`` of the polynomial or hinge function.
         staleness_b: ``b`` of the hinge function.
         server_optimizer: ``sgd``, ``momentum`` or ``adam``.
@@ -49,8 +52,8 @@ class FedBuff(WeightedMean):
         tau: Adam's adaptivity (and ``v``'s start ``tau^2``).
 
     Raises:
-        ValueError: for a non-positive ``server_lr`` or ``tau``, a decay outside ``[0, 1)``, an unknown optimizer
-            or staleness function.
+        ValueError: for a non-positive ``server_lr`` or ``tau``, a decay outside ``[0, 1)``, an unknown
+            optimizer or staleness function.
     """
 
     weighted = False
@@ -68,7 +71,8 @@ class FedBuff(WeightedMean):
         tau: float = 1e-3,
     ) -> None:
         owner = type(self).__name__
-        check(server_lr > 0, f"{owner} server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`).")
+        check(server_lr > 0,
+              f"{owner} server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`).")
         check(server_optimizer in ("sgd", "momentum", "adam"),
               f"{owner} server_optimizer must be 'sgd', 'momentum' or 'adam', got {server_optimizer!r} "
               f"(`strategy.init_args.server_optimizer`).")

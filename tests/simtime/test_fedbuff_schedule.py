@@ -120,3 +120,33 @@ def test_fedasync_steps_on_every_arrival_with_alpha_times_staleness_weight():
 
     # t=1: c0 from 0 -> w = 0.5 * 0.5 = 0.25; t=2: c1 (downloaded w=0) -> w = 0.25 + 0.5 * 1.0
     assert backend.models == pytest.approx([0.25, 0.75], abs=1e-12)
+
+
+def _updates(values: list[float], staleness: list[int]) -> list[ClientUpdate]:
+    return [ClientUpdate(k, torch.tensor([v], dtype=torch.float64), 1, metrics={"staleness": float(t)})
+            for k, (v, t) in enumerate(zip(values, staleness, strict=True))]
+
+
+def test_fedbuff_server_momentum_by_hand():
+    strategy = FedBuff(server_lr=0.5, server_optimizer="momentum", momentum=0.5)
+    backend = HalfwayBackend(strategy)
+    w = torch.zeros(1, dtype=torch.float64)
+
+    w1 = run_server(backend.server, 0, [0, 1], _updates([1.0, 3.0], [0, 0]), w).global_params
+    w2 = run_server(backend.server, 1, [0, 1], _updates([2.0, 8.0], [0, 3]), w1).global_params
+
+    # m1 = (1 + 3)/2 = 2, w1 = 0.5 * 2 = 1; Delta2 = (2 + 8 / sqrt(4)) / 2 = 3, m2 = 0.5 * 2 + 3 = 4, w2 = 1 + 2
+    assert float(w1) == pytest.approx(1.0) and float(w2) == pytest.approx(3.0)
+
+
+def test_fedbuff_adam_at_zero_staleness_is_fedadam_with_uniform_weights():
+    from lightfed_zoo.strategies import FedAdam
+
+    buff, adam = FedBuff(server_lr=0.1, server_optimizer="adam", beta1=0.9, beta2=0.99, tau=1e-3), FedAdam(
+        eta=0.1, beta1=0.9, beta2=0.99, tau=1e-3, weighted=False)
+    wb = wa = torch.zeros(1, dtype=torch.float64)
+    sb, sa = HalfwayBackend(buff).server, HalfwayBackend(adam).server
+    for r, values in enumerate(([1.0, 3.0], [-2.0, 0.5], [0.25, 0.25])):
+        wb = run_server(sb, r, [0, 1], _updates(values, [0, 0]), wb).global_params
+        wa = run_server(sa, r, [0, 1], _updates(values, [0, 0]), wa).global_params
+        assert torch.allclose(wb, wa, rtol=0, atol=1e-12)
