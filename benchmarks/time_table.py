@@ -1,15 +1,16 @@
-"""Virtual time to a target accuracy (synchronous FedAvg, deadline + over-selection, FedBuff; with and without DP)
-and the simulator's overhead (events per second, memory against the population).
+"""Virtual time to a target accuracy (synchronous FedAvg, deadline + over-selection, FedBuff; with and
+without DP) and the simulator's overhead (events per second, memory against the population).
 
 Measured, not a unit test. One torch thread; every number of a table comes from one invocation.
 
-    python benchmarks/time_table.py --table            # docs/time.md's table (about 2-4 min on one core)
+    python benchmarks/time_table.py --table            # docs/time.md's tables
     python benchmarks/time_table.py --overhead         # 10,000 clients, 1,000 flushes, and the memory sweep
 
-The table's setting: digits, 400 IID clients (~3.6 examples each), logistic regression (lr 0.3), 4 local steps of
-batch 8 per visit, the synthetic trace ``SyntheticTrace(seed=0, median_ms_per_sample=50, compute_sigma=1)`` (a
-visit's median compute 1.6 virtual seconds, the slowest percent about 10x that; everyone online). Targets are
-central test accuracy; a row that never reaches a target says so.
+The table's setting: digits, 400 IID clients (~3.6 examples each), logistic regression (lr 0.3), 4 local
+steps of batch 8 per visit, the synthetic trace ``SyntheticTrace(seed=0, median_ms_per_sample=50,
+compute_sigma=1)`` (a visit's median compute 1.6 virtual seconds, the slowest percent about 10x that;
+everyone online). Targets are central test accuracy; a row that never reaches a target says so. About 5
+minutes for ``--table`` and 3 for ``--overhead`` on one core of a busy machine.
 """
 
 from __future__ import annotations
@@ -39,8 +40,19 @@ def trace() -> Any:
     return SyntheticTrace(seed=0, median_ms_per_sample=50.0, compute_sigma=1.0)
 
 
-def run(mode: str, *, dp: bool, rounds: int, clients: int = 400, k: int = 10, concurrency: int = 100,
-        eval_every: int = 5, partitioner: Any = None, seed: int = 0, max_participations: int = 5) -> dict[str, Any]:
+def run(
+    mode: str,
+    *,
+    dp: bool,
+    rounds: int,
+    clients: int = 400,
+    k: int = 10,
+    concurrency: int = 100,
+    eval_every: int = 5,
+    partitioner: Any = None,
+    seed: int = 0,
+    max_participations: int = 5,
+) -> dict[str, Any]:
     """One timed run; returns its history's time/accuracy pairs and the wall seconds."""
     import lightning as L
 
@@ -57,26 +69,47 @@ def run(mode: str, *, dp: bool, rounds: int, clients: int = 400, k: int = 10, co
         clock = SyncRounds(trace=trace(), deadline=3.0, over_selection=1.3, stragglers="drop")
     else:
         clock = BufferedAsync(trace=trace(), concurrency=concurrency)
-    privacy = DPCappedParticipation(clip_norm=0.5, target_epsilon=8.0, max_participations=max_participations,
-                                    verbose=False) if dp else None
+    privacy = (
+        DPCappedParticipation(
+            clip_norm=0.5, target_epsilon=8.0, max_participations=max_participations, verbose=False
+        )
+        if dp
+        else None
+    )
     strategy = FedBuff(server_lr=1.0)  # uniform weights (DP needs them); s(tau) = 1 in synchronous rounds
     L.seed_everything(seed, verbose=False)
     model = MLPClassifier(in_features=64, hidden=[], lr=0.3)
     data = DigitsDataModule(partitioner or IID(clients), val_fraction=0.0)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = FederatedTrainer(
-            rounds=rounds, clients_per_round=k, local_steps=4, batch_size=8, strategy=strategy, privacy=privacy,
-            clock=clock, eval_every=eval_every, fed_eval_fraction=0.0, checkpoint_every=0, logger=False,
-            enable_progress_bar=False, default_root_dir=tmp, seed=seed,
+            rounds=rounds,
+            clients_per_round=k,
+            local_steps=4,
+            batch_size=8,
+            strategy=strategy,
+            privacy=privacy,
+            clock=clock,
+            eval_every=eval_every,
+            fed_eval_fraction=0.0,
+            checkpoint_every=0,
+            logger=False,
+            enable_progress_bar=False,
+            default_root_dir=tmp,
+            seed=seed,
         )
         start = time.perf_counter()
         history = trainer.fit(model, data)
         wall = time.perf_counter() - start
     curve = [(h["time/virtual_seconds"], h["central/test_acc"]) for h in history if "central/test_acc" in h]
     out: dict[str, Any] = {
-        "mode": mode, "dp": dp, "rounds": len(history), "wall_seconds": round(wall, 1),
-        "virtual_seconds": round(history[-1]["time/virtual_seconds"], 1), "final_acc": round(curve[-1][1], 4),
-        "events": int(history[-1].get("time/events", 0)), "curve": curve,
+        "mode": mode,
+        "dp": dp,
+        "rounds": len(history),
+        "wall_seconds": round(wall, 1),
+        "virtual_seconds": round(history[-1]["time/virtual_seconds"], 1),
+        "final_acc": round(curve[-1][1], 4),
+        "events": int(history[-1].get("time/events", 0)),
+        "curve": curve,
     }
     for target in TARGETS:
         hit = next((t for t, acc in curve if acc >= target), None)
@@ -89,9 +122,12 @@ def run(mode: str, *, dp: bool, rounds: int, clients: int = 400, k: int = 10, co
 
 #: (label, mode, K, rounds or flushes): synchronous rounds of 10 (and of 100, FedBuff's concurrency), FedBuff.
 ROWS = (
-    ("FedAvg, m=10", "sync", 10, 100), ("FedAvg, m=100", "sync", 100, 30),
-    ("deadline 3 s, select 13 keep 10", "deadline", 10, 100), ("deadline 3 s, select 130 keep 100", "deadline", 100, 30),
-    ("FedBuff K=10 C=100", "fedbuff", 10, 200), ("FedBuff K=40 C=100", "fedbuff", 40, 50),
+    ("FedAvg, m=10", "sync", 10, 100),
+    ("FedAvg, m=100", "sync", 100, 30),
+    ("deadline 3 s, select 13 keep 10", "deadline", 10, 100),
+    ("deadline 3 s, select 130 keep 100", "deadline", 100, 30),
+    ("FedBuff K=10 C=100", "fedbuff", 10, 200),
+    ("FedBuff K=40 C=100", "fedbuff", 40, 50),
 )
 
 
@@ -100,9 +136,15 @@ def table(args: argparse.Namespace) -> list[dict[str, Any]]:
     for dp in (False, True):
         for label, mode, k, rounds in ROWS:
             # under DP every visit counts against the cap: give each row the cap its length needs
-            visits = rounds * (math.ceil(1.3 * k) if mode == "deadline" else k) + (100 if mode == "fedbuff" else 0)
+            visits = rounds * (math.ceil(1.3 * k) if mode == "deadline" else k) + (
+                100 if mode == "fedbuff" else 0
+            )
             cap = math.ceil(visits / 400) + 1
-            row = {"label": label, "k": k, **run(mode, dp=dp, rounds=rounds, k=k, max_participations=cap, eval_every=1)}
+            row = {
+                "label": label,
+                "k": k,
+                **run(mode, dp=dp, rounds=rounds, k=k, max_participations=cap, eval_every=1),
+            }
             if dp:
                 row["max_participations"] = cap
             rows.append(row)
@@ -116,7 +158,11 @@ class NoTraining:
     def __init__(self, num_clients: int) -> None:
         from lightfed.simtime import SyntheticTrace
 
-        self.num_clients, self.seed, self.trace = num_clients, 0, SyntheticTrace(seed=0, median_ms_per_sample=50.0)
+        self.num_clients, self.seed, self.trace = (
+            num_clients,
+            0,
+            SyntheticTrace(seed=0, median_ms_per_sample=50.0),
+        )
         self.params = torch.zeros(650)
 
     @property
@@ -157,9 +203,14 @@ def engine_only(population: int, flushes: int, k: int = 10, concurrency: int = 1
         again.run_round(None, r)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return {"population": population, "flushes": flushes, "events": engine.counts["events"],
-            "events_per_second": round(engine.counts["events"] / wall), "wall_seconds": round(wall, 2),
-            "heap_peak_mib_200_flushes": round(peak / 2**20, 2)}
+    return {
+        "population": population,
+        "flushes": flushes,
+        "events": engine.counts["events"],
+        "events_per_second": round(engine.counts["events"] / wall),
+        "wall_seconds": round(wall, 2),
+        "heap_peak_mib_200_flushes": round(peak / 2**20, 2),
+    }
 
 
 def overhead(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,8 +220,13 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     for population in args.populations:
         out[f"engine_only_{population}"] = engine_only(population, args.overhead_flushes)
         print(json.dumps(out[f"engine_only_{population}"]), flush=True)
-    row = run("fedbuff", dp=False, rounds=args.overhead_flushes, partitioner=SampledClients(args.population),
-              eval_every=args.overhead_flushes)
+    row = run(
+        "fedbuff",
+        dp=False,
+        rounds=args.overhead_flushes,
+        partitioner=SampledClients(args.population),
+        eval_every=args.overhead_flushes,
+    )
     row.pop("curve")
     row["population"] = args.population
     row["events_per_second"] = round(row["events"] / row["wall_seconds"])

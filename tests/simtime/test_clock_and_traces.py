@@ -37,18 +37,33 @@ def test_visit_time_is_download_compute_upload_from_bytes_and_speeds():
 
 
 def test_fedscale_trace_reads_capacity_and_periodic_availability(tmp_path):
-    capacity = {"1": {"computation": 10.0, "communication": 500.0}, "2": {"computation": 20.0, "communication": 50.0}}
-    availability = {1: {"active": [10, 100], "inactive": [50, 150], "finish_time": 200, "model": "x"},
-                    2: {"active": [0], "inactive": [200], "finish_time": 200}}
+    capacity = {
+        "1": {"computation": 10.0, "communication": 500.0},
+        "2": {"computation": 20.0, "communication": 50.0},
+    }
+    availability = {
+        1: {"active": [10, 100], "inactive": [50, 150], "finish_time": 200, "model": "x"},
+        2: {"active": [0], "inactive": [200], "finish_time": 200},
+    }
     (tmp_path / "cap.json").write_text(json.dumps(capacity))
 
     trace = FedScaleTrace(str(tmp_path / "cap.json"), availability)
     first, second = trace.profile(0), trace.profile(1)
 
     assert (first.ms_per_sample, first.down_kbps, first.up_kbps) == (10.0, 500.0, 500.0)
-    assert [first.available(t) for t in (5, 10, 49, 50, 120, 210, 260)] == [False, True, True, False, True, True, False]
+    assert [first.available(t) for t in (5, 10, 49, 50, 120, 210, 260)] == [
+        False,
+        True,
+        True,
+        False,
+        True,
+        True,
+        False,
+    ]
     assert first.online_until(120) == 150 and first.online_until(215) == 250
-    assert second.available(199.0) and trace.profile(2) == first  # a third client cycles back to the first key
+    assert (
+        second.available(199.0) and trace.profile(2) == first
+    )  # a third client cycles back to the first key
     with pytest.raises(ValueError, match="'computation' and 'communication'"):
         FedScaleTrace({1: {"computation": 1.0}})
 
@@ -83,7 +98,9 @@ class TableBackend:
     def visit_time(self, client_id: int, steps: int) -> VisitTime:
         return VisitTime(*self.seconds[client_id])
 
-    def train(self, client_id: int, visit_idx: int, global_params: torch.Tensor, steps: int | None) -> ClientUpdate:
+    def train(
+        self, client_id: int, visit_idx: int, global_params: torch.Tensor, steps: int | None
+    ) -> ClientUpdate:
         self.trained.append((client_id, steps))
         return ClientUpdate(client_id, torch.ones(1), 1)
 
@@ -92,7 +109,8 @@ class TableBackend:
 
 
 def test_deadline_keeps_the_first_finishers_and_the_partial_work_of_stragglers():
-    # 6 clients, m = 3, over-selection 2 (all 6 selected); compute 1 s per step x 10 steps for 0-3, 4x slower for 4-5
+    # 6 clients, m = 3, over-selection 2 (all 6 selected); compute 1 s per step x 10 steps for 0-3,
+    # 4x slower for 4-5
     table = {k: (1.0, 10.0 if k < 4 else 40.0, 1.0) for k in range(6)}
     table[0] = (1.0, 5.0, 1.0)
     backend = TableBackend(table)
@@ -111,14 +129,16 @@ def test_deadline_keeps_the_first_finishers_and_the_partial_work_of_stragglers()
     slow.attach(TableBackend({k: (1.0, 40.0, 1.0) for k in range(3)}))
     slow.cohort_size = 3
     partial = slow.run_round(None, 0)
-    # 18 s of compute fit in the deadline: floor(18 / 4) = 4 of 10 steps each, and the round lasts the deadline
+    # 18 s of compute fit in the deadline: floor(18 / 4) = 4 of 10 steps each; the round lasts the deadline
     assert sorted(slow.backend.trained) == [(0, 4), (1, 4), (2, 4)]
     assert partial.metrics["time/round_seconds"] == 20.0 and partial.metrics["time/partial"] == 3.0
 
 
 def test_deadline_drops_stragglers_and_clients_that_go_offline():
-    trace = FedScaleTrace({k: {"computation": 1.0, "communication": 1.0} for k in range(4)},
-                          {k: {"active": [0], "inactive": [5.0 if k == 1 else 1e9], "finish_time": 2e9} for k in range(4)})
+    trace = FedScaleTrace(
+        {k: {"computation": 1.0, "communication": 1.0} for k in range(4)},
+        {k: {"active": [0], "inactive": [5.0 if k == 1 else 1e9], "finish_time": 2e9} for k in range(4)},
+    )
     backend = TableBackend({0: (1, 2, 1), 1: (1, 5, 1), 2: (1, 30, 1), 3: (1, 3, 1)})
     policy = SyncRounds(trace=trace, deadline=10.0, stragglers="drop")
     policy.attach(backend)
@@ -129,7 +149,9 @@ def test_deadline_drops_stragglers_and_clients_that_go_offline():
     assert result.cohort == [0, 3]  # 1 would finish at 7 but goes offline at 5; 2 misses the deadline
     assert result.metrics["time/offline_dropouts"] == 1.0
     assert result.metrics["time/stragglers"] == 1.0
-    assert result.metrics["time/round_seconds"] == 10.0  # fewer than m arrived: the server waits for the deadline
+    assert (
+        result.metrics["time/round_seconds"] == 10.0
+    )  # fewer than m arrived: the server waits for the deadline
 
 
 def _async_run(seed: int, flushes: int = 6) -> tuple[list[tuple[float, int, int]], list[float]]:

@@ -59,8 +59,12 @@ class HalfwayBackend:
     def visit_time(self, client_id: int, steps: int) -> VisitTime:
         return VisitTime(0.0, DURATIONS[client_id % 3], 0.0)
 
-    def train(self, client_id: int, visit_idx: int, global_params: torch.Tensor, steps: int | None) -> ClientUpdate:
-        return ClientUpdate(client_id, (TARGETS[client_id % 3] - global_params) / 2, num_examples=1, num_steps=1)
+    def train(
+        self, client_id: int, visit_idx: int, global_params: torch.Tensor, steps: int | None
+    ) -> ClientUpdate:
+        return ClientUpdate(
+            client_id, (TARGETS[client_id % 3] - global_params) / 2, num_examples=1, num_steps=1
+        )
 
     def flush(self, round_idx: int, cohort: list[int], updates: list[ClientUpdate]) -> RoundResult:
         outcome = run_server(self.server, round_idx, cohort, updates, self.params)
@@ -123,8 +127,10 @@ def test_fedasync_steps_on_every_arrival_with_alpha_times_staleness_weight():
 
 
 def _updates(values: list[float], staleness: list[int]) -> list[ClientUpdate]:
-    return [ClientUpdate(k, torch.tensor([v], dtype=torch.float64), 1, metrics={"staleness": float(t)})
-            for k, (v, t) in enumerate(zip(values, staleness, strict=True))]
+    return [
+        ClientUpdate(k, torch.tensor([v], dtype=torch.float64), 1, metrics={"staleness": float(t)})
+        for k, (v, t) in enumerate(zip(values, staleness, strict=True))
+    ]
 
 
 def test_fedbuff_server_momentum_by_hand():
@@ -135,15 +141,18 @@ def test_fedbuff_server_momentum_by_hand():
     w1 = run_server(backend.server, 0, [0, 1], _updates([1.0, 3.0], [0, 0]), w).global_params
     w2 = run_server(backend.server, 1, [0, 1], _updates([2.0, 8.0], [0, 3]), w1).global_params
 
-    # m1 = (1 + 3)/2 = 2, w1 = 0.5 * 2 = 1; Delta2 = (2 + 8 / sqrt(4)) / 2 = 3, m2 = 0.5 * 2 + 3 = 4, w2 = 1 + 2
+    # m1 = (1 + 3)/2 = 2, w1 = 0.5 * 2 = 1; Delta2 = (2 + 8 / sqrt(4)) / 2 = 3, m2 = 0.5 * 2 + 3 = 4,
+    # w2 = 1 + 0.5 * 4 = 3
     assert float(w1) == pytest.approx(1.0) and float(w2) == pytest.approx(3.0)
 
 
 def test_fedbuff_adam_at_zero_staleness_is_fedadam_with_uniform_weights():
     from lightfed_zoo.strategies import FedAdam
 
-    buff, adam = FedBuff(server_lr=0.1, server_optimizer="adam", beta1=0.9, beta2=0.99, tau=1e-3), FedAdam(
-        eta=0.1, beta1=0.9, beta2=0.99, tau=1e-3, weighted=False)
+    buff, adam = (
+        FedBuff(server_lr=0.1, server_optimizer="adam", beta1=0.9, beta2=0.99, tau=1e-3),
+        FedAdam(eta=0.1, beta1=0.9, beta2=0.99, tau=1e-3, weighted=False),
+    )
     wb = wa = torch.zeros(1, dtype=torch.float64)
     sb, sa = HalfwayBackend(buff).server, HalfwayBackend(adam).server
     for r, values in enumerate(([1.0, 3.0], [-2.0, 0.5], [0.25, 0.25])):

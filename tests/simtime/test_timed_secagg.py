@@ -15,9 +15,19 @@ from tests.conftest import BoringFederatedData, boring_model
 def run(tmp_path, secure: bool) -> FederatedTrainer:
     secagg = SecAggPlus(clip=2.0, max_weight=1.0, max_dropout=0.5, dropout=TraceDropout()) if secure else None
     trainer = FederatedTrainer(
-        rounds=3, clients_per_round=4, batch_size=8, local_steps=2, strategy=FedBuff(), secure_aggregation=secagg,
-        clock=BufferedAsync(trace=SyntheticTrace(seed=0), concurrency=4), logger=False, enable_progress_bar=False,
-        default_root_dir=str(tmp_path), eval_every=3, fed_eval_fraction=0.0, checkpoint_every=0,
+        rounds=3,
+        clients_per_round=4,
+        batch_size=8,
+        local_steps=2,
+        strategy=FedBuff(),
+        secure_aggregation=secagg,
+        clock=BufferedAsync(trace=SyntheticTrace(seed=0), concurrency=4),
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+        eval_every=3,
+        fed_eval_fraction=0.0,
+        checkpoint_every=0,
     )
     trainer.fit(boring_model(), BoringFederatedData())
     return trainer
@@ -39,16 +49,26 @@ class FakeClock:
 
 
 def test_trace_dropout_drops_who_is_offline_at_the_flush_or_leaves_during_the_protocol():
-    trace = FedScaleTrace({k: {"computation": 1.0, "communication": 1.0} for k in range(3)},
-                          {0: {"active": [0], "inactive": [100], "finish_time": 1000},
-                           1: {"active": [0], "inactive": [52], "finish_time": 1000},
-                           2: {"active": [60], "inactive": [100], "finish_time": 1000}})
+    trace = FedScaleTrace(
+        {k: {"computation": 1.0, "communication": 1.0} for k in range(3)},
+        {
+            0: {"active": [0], "inactive": [100], "finish_time": 1000},
+            1: {"active": [0], "inactive": [52], "finish_time": 1000},
+            2: {"active": [60], "inactive": [100], "finish_time": 1000},
+        },
+    )
     dropout = TraceDropout(protocol_seconds=5.0)
     with pytest.raises(ValueError, match="configure trainer.clock"):
         dropout.drops(0, 0, 0, "advertise_keys")
     dropout.bind(FakeClock(trace, now=50.0))  # type: ignore[arg-type]
 
-    stages = {c: [s for s in ("advertise_keys", "share_keys", "masked_input", "unmasking") if dropout.drops(0, 0, c, s)]
-              for c in range(3)}
+    stages = {
+        c: [
+            s
+            for s in ("advertise_keys", "share_keys", "masked_input", "unmasking")
+            if dropout.drops(0, 0, c, s)
+        ]
+        for c in range(3)
+    }
 
     assert stages == {0: [], 1: ["unmasking"], 2: ["advertise_keys", "unmasking"]}

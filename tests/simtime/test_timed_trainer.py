@@ -20,13 +20,25 @@ def make_trainer(tmp_path: Path, **kwargs) -> FederatedTrainer:
     kwargs.setdefault("clients_per_round", 3)
     kwargs.setdefault("batch_size", 8)
     kwargs.setdefault("local_steps", 2)
-    return FederatedTrainer(logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path), eval_every=2,
-                            fed_eval_fraction=0.0, checkpoint_every=0, **kwargs)
+    return FederatedTrainer(
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+        eval_every=2,
+        fed_eval_fraction=0.0,
+        checkpoint_every=0,
+        **kwargs,
+    )
 
 
 def fedbuff_run(tmp_path: Path, seed: int = 0, **kwargs) -> FederatedTrainer:
-    trainer = make_trainer(tmp_path, seed=seed, strategy=FedBuff(), clock=BufferedAsync(
-        trace=SyntheticTrace(seed=0, online_fraction=0.6), concurrency=4), **kwargs)
+    trainer = make_trainer(
+        tmp_path,
+        seed=seed,
+        strategy=FedBuff(),
+        clock=BufferedAsync(trace=SyntheticTrace(seed=0, online_fraction=0.6), concurrency=4),
+        **kwargs,
+    )
     trainer.fit(boring_model(), BoringFederatedData())
     return trainer
 
@@ -64,8 +76,12 @@ def test_dp_per_flush_accounts_the_worst_clients_participations_without_amplific
 
 
 def test_privacy_that_claims_amplification_is_refused_under_a_clock(tmp_path):
-    trainer = make_trainer(tmp_path, strategy=FedBuff(), privacy=DPFixedClipping(noise_multiplier=1.0, verbose=False),
-                           clock=BufferedAsync(concurrency=4))
+    trainer = make_trainer(
+        tmp_path,
+        strategy=FedBuff(),
+        privacy=DPFixedClipping(noise_multiplier=1.0, verbose=False),
+        clock=BufferedAsync(concurrency=4),
+    )
     with pytest.raises(ValueError, match="amplification would not hold"):
         trainer.fit(boring_model(), BoringFederatedData())
 
@@ -74,8 +90,9 @@ def test_capped_dp_is_refused_with_epochs_or_without_an_enforcing_engine(tmp_pat
     def dp() -> DPCappedParticipation:
         return DPCappedParticipation(noise_multiplier=1.0, max_participations=2, verbose=False)
 
-    epochs = make_trainer(tmp_path / "e", strategy=FedBuff(), privacy=dp(), clock=BufferedAsync(concurrency=4),
-                          local_steps=None)
+    epochs = make_trainer(
+        tmp_path / "e", strategy=FedBuff(), privacy=dp(), clock=BufferedAsync(concurrency=4), local_steps=None
+    )
     with pytest.raises(ValueError, match="set trainer.local_steps"):
         epochs.fit(boring_model(), BoringFederatedData())
     uncapped = make_trainer(tmp_path / "s", strategy=FedBuff(), privacy=dp(), clock=RoundClock())
@@ -87,7 +104,9 @@ def test_capped_dp_is_refused_with_epochs_or_without_an_enforcing_engine(tmp_pat
 
 
 def test_the_engine_never_starts_a_visit_over_the_participation_cap(tmp_path):
-    trainer = make_trainer(tmp_path, rounds=6, strategy=FedBuff(), clock=BufferedAsync(concurrency=4, max_participations=2))
+    trainer = make_trainer(
+        tmp_path, rounds=6, strategy=FedBuff(), clock=BufferedAsync(concurrency=4, max_participations=2)
+    )
     trainer.fit(boring_model(), BoringFederatedData())
 
     assert max(trainer.clock.participations.values()) <= 2
@@ -100,7 +119,8 @@ def test_sync_rounds_under_dp_never_select_a_client_over_the_cap(tmp_path):
 
     assert max(privacy.participations.values()) == 1 and len(privacy.participations) == 12
     assert trainer.history[-1]["privacy/epsilon"] == pytest.approx(
-        epsilon_for(1.0, SamplingScheme("full", 3, 1.0, 3), 1, privacy.delta_used))
+        epsilon_for(1.0, SamplingScheme("full", 3, 1.0, 3), 1, privacy.delta_used)
+    )
 
 
 def test_a_run_longer_than_the_participation_cap_allows_stops_with_a_clear_error(tmp_path):
