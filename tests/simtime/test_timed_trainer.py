@@ -135,3 +135,23 @@ def test_resuming_a_timed_run_is_refused_rather_than_restarting_the_clock(tmp_pa
     again = make_trainer(tmp_path / "b", rounds=4, strategy=FedBuff(), clock=BufferedAsync(concurrency=4))
     with pytest.raises(ValueError, match="cannot resume at round 2"):
         again.fit(boring_model(), BoringFederatedData(), ckpt_path=str(first.last_checkpoint))
+
+
+def test_tensorboard_gets_accuracy_against_virtual_seconds_and_the_figure(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = FederatedTrainer(
+        rounds=4, clients_per_round=3, batch_size=8, local_steps=2, strategy=FedBuff(), eval_every=2,
+        fed_eval_fraction=0.0, checkpoint_every=0, enable_progress_bar=False, default_root_dir=str(tmp_path),
+        logger=TensorBoardLogger(str(tmp_path), name="tb"), clock=BufferedAsync(concurrency=4),
+    )
+    trainer.fit(boring_model(), BoringFederatedData())
+
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    seconds = {e.step: e.value for e in events.Scalars("time/virtual_seconds")}
+    by_time = [(e.step, e.value) for e in events.Scalars("time/test_acc")]
+    assert [step for step, _ in by_time] == [int(seconds[1]), int(seconds[3])]
+    assert [v for _, v in by_time] == pytest.approx([h["central/test_acc"] for h in trainer.history[1::2]])
+    assert "time/curve" in events.Tags()["images"]
