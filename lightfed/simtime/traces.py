@@ -31,6 +31,8 @@ from lightfed.seeding import derive_seed
 
 #: A day, in virtual seconds: the period of the synthetic diurnal availability.
 DAY = 86400.0
+#: How many recently asked-for synthetic devices are kept (each is recomputed from the seed when evicted).
+_RECENT = 4096
 
 
 @dataclass(frozen=True)
@@ -162,8 +164,17 @@ class SyntheticTrace(Trace):
         self.bandwidth_sigma = float(bandwidth_sigma)
         self.upload_ratio = float(upload_ratio)
         self.online_fraction = float(online_fraction)
+        self._recent: dict[int, DeviceProfile] = {}
 
     def profile(self, client_id: int) -> DeviceProfile:
+        cached = self._recent.get(client_id)
+        if cached is None:
+            if len(self._recent) >= _RECENT:  # a bounded memo: memory stays flat in the population
+                self._recent.clear()
+            cached = self._recent[client_id] = self._draw(client_id)
+        return cached
+
+    def _draw(self, client_id: int) -> DeviceProfile:
         rng = random.Random(derive_seed(self.seed, "simtime/trace", client_id))
         ms = self.median_ms_per_sample * math.exp(self.compute_sigma * rng.gauss(0.0, 1.0))
         down = self.median_kbps * math.exp(self.bandwidth_sigma * rng.gauss(0.0, 1.0))
