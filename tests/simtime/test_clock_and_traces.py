@@ -177,3 +177,26 @@ def test_same_seed_and_trace_give_the_same_event_order_bit_for_bit():
     assert first == second
     assert _async_run(1) != first
     assert all(math.isfinite(t) for t in first[1])
+
+
+def test_async_engine_never_starts_offline_clients_and_loses_visits_cut_by_the_trace():
+    # client 2 is never online; client 1 is online only during [0, 2) but its visits last 3 s
+    trace = FedScaleTrace(
+        {k: {"computation": 1.0, "communication": 1.0} for k in range(4)},
+        {
+            0: {"active": [0], "inactive": [1e9], "finish_time": 2e9},
+            1: {"active": [0], "inactive": [2.0], "finish_time": 2e9},
+            2: {"active": [1e9], "inactive": [1e9 + 1], "finish_time": 2e9},
+            3: {"active": [0], "inactive": [1e9], "finish_time": 2e9},
+        },
+    )
+    backend = TableBackend({0: (0, 1.0, 0), 1: (0, 3.0, 0), 2: (0, 1.0, 0), 3: (0, 1.5, 0)})
+    engine = BufferedAsync(trace=trace, concurrency=2, idle_seconds=0.25)
+    engine.start(backend, buffer_size=1)
+
+    cohorts = [engine.run_round(None, r).cohort for r in range(12)]
+
+    assert {c for cohort in cohorts for c in cohort} <= {0, 3}
+    assert 2 not in engine.participations
+    assert [c for c, _ in backend.trained if c in (1, 2)] == []  # a visit cut by the trace is never trained
+    assert engine.participations[1] == 1 and engine.counts["offline_dropouts"] == 1  # started at t=0, cut at t=2
