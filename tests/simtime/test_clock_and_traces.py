@@ -199,4 +199,5 @@ def test_async_engine_never_starts_offline_clients_and_loses_visits_cut_by_the_t
     assert {c for cohort in cohorts for c in cohort} <= {0, 3}
     assert 2 not in engine.participations
     assert [c for c, _ in backend.trained if c in (1, 2)] == []  # a visit cut by the trace is never trained
-    assert engine.participations[1] == 1 and engine.counts["offline_dropouts"] == 1  # started at t=0, cut at t=2
+    # client 1 started at t=0 (before its window closed) and was cut at t=2
+    assert engine.participations[1] == 1 and engine.counts["offline_dropouts"] == 1
