@@ -63,10 +63,15 @@ def lightfed_round() -> float:
     from lightfed import FederatedTrainer
     from lightfed.data.datasets import DigitsDataModule
     from lightfed.data.partition import IID
+    from lightfed.evaluation import Evaluation
     from lightfed.models import MLPClassifier
 
     L.seed_everything(0, verbose=False)
     ends: list[float] = []
+
+    class NoEvaluation(Evaluation):
+        def evaluate(self, trainer: FederatedTrainer, round_idx: int) -> dict[str, float]:
+            return {}
 
     class Trainer(FederatedTrainer):
         def run_round(self, round_idx: int):  # type: ignore[no-untyped-def]
@@ -79,7 +84,7 @@ def lightfed_round() -> float:
             rounds=1, clients_per_round=10, batch_size=16, eval_every=2, fed_eval_fraction=0.0, checkpoint_every=0,
             logger=False, enable_progress_bar=False, default_root_dir=tmp,
         )
-        trainer.evaluate_round = lambda r: {}  # type: ignore[method-assign]
+        trainer.evaluation = NoEvaluation()
         trainer.fit(MLPClassifier(in_features=64, hidden=[64], lr=0.1), DigitsDataModule(IID(num_clients=100), val_fraction=0.0))
     return ends[0] - T0
 

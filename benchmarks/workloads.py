@@ -29,6 +29,7 @@ from lightfed import FederatedTrainer
 from lightfed.data.datamodule import FederatedArrays, FederatedDataModule
 from lightfed.data.datasets import DigitsDataModule, stratified_split
 from lightfed.data.partition import IID, Dirichlet, Partitioner
+from lightfed.evaluation import Evaluation
 from lightfed.models import CNNClassifier, MLPClassifier
 from lightfed.sampling import UniformSampler
 from lightfed.seeding import derive_seed, make_generator
@@ -369,13 +370,13 @@ def run_lightfed(workload: Workload, executor: str = "sequential", seed: int = 0
             seed=seed, **trainer_kwargs,
         )
         ends: list[tuple[float, float]] = []
-        original = trainer.evaluate_round
 
-        def timed_eval(r: int) -> dict[str, float]:
-            ends.append(_clock())
-            return original(r)
+        class TimedEvaluation(Evaluation):
+            def evaluate(self, trainer: FederatedTrainer, round_idx: int) -> dict[str, float]:
+                ends.append(_clock())
+                return super().evaluate(trainer, round_idx)
 
-        trainer.evaluate_round = timed_eval  # type: ignore[method-assign]
+        trainer.evaluation = TimedEvaluation()
         history = trainer.fit(model, dm)
     acc = history[-1].get("central/test_acc", float("nan"))
     label = f"lightfed {executor}"

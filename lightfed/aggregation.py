@@ -7,6 +7,8 @@ aggregation plugin provides its own :class:`Aggregator` that only ever reveals t
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
@@ -68,3 +70,22 @@ class CollectAll(StreamingSum):
         super().add(update, weight)
         self.updates.append(update)
         self.weights.append(weight)
+
+
+@dataclass
+class ShardResult:
+    """What one process contributes to a round: its sums and the side information of its clients.
+
+    The unit of the cross-process reduce (:func:`lightfed.distributed.merge_round` merges every process's
+    shard into one, the same on all of them).
+    """
+
+    aggregator: Aggregator
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    #: Updates added by callbacks (an audit's canaries): summed like any update, but not clients.
+    extra: int = 0
+    #: Optimizer steps the clients of this shard took (0 with updates: nobody trained).
+    steps: int = 0
+    rejected: list[int] = field(default_factory=list)
+    #: The persistent client states accepted this round (stateful strategies), to share with every process.
+    states: dict[int, dict[str, Tensor]] = field(default_factory=dict)

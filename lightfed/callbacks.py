@@ -4,7 +4,10 @@ As Lightning's ``Callback``, every hook does nothing by default, so a callback o
 needs. Callbacks get the trainer (read what you need: ``log_dir``, ``is_global_zero``, ``global_params``,
 ``history``) and are listed in ``trainer.callbacks`` (a config can add its own, e.g. early stopping on a
 round metric). A callback with state implements ``state_dict`` / ``load_state_dict`` and is checkpointed
-under its class name.
+under its :attr:`Callback.state_key` (the class name by default; as in Lightning, a callback that can appear
+twice with different settings puts them in its key, e.g. with :meth:`Callback._generate_state_key`; two
+callbacks that still share a key are told apart by their order, ``Key``, ``Key#2``, ...).
+A callback reads what the trainer owns (``history``, ``global_params``), never what another callback wrote.
 
 Two hooks reach into a round:
 
@@ -28,6 +31,15 @@ if TYPE_CHECKING:  # the trainer imports this module; callbacks only read its at
 
 class Callback:
     """Base class of trainer callbacks; every hook is a no-op."""
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint; unique among the trainer's callbacks."""
+        return self.__class__.__qualname__
+
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        """A :attr:`state_key` that tells instances apart by ``kwargs`` (Lightning's convention)."""
+        return f"{self.__class__.__qualname__}{kwargs!r}"
 
     def setup(self, trainer: FederatedTrainer) -> None:
         """After the trainer's set-up (model, data, strategy, privacy ready), before a checkpoint is restored."""

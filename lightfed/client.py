@@ -17,70 +17,39 @@ The loop has three named seams a local-training variant overrides instead of cop
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightfed.context import (
-    ClientContext,
-    ClientTrainer,
-    LogSink,
-    RecordingTrainer,
-    SchedulerConfig,
-    step_loss,
-)
+from lightfed.context import ClientContext, LogSink, step_loss
 from lightfed.data.client_data import ClientData
 from lightfed.lean_optim import LeanOptimizer
+from lightfed.lightning_compat import (
+    EVAL_HOOKS,
+    REFUSED_HOOKS,
+    REUSABLE_OPTIMIZERS,
+    TRAIN_HOOKS,
+    ClientStrategy,
+    ClientTrainer,
+    ModuleHooks,
+    SchedulerConfig,
+    batch_size_of,
+    hook_error,
+    parse_optimizers,
+)
 from lightfed.messages import ClientUpdate
 from lightfed.params import ParamSpec
 from lightfed.seeding import derive_seed
 from lightfed.strategy import Strategy
 
 __all__ = [
-    "LocalTrainer", "LogCapture", "LogSink", "ModuleHooks", "REFUSED_HOOKS", "TRAIN_HOOKS", "parse_optimizers",
+    "EVAL_HOOKS", "REFUSED_HOOKS", "REUSABLE_OPTIMIZERS", "TRAIN_HOOKS", "LocalTrainer", "LogCapture", "LogSink",
+    "ModuleHooks", "parse_optimizers", "seed_batch_order",
 ]
-
-#: LightningModule hooks the client loop calls during a visit when the module overrides them, in the order
-#: ``lightning.Trainer.fit`` calls them (automatic optimization, one optimizer).
-TRAIN_HOOKS = (
-    "on_fit_start", "on_train_start", "on_train_epoch_start", "on_before_batch_transfer",
-    "transfer_batch_to_device", "on_after_batch_transfer", "on_train_batch_start", "on_before_zero_grad",
-    "optimizer_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
-    "configure_gradient_clipping", "lr_scheduler_step", "on_train_batch_end", "on_train_epoch_end",
-    "on_train_end", "on_fit_end",
-)
-
-#: Hooks called around evaluation (``{stage}`` is ``validation`` or ``test``, after the step that runs).
-EVAL_HOOKS = (
-    "on_{stage}_model_eval", "on_{stage}_start", "on_{stage}_epoch_start", "on_{stage}_batch_start",
-    "on_{stage}_batch_end", "on_{stage}_epoch_end", "on_{stage}_end", "on_{stage}_model_train",
-)
-
-#: Hooks that change training and that the client loop cannot honour, with what to do instead.
-REFUSED_HOOKS = {
-    "optimizer_step": "lightfed steps the optimizer itself; put per-step changes in on_before_optimizer_step or "
-                      "on_train_batch_start, or use an LR scheduler with interval 'step'",
-    "backward": "lightfed runs loss.backward() itself (through the precision plugin); use on_before_backward / "
-                "on_after_backward",
-    "setup": "lightfed builds the payload from the module's parameters before any visit; create layers in __init__",
-    "configure_model": "lightfed builds the payload from the module's parameters before any visit; create layers "
-                       "in __init__",
-    "teardown": "lightfed has no per-client setup/teardown; use on_fit_end (called at the end of each visit)",
-    "configure_callbacks": "Lightning callbacks need a lightning.Trainer; use a lightfed.Callback (trainer.callbacks)",
-    "on_save_checkpoint": "lightfed checkpoints hold the module's state_dict(); keep extra state in buffers",
-    "on_load_checkpoint": "lightfed checkpoints hold the module's state_dict(); keep extra state in buffers",
-}
-
-#: Optimizers whose whole state lives in ``optimizer.state``, created lazily by ``step()``: clearing it and
-#: restoring the groups' hyper-parameters gives exactly a fresh optimizer (tested bit for bit).
-REUSABLE_OPTIMIZERS = (
-    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adamax,
-    torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adadelta,
-)
 
 
 class LogCapture(LogSink):
@@ -128,115 +97,23 @@ def seed_device_rng(seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
 
 
-def parse_optimizers(out: Any) -> tuple[Optimizer, list[SchedulerConfig]]:
-    """Normalise what ``configure_optimizers`` returned into one optimizer and its schedulers.
+def seed_batch_order(generator: torch.Generator, seed: int, round_idx: int, client_id: int, epoch: int) -> torch.Generator:
+    """``generator`` seeded for client ``client_id``'s batch order in local epoch ``epoch`` of round ``round_idx``.
 
-    Accepts the forms Lightning documents for automatic optimization with one optimizer: an optimizer, a
-    list/tuple of one, ``([opt], [sched])``, or a dict ``{"optimizer": ..., "lr_scheduler": ...}`` whose
-    scheduler may be a dict with ``interval`` (``"epoch"``/``"step"``) and ``frequency``.
-
-    Raises:
-        ValueError: Several optimizers, ``ReduceLROnPlateau`` (it monitors a metric no client visit
-            produces), an unknown ``interval``, or anything else.
+    The one rule every executor follows: the order is ``ClientData.order(generator)`` (a ``randperm`` of the
+    client's examples) with the generator seeded by ``derive_seed(seed, "batches", round, client, epoch)``.
     """
-    scheds: list[Any] = []
-    if isinstance(out, dict):
-        opt, sched = out["optimizer"], out.get("lr_scheduler")
-        scheds = [sched] if sched is not None else []
-    elif isinstance(out, Optimizer):
-        opt = out
-    elif isinstance(out, (list, tuple)) and len(out) == 2 and isinstance(out[0], (list, tuple)):
-        opts, scheds = list(out[0]), list(out[1])
-        if len(opts) != 1:
-            raise ValueError(f"configure_optimizers returned {len(opts)} optimizers; lightfed clients use exactly one.")
-        opt = opts[0]
-    elif isinstance(out, (list, tuple)) and len(out) == 1:
-        opt = out[0]
-        if isinstance(opt, dict):
-            return parse_optimizers(opt)
-    else:
-        raise ValueError(
-            "configure_optimizers must return one optimizer (optionally with schedulers); got "
-            f"{type(out).__name__}. Multiple optimizers / manual optimization are not supported for clients."
-        )
-    configs = []
-    for s in scheds:
-        cfg = SchedulerConfig(**{k: v for k, v in s.items() if k in ("scheduler", "interval", "frequency", "monitor")}) \
-            if isinstance(s, dict) else SchedulerConfig(s)
-        if cfg.interval not in ("epoch", "step"):
-            raise ValueError(f"lr_scheduler interval must be 'epoch' or 'step', got {cfg.interval!r}.")
-        if isinstance(cfg.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise ValueError(
-                "configure_optimizers returned ReduceLROnPlateau: it monitors a validation metric, and a client "
-                "visit runs no validation. Use a schedule of epochs or steps for clients."
-            )
-        configs.append(cfg)
-    return opt, configs
-
-
-@dataclass(frozen=True)
-class ModuleHooks:
-    """Which LightningModule hooks a module overrides (read once per run; the loop skips the others).
-
-    Attributes:
-        overridden: Names from :data:`TRAIN_HOOKS` and the evaluation hooks the module's class overrides.
-        lightning_modules: The model's LightningModules (the module and any nested ones: ``self.trainer``).
-    """
-
-    overridden: frozenset[str]
-    lightning_modules: tuple[nn.Module, ...]
-
-    @classmethod
-    def of(cls, module: nn.Module) -> ModuleHooks:
-        """Read ``module``'s hooks; refuse manual optimization and :data:`REFUSED_HOOKS` naming the hook.
-
-        Raises:
-            ValueError: The module uses manual optimization or overrides a hook the loop cannot honour.
-        """
-        import lightning as L
-
-        if getattr(module, "automatic_optimization", True) is False:
-            raise ValueError(
-                f"{type(module).__name__} sets automatic_optimization=False (manual optimization): lightfed clients "
-                f"run Lightning's automatic optimization with one optimizer. Return the loss from training_step."
-            )
-        if not isinstance(module, L.LightningModule):
-            return cls(frozenset(), ())
-        stages = ("validation", "test")
-        names = set(TRAIN_HOOKS) | {h.format(stage=s) for h in EVAL_HOOKS for s in stages} | set(REFUSED_HOOKS)
-        base, cls_ = L.LightningModule, type(module)
-        overridden = {n for n in names if getattr(cls_, n, None) is not getattr(base, n, None)}
-        refused = sorted(overridden & set(REFUSED_HOOKS))
-        if refused:
-            name = refused[0]
-            raise ValueError(
-                f"{cls_.__name__} overrides LightningModule.{name}, which lightfed's client loop does not call: "
-                f"{REFUSED_HOOKS[name]}. See docs/lightning_contract.md."
-            )
-        return cls(frozenset(overridden), tuple(m for m in module.modules() if isinstance(m, L.LightningModule)))
-
-    def bound(self, module: nn.Module, name: str) -> Any:
-        """The module's bound hook ``name`` if it overrides it, else ``None`` (one check per call site)."""
-        return getattr(module, name) if name in self.overridden else None
-
-
-class _Hooks:
-    """The module's overridden training hooks as bound methods (``None``: not overridden), for one run."""
-
-    def __init__(self, module: nn.Module, hooks: ModuleHooks) -> None:
-        for name in TRAIN_HOOKS:
-            setattr(self, name, hooks.bound(module, name))
-        self.transfer = any(
-            hooks.bound(module, n) is not None
-            for n in ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
-        )
+    generator.manual_seed(derive_seed(seed, "batches", round_idx, client_id, epoch))
+    return generator
 
 
 class LocalTrainer:
     """Trains clients one after another on one reused worker module.
 
     Args:
-        module: The worker's LightningModule (already on the device, precision applied).
+        module: The worker's LightningModule (already on the device, precision applied). Its submodules'
+            train/eval modes at construction are the ones every visit starts from (a frozen backbone left in
+            eval mode stays in eval mode, as ``lightning.Trainer.fit`` keeps it).
         spec: The payload layout.
         strategy: Its client-side hooks run inside the loop (like Lightning callbacks: before the module's
             hook of the same moment).
@@ -259,7 +136,8 @@ class LocalTrainer:
             changes between visits.
 
     Raises:
-        ValueError: For flags out of range, manual optimization, or a hook in :data:`REFUSED_HOOKS`.
+        ValueError: For flags out of range, a hook in :data:`REFUSED_HOOKS`, or manual optimization with
+            gradient clipping, accumulation or a strategy that changes the loss.
     """
 
     def __init__(
@@ -285,6 +163,10 @@ class LocalTrainer:
         if int(accumulate_grad_batches) != accumulate_grad_batches or accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be an integer >= 1, got {accumulate_grad_batches}.")
         self.hooks = ModuleHooks.of(module)
+        if self.hooks.manual:
+            _check_manual(module, strategy, gradient_clip_val, int(accumulate_grad_batches))
+        if not self.hooks.evaluable:
+            _say_not_evaluated(module)
         self.module = module
         self.spec = spec
         self.strategy = strategy
@@ -299,6 +181,7 @@ class LocalTrainer:
         self.reuse_optimizer = reuse_optimizer
         self.tensors = spec.tensors(module)
         self._submodules = list(module.modules())
+        self._modes = [m.training for m in self._submodules]  # the user's per-submodule modes, kept every visit
         self._global_ref: Tensor | None = None
         self._global_views: list[Tensor] = []
         self._detached: list[Tensor] = []
@@ -313,12 +196,15 @@ class LocalTrainer:
         self._reusable: tuple[Optimizer, list[dict[str, Any]]] | None = None
         self._lean: LeanOptimizer | None = None  # the reused optimizer's step / zero_grad without profiler ranges
         self._reuse_checked = False
+        self._ctx: ClientContext | None = None  # the visit in progress (manual optimization's steps count in it)
         self.trainer = ClientTrainer(
             max_epochs=None if local_steps is not None else local_epochs, max_steps=local_steps or -1,
             accumulate_grad_batches=self.accumulate_grad_batches, gradient_clip_val=self.gradient_clip_val,
             gradient_clip_algorithm=gradient_clip_algorithm,
+            strategy=ClientStrategy(self._manual_backward, self._manual_step),
         )
         self.trainer.model = module
+        self.trainer.strategy.lightning_module = module
 
     def settings(self) -> dict[str, Any]:
         """The keyword arguments that rebuild this trainer's loop (for wrappers such as DP-SGD's)."""
@@ -328,6 +214,11 @@ class LocalTrainer:
             gradient_clip_algorithm=self.gradient_clip_algorithm,
             accumulate_grad_batches=self.accumulate_grad_batches, reuse_optimizer=self.reuse_optimizer,
         )
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the module can be evaluated (it defines ``validation_step`` or ``test_step``)."""
+        return self.hooks.evaluable
 
     # ------------------------------------------------------------------ weights
     def load_global(self, global_params: Tensor) -> None:
@@ -357,17 +248,28 @@ class LocalTrainer:
         return torch.cat(views)
 
     def train_mode(self) -> None:
-        """``module.train()``, skipped when every submodule is already in training mode."""
-        if not all(m.training for m in self._submodules):
-            self.module.train()
+        """Every submodule back in the mode it had when the loop was built (normally: training).
+
+        ``lightning.Trainer.fit`` does not switch submodules the user put in eval mode (a frozen BatchNorm
+        backbone) to training mode, so neither does a visit; nothing is done when the modes already match.
+        """
+        if any(m.training is not t for m, t in zip(self._submodules, self._modes)):
+            for m, t in zip(self._submodules, self._modes):
+                m.training = t
 
     def _forward_context(self) -> contextlib.AbstractContextManager:
         return self._precision.forward_context() if self._precision is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ optimizer
+    def make_optimizers(self) -> tuple[list[Optimizer], list[SchedulerConfig]]:
+        """Fresh optimizers and their schedulers from the module's ``configure_optimizers`` (one, unless the
+        module uses manual optimization)."""
+        return parse_optimizers(self.module.configure_optimizers(), manual=self.hooks.manual)
+
     def make_optimizer(self) -> tuple[Optimizer, list[SchedulerConfig]]:
-        """A fresh optimizer and its schedulers from the module's ``configure_optimizers``."""
-        return parse_optimizers(self.module.configure_optimizers())
+        """A fresh optimizer (the first, under manual optimization) and the schedulers."""
+        optimizers, schedulers = self.make_optimizers()
+        return optimizers[0], schedulers
 
     def _reset(self, optimizer: Optimizer, groups: list[dict[str, Any]]) -> Optimizer:
         optimizer.state.clear()
@@ -375,32 +277,34 @@ class LocalTrainer:
             group.update(hyper)
         return optimizer
 
-    def _first_optimizer(self) -> tuple[Optimizer, list[SchedulerConfig]]:
-        """The run's first ``configure_optimizers``: decides whether later visits reuse its optimizer."""
-        probe = RecordingTrainer(
-            max_epochs=self.trainer.max_epochs, max_steps=self.trainer.max_steps,
-            accumulate_grad_batches=self.accumulate_grad_batches, gradient_clip_val=self.gradient_clip_val,
-            gradient_clip_algorithm=self.gradient_clip_algorithm,
-        )
+    def _first_optimizer(self) -> tuple[list[Optimizer], list[SchedulerConfig]]:
+        """The run's first ``configure_optimizers``: decides whether later visits reuse its optimizer.
+
+        It runs with a copy of the visit's ``self.trainer`` (``estimated_stepping_batches`` already right)
+        that records whether it was read.
+        """
+        probe = self.trainer.probe()
         with probe.attached(self.hooks.lightning_modules):
-            optimizer, schedulers = self.make_optimizer()
+            optimizers, schedulers = self.make_optimizers()
         self._reuse_checked = True
+        optimizer = optimizers[0]
         if (
-            self.reuse_optimizer and not schedulers and not probe.touched and type(optimizer) in REUSABLE_OPTIMIZERS
-            and not optimizer.state and not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+            self.reuse_optimizer and len(optimizers) == 1 and not self.hooks.manual and not schedulers
+            and not probe.touched and type(optimizer) in REUSABLE_OPTIMIZERS and not optimizer.state
+            and not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
         ):
             groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             self._reusable = (optimizer, [dict(g) for g in groups])
             self._lean = LeanOptimizer(optimizer)
-        return optimizer, schedulers
+        return optimizers, schedulers
 
-    def visit_optimizer(self, ctx: ClientContext, data: ClientData) -> tuple[Optimizer, list[SchedulerConfig]]:
-        """Seam: the visit's optimizer and schedulers (a reset reused optimizer, or ``configure_optimizers``)."""
+    def visit_optimizer(self, ctx: ClientContext, data: ClientData) -> tuple[list[Optimizer], list[SchedulerConfig]]:
+        """Seam: the visit's optimizers and schedulers (a reset reused optimizer, or ``configure_optimizers``)."""
         if self._reusable is not None:
-            return self._reset(*self._reusable), []
+            return [self._reset(*self._reusable)], []
         if not self._reuse_checked:
             return self._first_optimizer()
-        return self.make_optimizer()
+        return self.make_optimizers()
 
     # ------------------------------------------------------------------ seams
     def train_batches(self, ctx: ClientContext, data: ClientData, epoch: int) -> Iterable[Any]:
@@ -412,17 +316,18 @@ class LocalTrainer:
         return -(-len(data) // self.batch_size)
 
     def shuffled_batches(self, ctx: ClientContext, data: ClientData, epoch: int) -> Iterator[Any]:
-        """The client's batches for ``epoch`` in the order of ``(seed, "batches", round, client, epoch)``
-        (what ``ctx.batches`` gives strategies that run extra passes)."""
-        self._batch_gen.manual_seed(derive_seed(self.seed, "batches", ctx.round_idx, ctx.client_id, epoch))
-        return data.batches(self.batch_size, self._batch_gen)
+        """The client's batches for ``epoch`` in the order of :func:`seed_batch_order` (what ``ctx.batches``
+        gives strategies that run extra passes)."""
+        gen = seed_batch_order(self._batch_gen, self.seed, ctx.round_idx, ctx.client_id, epoch)
+        return data.batches(self.batch_size, gen)
 
-    def backward(self, loss: Tensor) -> None:
-        """Seam: gradients of ``loss`` into ``.grad`` (through the precision plugin)."""
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Seam: gradients of ``loss`` into ``.grad`` (through the precision plugin); ``args`` / ``kwargs``
+        (``retain_graph=True`` from ``manual_backward``) go to ``backward``."""
         if self._precision is not None:
-            self._precision.backward(loss, self.module)
+            self._precision.backward(loss, self.module, *args, **kwargs)
         else:
-            loss.backward()
+            loss.backward(*args, **kwargs)
 
     def optimizer_step(self, optimizer: Optimizer) -> None:
         """Seam: one step of ``optimizer`` from the gradients (through the precision plugin)."""
@@ -460,7 +365,24 @@ class LocalTrainer:
         state: dict[str, Tensor] | None = None,
         payload: dict[str, Any] | None = None,
     ) -> ClientUpdate:
-        """Train client ``client_id`` from ``global_params``; return its update (local - global)."""
+        """Train client ``client_id`` from ``global_params``; return its update (local - global).
+
+        Raises:
+            ModuleHookError: One of the module's hooks raised; names the hook, keeps the message (and the
+                original exception as ``__cause__``).
+        """
+        try:
+            return self._visit(client_id, round_idx, data, global_params, state, payload)
+        except Exception as err:
+            wrapped = hook_error(err, self.hooks.lightning_modules)
+            if wrapped is None:
+                raise
+            raise wrapped from err
+
+    def _visit(
+        self, client_id: int, round_idx: int, data: ClientData, global_params: Tensor,
+        state: dict[str, Tensor] | None, payload: dict[str, Any] | None,
+    ) -> ClientUpdate:
         self.load_global(global_params)
         self.train_mode()
         seed_device_rng(derive_seed(self.seed, "client_rng", round_idx, client_id), global_params.device)
@@ -474,14 +396,18 @@ class LocalTrainer:
         trainer.client_id, trainer.round_idx = client_id, round_idx
         trainer.current_epoch = trainer.global_step = 0
         trainer.estimated_stepping_batches = self.visit_steps(data)
+        trainer.num_training_batches = self.batches_per_epoch(data)
+        trainer.lr_scheduler_configs = []
         capture = LogCapture()
         with trainer.attached(self.hooks.lightning_modules), capture.attach(self.module):
             with self.visit_scope(ctx, data) as extra:
-                optimizer, schedulers = self.visit_optimizer(ctx, data)
-                ctx.optimizer = optimizer
-                trainer.optimizers, trainer.lr_scheduler_configs = [optimizer], schedulers
+                optimizers, schedulers = self.visit_optimizer(ctx, data)
+                ctx.optimizer = optimizers[0]
+                trainer.optimizers, trainer.lr_scheduler_configs = optimizers, schedulers
                 self.strategy.on_client_start(ctx)
-                loss = self._fit(ctx, data, optimizer, schedulers, capture)
+                self._ctx = ctx
+                loss = self._fit(ctx, data, ctx.optimizer, schedulers, capture)
+                self._ctx = None
             metrics = capture.results()
         if loss is not None:
             metrics["loss"] = loss
@@ -498,7 +424,7 @@ class LocalTrainer:
     ) -> float | None:
         """The visit's epochs, hooks in ``lightning.Trainer.fit``'s order; returns the mean batch loss."""
         h, trainer = self._calls, self.trainer
-        accumulate, local_steps = self.accumulate_grad_batches, self.local_steps
+        accumulate, local_steps, manual = self.accumulate_grad_batches, self.local_steps, self.hooks.manual
         losses: list[tuple[Tensor | float, int]] = []  # (batch loss, batch size); summed once at the end
         if h.on_fit_start is not None:
             h.on_fit_start()
@@ -515,18 +441,21 @@ class LocalTrainer:
                     batch = self._transfer(batch)
                 if h.on_train_batch_start is not None and h.on_train_batch_start(batch, batch_idx) == -1:
                     break  # Lightning: -1 skips the rest of the epoch
-                bs = len(batch[0])
+                bs = batch_size_of(batch)
                 capture.batch_size = bs
-                out = self._train_step(ctx, batch, batch_idx, optimizer, losses, bs)
-                if accumulate == 1 or (batch_idx + 1) % accumulate == 0 or batch_idx == last:
-                    self._step(ctx, optimizer, batch_idx)
-                    for s in schedulers:
-                        if s.interval == "step" and (batch_idx + 1) % s.frequency == 0:
-                            self._scheduler_step(s)
-                if batch_idx == last:
-                    for s in schedulers:
-                        if s.interval == "epoch" and (epoch + 1) % s.frequency == 0:
-                            self._scheduler_step(s)
+                if manual:  # training_step steps the optimizers itself; Lightning steps no scheduler
+                    out = self._manual_train_step(batch, batch_idx, losses, bs)
+                else:
+                    out = self._train_step(ctx, batch, batch_idx, optimizer, losses, bs)
+                    if accumulate == 1 or (batch_idx + 1) % accumulate == 0 or batch_idx == last:
+                        self._step(ctx, optimizer, batch_idx)
+                        for s in schedulers:
+                            if s.interval == "step" and (batch_idx + 1) % s.frequency == 0:
+                                self._scheduler_step(s)
+                    if batch_idx == last:
+                        for s in schedulers:
+                            if s.interval == "epoch" and (epoch + 1) % s.frequency == 0:
+                                self._scheduler_step(s)
                 if h.on_train_batch_end is not None:
                     h.on_train_batch_end(out, batch, batch_idx)
                 if local_steps is not None and ctx.step >= local_steps:
@@ -574,6 +503,40 @@ class LocalTrainer:
         if h.on_after_backward is not None:
             h.on_after_backward()
         return {"loss": loss.detach()}
+
+    def _manual_train_step(self, batch: Any, batch_idx: int, losses: list[tuple[Tensor | float, int]], bs: int) -> Any:
+        """Manual optimization: ``training_step`` zeroes, backpropagates (``manual_backward``) and steps
+        (``self.optimizers()``) itself; what it returns is logged as the batch's loss, as Lightning does."""
+        with self._forward_context():
+            out = self.module.training_step(batch, batch_idx)
+        loss = step_loss(out)
+        if isinstance(loss, Tensor):
+            losses.append((loss.detach(), bs))
+        return out
+
+    def _manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """``self.manual_backward(loss)``: the backward hooks around the loop's backward."""
+        h = self._calls
+        if h.on_before_backward is not None:
+            h.on_before_backward(loss)
+        self.backward(loss, *args, **kwargs)
+        if h.on_after_backward is not None:
+            h.on_after_backward()
+
+    def _manual_step(self, optimizer: Optimizer) -> None:
+        """A ``LightningOptimizer.step()`` of manual optimization (after its closure ran): the strategy's
+        gradient hook, ``on_before_optimizer_step``, the step; ``global_step`` counts it."""
+        ctx = self._ctx
+        if self._scaler is not None:
+            self.precision.unscale_gradients(optimizer)
+        if self._strategy_grads and ctx is not None:
+            self.strategy.on_before_optimizer_step(ctx)
+        if self._calls.on_before_optimizer_step is not None:
+            self._calls.on_before_optimizer_step(optimizer)
+        self.optimizer_step(optimizer)
+        if ctx is not None:
+            ctx.step += 1
+            self.trainer.global_step = ctx.step
 
     def _zero_grad(self, optimizer: Optimizer, batch_idx: int) -> None:
         h = self._calls
@@ -630,14 +593,31 @@ class LocalTrainer:
         """Run the module's ``test_step`` (or ``validation_step``) over ``data`` with payload ``params``.
 
         The hooks of the stage whose step runs (``on_test_epoch_start`` ... ``on_test_epoch_end``, or the
-        ``validation`` ones) are called around it in Lightning's order. Returns the batch-size-weighted
-        means of what the step and the hooks logged.
+        ``validation`` ones) are called around it in Lightning's order; every submodule's train/eval mode is
+        restored afterwards (as Lightning's evaluation loop does, unless ``on_{stage}_model_train`` is
+        overridden). Returns the batch-size-weighted means of what the step and the hooks logged; ``{}`` for a
+        module with neither step (said once, when the loop is built).
+
+        Raises:
+            ModuleHookError: One of the module's hooks raised.
         """
+        if not self.hooks.evaluable:
+            return {}
+        try:
+            return self._evaluate(data, params, stage, batch_size)
+        except Exception as err:
+            wrapped = hook_error(err, self.hooks.lightning_modules)
+            if wrapped is None:
+                raise
+            raise wrapped from err
+
+    def _evaluate(self, data: ClientData, params: Tensor, stage: str, batch_size: int) -> dict[str, float]:
         module = self.module
         self.spec.assign(self.tensors, params)
         name, step = _eval_step(module, stage)
-        hook = self._eval_hooks(name.removesuffix("_step"))
-        was_training = module.training
+        stage_name = name.removesuffix("_step")
+        hook = self._eval_hooks(stage_name)
+        modes = [m.training for m in self._submodules]
         trainer = self.trainer
         trainer.training, trainer.validating, trainer.testing = False, name == "validation_step", name == "test_step"
         capture = LogCapture()
@@ -649,7 +629,7 @@ class LocalTrainer:
                 for batch_idx, batch in enumerate(data.batches(batch_size)):
                     if self._calls.transfer:
                         batch = self._transfer(batch)
-                    capture.batch_size = len(batch[0])
+                    capture.batch_size = batch_size_of(batch)
                     hook("on_{stage}_batch_start", batch, batch_idx)
                     with self._forward_context():
                         out = step(batch, batch_idx)
@@ -659,7 +639,9 @@ class LocalTrainer:
                 hook("on_{stage}_model_train", default=None)
         finally:
             trainer.training, trainer.validating, trainer.testing = True, False, False
-        module.train(was_training)
+        if f"on_{stage_name}_model_train" not in self.hooks.overridden:
+            for m, t in zip(self._submodules, modes):
+                m.training = t
         return capture.results()
 
     def _eval_hooks(self, stage: str) -> Any:
@@ -672,6 +654,56 @@ class LocalTrainer:
             return default() if default is not None else None
 
         return call
+
+
+#: Module classes already told that they are not evaluated (said once per class and process).
+_NOT_EVALUATED: set[type] = set()
+
+
+def _say_not_evaluated(module: nn.Module) -> None:
+    cls = type(module)
+    if cls in _NOT_EVALUATED:
+        return
+    _NOT_EVALUATED.add(cls)
+    warnings.warn(
+        f"lightfed: {cls.__name__} defines neither validation_step nor test_step, so the global model is not "
+        f"evaluated (no central/ or federated/ metrics); it trains as usual. Add a test_step that logs e.g. "
+        f"self.log('test_acc', acc) to evaluate it.",
+        UserWarning, stacklevel=3,
+    )
+
+
+def _check_manual(module: nn.Module, strategy: Strategy, clip: float | None, accumulate: int) -> None:
+    """Refuse what manual optimization cannot honour (Lightning refuses the first two too)."""
+    name = type(module).__name__
+    if clip:
+        raise ValueError(
+            f"{name} uses manual optimization (automatic_optimization=False) with gradient_clip_val={clip}: "
+            f"the loop does not step its optimizers. Call self.clip_gradients(opt, ...) in training_step instead."
+        )
+    if accumulate != 1:
+        raise ValueError(
+            f"{name} uses manual optimization (automatic_optimization=False) with accumulate_grad_batches="
+            f"{accumulate}: the loop does not step its optimizers. Accumulate in training_step instead."
+        )
+    if "client_loss" in strategy.client_hooks:
+        raise ValueError(
+            f"strategy {type(strategy).__name__} changes the training loss (client_loss), but {name} uses manual "
+            f"optimization: its training_step backpropagates its own losses. Use automatic optimization or a "
+            f"strategy without a client loss (FedAvg, FedAdam, ...)."
+        )
+
+
+class _Hooks:
+    """The module's overridden training hooks as bound methods (``None``: not overridden), for one run."""
+
+    def __init__(self, module: nn.Module, hooks: ModuleHooks) -> None:
+        for name in TRAIN_HOOKS:
+            setattr(self, name, hooks.bound(module, name))
+        self.transfer = any(
+            hooks.bound(module, n) is not None
+            for n in ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+        )
 
 
 def _fabric_precision() -> type:

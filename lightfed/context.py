@@ -1,9 +1,10 @@
-"""What runs alongside a client visit: the strategy's view of it, the module's ``self.trainer`` and its logs.
+"""What runs alongside a client visit: the strategy's view of it and the module's logs.
 
 * :class:`ClientContext` is what :class:`~lightfed.strategy.Strategy` client hooks see;
-* :class:`ClientTrainer` is what the user's LightningModule sees as ``self.trainer`` during a visit (a small
-  documented stand-in: lightfed builds no ``lightning.Trainer`` per client);
-* :class:`LogSink` routes ``self.log`` while no Trainer is attached (the loop's capture, muting, vmap).
+* :class:`LogSink` routes ``self.log`` while no Trainer is attached (the loop's capture, muting, vmap);
+* :class:`Attached` sets module attributes for a block (``self.log``, ``self.trainer``).
+
+What the user's LightningModule sees as ``self.trainer`` during a visit is in :mod:`lightfed.lightning_compat`.
 """
 
 from __future__ import annotations
@@ -147,116 +148,3 @@ def step_loss(out: Any) -> Tensor | None:
     if out is None:
         return None
     return out["loss"] if isinstance(out, dict) else out
-
-
-# ---------------------------------------------------------------------------------------- self.trainer
-class TrainerStandInError(RuntimeError):
-    """The module asked ``self.trainer`` for something lightfed's per-client stand-in does not have."""
-
-
-class GradientClipper:
-    """``self.trainer.precision_plugin`` of the stand-in: what ``LightningModule.clip_gradients`` calls.
-
-    Clips exactly as Lightning's ``Precision.clip_gradients``: every parameter of the optimizer's groups, by
-    total 2-norm (``torch.nn.utils.clip_grad_norm_``) or by value (``clip_grad_value_``); ``clip_val <= 0``
-    does nothing.
-    """
-
-    def clip_gradients(self, optimizer: Any, clip_val: float = 0.0, gradient_clip_algorithm: Any = "norm") -> None:
-        if not clip_val or clip_val <= 0:
-            return
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)).lower() == "value":
-            torch.nn.utils.clip_grad_value_(params, clip_value=clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, clip_val)
-
-
-@dataclass
-class SchedulerConfig:
-    """One LR scheduler of ``configure_optimizers``, with Lightning's ``interval`` / ``frequency`` keys."""
-
-    scheduler: Any
-    interval: str = "epoch"
-    frequency: int = 1
-    monitor: str | None = None
-
-
-class ClientTrainer:
-    """What ``self.trainer`` is inside a client visit: a small stand-in for ``lightning.Trainer``.
-
-    lightfed trains each client visit without a ``lightning.Trainer`` (building one costs ~10x a small
-    client's training). This object carries what a module typically reads; any other attribute raises
-    :class:`TrainerStandInError` naming it. ``self.current_epoch`` and ``self.global_step`` of the module
-    read :attr:`current_epoch` and :attr:`global_step` through it.
-
-    Attributes:
-        current_epoch: The local epoch of this visit (0-based; every visit starts at 0).
-        global_step: Optimizer steps taken in this visit.
-        max_epochs: ``local_epochs`` (``None`` when ``local_steps`` is set).
-        max_steps: ``local_steps`` (``-1`` when unset).
-        estimated_stepping_batches: Optimizer steps this visit will take.
-        accumulate_grad_batches: Batches per optimizer step.
-        gradient_clip_val: The loop's clip value (``None``: no clipping).
-        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
-        precision_plugin: What ``LightningModule.clip_gradients`` clips with (:class:`GradientClipper`).
-        optimizers: The visit's optimizer, in a list.
-        lr_scheduler_configs: The visit's schedulers (:class:`SchedulerConfig`, ``.scheduler`` like Lightning's).
-        training / validating / testing / sanity_checking: The stage (sanity checking never happens).
-        logger / loggers: ``None`` / ``[]``: a client logs through ``self.log`` (captured as client metrics).
-        model: The worker module (what Lightning's default ``on_validation_model_eval`` switches to eval).
-        client_id / round_idx: Which client and round this visit is (lightfed's own; not on a real Trainer).
-    """
-
-    _FIELDS = (
-        "current_epoch", "global_step", "max_epochs", "max_steps", "estimated_stepping_batches",
-        "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "precision_plugin",
-        "optimizers", "lr_scheduler_configs", "training", "validating", "testing", "sanity_checking",
-        "logger", "loggers", "model", "client_id", "round_idx",
-    )
-
-    def __init__(
-        self, *, max_epochs: int | None, max_steps: int, accumulate_grad_batches: int,
-        gradient_clip_val: float | None, gradient_clip_algorithm: str,
-    ) -> None:
-        self.current_epoch = 0
-        self.global_step = 0
-        self.max_epochs = max_epochs
-        self.max_steps = max_steps
-        self.estimated_stepping_batches = 0
-        self.accumulate_grad_batches = accumulate_grad_batches
-        self.gradient_clip_val = gradient_clip_val
-        self.gradient_clip_algorithm = gradient_clip_algorithm
-        self.precision_plugin = GradientClipper()
-        self.optimizers: list[Any] = []
-        self.lr_scheduler_configs: list[SchedulerConfig] = []
-        self.training = True
-        self.validating = self.testing = self.sanity_checking = False
-        self.logger = None
-        self.loggers: list[Any] = []
-        self.model: nn.Module | None = None
-        self.client_id = -1
-        self.round_idx = -1
-        self.touched = False
-
-    def __getattr__(self, name: str) -> Any:  # only called for attributes the stand-in does not have
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise TrainerStandInError(
-            f"self.trainer.{name}: lightfed trains each client visit without a lightning.Trainer, and its "
-            f"stand-in (lightfed.context.ClientTrainer) has only {', '.join(self._FIELDS)}. Read what the module "
-            f"needs from its own attributes or hyper-parameters instead (docs/lightning_contract.md)."
-        )
-
-    def attached(self, modules: tuple[nn.Module, ...]) -> Attached:
-        """``module.trainer`` is this stand-in for the block (``modules``: the LightningModules of the model)."""
-        return Attached(modules, {"_trainer": self})
-
-
-class RecordingTrainer(ClientTrainer):
-    """A :class:`ClientTrainer` that remembers whether anything read it (``configure_optimizers`` probes)."""
-
-    def __getattribute__(self, name: str) -> Any:
-        if name in ClientTrainer._FIELDS:
-            object.__setattr__(self, "touched", True)
-        return super().__getattribute__(name)

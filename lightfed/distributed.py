@@ -17,11 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightfed.aggregation import CollectAll, StreamingSum
+from lightfed.aggregation import CollectAll, ShardResult, StreamingSum
 from lightfed.checkpoint import to_cpu, to_device
 from lightfed.messages import ClientUpdate
 from lightfed.sampling import split_evenly
-from lightfed.server import ShardResult
 
 
 def shard_cohort(cohort: list[int], sizes: Tensor, world_size: int, rank: int) -> list[int]:

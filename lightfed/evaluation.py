@@ -78,12 +78,20 @@ def metric_key(metrics: dict[str, float], wanted: str) -> str:
 
 
 class Evaluation(Callback):
-    """Built in: evaluate every ``trainer.eval_every`` rounds and after the last one."""
+    """Built in: evaluate every ``trainer.eval_every`` rounds and after the last one.
+
+    The evaluation of a round is :meth:`evaluate` (central and federated, :func:`evaluate_round`); a
+    subclass that overrides it, set as ``trainer.evaluation``, changes what every evaluation round runs.
+    """
 
     def on_round_end(self, trainer: FederatedTrainer, result: RoundResult) -> None:
         done = result.round_idx + 1
         if done % trainer.eval_every == 0 or done == trainer.rounds:
-            result.metrics.update(trainer.evaluate_round(result.round_idx))  # the trainer's method: overridable
+            result.metrics.update(self.evaluate(trainer, result.round_idx))
+
+    def evaluate(self, trainer: FederatedTrainer, round_idx: int) -> dict[str, float]:
+        """The metrics of one evaluation round (``central/``, ``federated/``, ``round/eval_seconds``)."""
+        return evaluate_round(trainer, round_idx)
 
 
 __all__ = ["Evaluation", "evaluate_central", "evaluate_federated", "evaluate_round", "metric_key"]

@@ -1,9 +1,13 @@
-"""Built-in callbacks that report a run: the round history, TensorBoard, the progress bar and a summary."""
+"""The built-in callback that reports a run: TensorBoard, the progress bar and a summary.
+
+The round history is the trainer's (``trainer.history``, appended after every round's callbacks).
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -18,7 +22,7 @@ _CONFIG_HEADER = "# lightfed: resolved config of this run (use it with --config)
 
 
 class Reporting(Callback):
-    """History, TensorBoard scalars (step = round), config and privacy plan as text, hparams with the final
+    """TensorBoard scalars (step = round), config and privacy plan as text, hparams with the final
     metrics (the HParams tab compares runs), a progress bar that keeps the last evaluation, a summary."""
 
     def __init__(self) -> None:
@@ -48,7 +52,6 @@ class Reporting(Callback):
             self.bar = tqdm(total=trainer.rounds, initial=trainer.round_idx, desc="rounds", unit="round", dynamic_ncols=True)
 
     def on_round_end(self, trainer: FederatedTrainer, result: RoundResult) -> None:
-        trainer.history.append({"round": float(result.round_idx), **result.metrics})
         if trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics(result.metrics, step=result.round_idx)
         if self.bar is not None:
@@ -89,8 +92,8 @@ def summary_metrics(history: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def format_summary(trainer: FederatedTrainer, final: dict[str, float], seconds: float) -> str:
-    """A few lines that say how the run ended and where its files are."""
+def format_summary(trainer: FederatedTrainer, final: dict[str, float], seconds: float, run_dir: Path | None = None) -> str:
+    """A few lines that say how the run ended and where its files are (``run_dir``: default ``trainer.log_dir``)."""
     lines = [f"lightfed: {len(trainer.history)} rounds in {seconds:.1f} s"]
     for k in sorted(k for k in final if k.startswith("final/central/")):
         name = k.split("/", 1)[1]
@@ -108,7 +111,7 @@ def format_summary(trainer: FederatedTrainer, final: dict[str, float], seconds: 
         lines.append(f"  bytes per client per round: up {up:,.0f}, down {down:,.0f}")
     lines.append(f"  global model: {trainer.exported_model}")
     lines.append(f"  checkpoint:   {trainer.last_checkpoint}")
-    lines.append(f"  logs:         {trainer.log_dir}")
+    lines.append(f"  logs:         {run_dir or trainer.log_dir}")
     return "\n".join(lines)
 
 

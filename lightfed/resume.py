@@ -6,7 +6,7 @@ Format 2 (format 1 checkpoints are refused; lightfed has no users to migrate yet
      "progress": {round, seed, num_clients, history, config},
      "model": {payload_names, global_params, state, frozen},
      "strategy": {name, state}, "privacy": {...}, "secure_aggregation": {...},
-     "client_states": {cid: {...}}, "callbacks": {class name: {...}}}
+     "client_states": {cid: {...}}, "callbacks": {state_key: {...}}}
 
 ``model.state`` holds every tensor of the module except frozen parameters, which a fine-tuning run never
 changes: they are replaced by ``model.frozen``, a SHA-256 fingerprint over their names and bytes, and a
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from lightfed import checkpoint as ckpt_io
 
 if TYPE_CHECKING:
+    from lightfed.callbacks import Callback
     from lightfed.trainer import FederatedTrainer
 
 log = logging.getLogger("lightfed")
@@ -90,10 +91,27 @@ def collect(trainer: FederatedTrainer) -> dict[str, Any]:
         "privacy": trainer.privacy.state_dict() if trainer.privacy is not None else {},
         "secure_aggregation": trainer.secure_aggregation.state_dict() if trainer.secure_aggregation is not None else {},
         "client_states": trainer.client_states,
-        "callbacks": {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks},
+        "callbacks": callback_states(trainer.callbacks),
     })
     state["digest"] = digest(state)
     return state
+
+
+def callback_keys(callbacks: list[Callback]) -> list[str]:
+    """Each callback's checkpoint key: its :attr:`~lightfed.callbacks.Callback.state_key`, with ``#2``, ``#3``
+    ... added to the second and later callbacks that share one (so their states never overwrite each other)."""
+    keys: list[str] = []
+    for cb in callbacks:
+        key, n = cb.state_key, 1
+        while (key if n == 1 else f"{key}#{n}") in keys:
+            n += 1
+        keys.append(key if n == 1 else f"{key}#{n}")
+    return keys
+
+
+def callback_states(callbacks: list[Callback]) -> dict[str, dict[str, Any]]:
+    """Each callback's ``state_dict`` under its key (:func:`callback_keys`)."""
+    return {key: cb.state_dict() for key, cb in zip(callback_keys(callbacks), callbacks)}
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -210,11 +228,11 @@ def restore(trainer: FederatedTrainer, path: str | Path) -> None:
         trainer.privacy.load_state_dict(state["privacy"])
     if trainer.secure_aggregation is not None:
         trainer.secure_aggregation.load_state_dict(state["secure_aggregation"])
-    for cb in trainer.callbacks:
-        if type(cb).__name__ in state["callbacks"]:
-            cb.load_state_dict(state["callbacks"][type(cb).__name__])
+    for key, cb in zip(callback_keys(trainer.callbacks), trainer.callbacks):
+        if key in state["callbacks"]:
+            cb.load_state_dict(state["callbacks"][key])
     trainer.history = list(state["progress"]["history"])
     trainer.round_idx = int(state["progress"]["round"])
 
 
-__all__ = ["FORMAT", "check_compatible", "collect", "config_changes", "digest", "fingerprint", "read", "restore"]
+__all__ = ["FORMAT", "callback_keys", "callback_states", "check_compatible", "collect", "config_changes", "digest", "fingerprint", "read", "restore"]

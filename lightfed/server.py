@@ -1,4 +1,4 @@
-"""The server side of a round, in one place and one fixed order.
+"""The server side of a round, in one place and one fixed order: :meth:`RoundServer.run`.
 
 For every update a process receives (its shard of the cohort):
 
@@ -10,31 +10,36 @@ For every update a process receives (its shard of the cohort):
 5. the sum: streamed (:class:`~lightfed.aggregation.StreamingSum`), kept whole for robust strategies
    (:class:`~lightfed.aggregation.CollectAll`), or secure (a protocol's aggregator).
 
-Then, once the shards are merged (one all-reduce, :mod:`lightfed.distributed`), on every process alike:
+Then, once the shards are merged (``reduce``: one all-reduce, :func:`lightfed.distributed.merge_round`),
+on every process alike:
 
 6. :meth:`RoundServer.release`: the sums, post-processed by ``privacy.process_aggregate`` (noise, the
    fixed denominator, the released count). Under DP a round with no accepted update still releases a
    noisy sum of zeros, as the DP-FedAvg analysis assumes;
 7. :meth:`RoundServer.step`: the strategy turns the released sums into the new global model;
-8. ``privacy.after_round`` with the whole cohort (accounting).
+8. ``privacy.after_round`` with the whole cohort (accounting), then the round's metrics.
 
 Every per-client fact the server needs is part of the summed message (``extras`` and ``counts``), so it
 is summed, all-reduced and secure-summed by construction: nothing is counted on a shard, and a
-2-process round equals a 1-process round.
+2-process round equals a 1-process round. The server also keeps the clients' persistent states (stateful
+strategies): a client's working copy is committed only when its update is accepted.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightfed.aggregation import Aggregator, CollectAll, StreamingSum
+from lightfed.aggregation import Aggregator, CollectAll, ShardResult, StreamingSum
 from lightfed.messages import ClientUpdate, RoundAggregate, RoundResult, all_finite
 from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism
@@ -42,19 +47,40 @@ from lightfed.sampling import ClientSampler
 from lightfed.secagg.base import SecureAggregation
 from lightfed.strategy import Strategy
 
+log = logging.getLogger("lightfed")
+
+#: The cross-process reduce of a round: every process's shard in, the merged shard out (the same on all).
+Reduce = Callable[[ShardResult], ShardResult]
+
 
 @dataclass
-class ShardResult:
-    """What one process contributes to a round: its sums and the side information of its clients."""
+class RoundOutcome:
+    """What :meth:`RoundServer.run` gives back.
 
-    aggregator: Aggregator
-    metrics: list[dict[str, float]] = field(default_factory=list)
-    #: Updates added by callbacks (an audit's canaries): summed like any update, but not clients.
-    extra: int = 0
-    #: Optimizer steps the clients of this shard took (0 with updates: nobody trained).
-    steps: int = 0
-    rejected: list[int] = field(default_factory=list)
-    states: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    Attributes:
+        global_params: The new global payload (the old one when nothing was released).
+        aggregate: The released (post-privacy) aggregate the strategy stepped on; ``None`` if nothing was
+            released (no accepted update, or secure aggregation failed closed).
+        result: Cohort, updates, rejected ids, ``skipped``, and the round's metrics (``round/``, ``client/``,
+            ``privacy/``, ``strategy/``, ``secagg/``).
+    """
+
+    global_params: Tensor
+    aggregate: RoundAggregate | None
+    result: RoundResult
+
+
+def check_processes(secure_aggregation: SecureAggregation | None, world_size: int) -> None:
+    """Refuse secure aggregation over several processes (called before any process starts).
+
+    Raises:
+        ValueError: a protocol and ``world_size > 1``.
+    """
+    if secure_aggregation is not None and world_size > 1:
+        raise ValueError(
+            "secure_aggregation runs the protocol in one process; use trainer.devices=1 with it "
+            "(sharding a SecAgg round over processes is not supported)."
+        )
 
 
 class RoundServer:
@@ -78,23 +104,34 @@ class RoundServer:
         self.privacy = privacy
         self.secure_aggregation = secure_aggregation
         self.numel = numel
+        #: Bytes of one payload on the wire (``ParamSpec.num_bytes``; float32 until :meth:`setup`).
+        self.num_bytes = 4 * numel
+        #: Each client's persistent state (stateful strategies), as committed by accepted updates.
+        self.client_states: dict[int, dict[str, Tensor]] = {}
+        self._pending: dict[int, dict[str, Tensor]] = {}
+        self._committed: list[int] = []
+        self._payload: tuple[int, dict[str, Any]] | None = None
+        #: Warn when the updates carry no training (no loss logged, no step taken): trained clients only.
+        self.expect_training = True
 
     def setup(
         self, spec: ParamSpec, global_params: Tensor, sampler: ClientSampler, rounds: int, seed: int,
         client_num_examples: list[int],
     ) -> None:
-        """Set up strategy, privacy and secure aggregation together; refuse what cannot compose, before training.
+        """Set up strategy, privacy and secure aggregation together; refuse what cannot compose, up front.
 
         Raises:
-            ValueError: naming the reason (distributed noise without secure aggregation, a cohort too small for
-                the strategy, a strategy the mechanism cannot make private, ...).
+            ValueError: naming the reason (distributed noise without secure aggregation, a cohort too small
+                for the strategy, a strategy the mechanism cannot make private, ...).
         """
         num_clients = len(client_num_examples)
+        self.numel, self.num_bytes = spec.numel, spec.num_bytes
         plan = self.privacy.noise_plan() if self.privacy is not None else None
         if plan is not None and plan.placement == "distributed" and self.secure_aggregation is None:
             raise ValueError(
                 "privacy.noise_placement: distributed leaves the noise to secure aggregation, but no "
-                "secure_aggregation section is configured: the sum would carry no noise. Add one or use server noise."
+                "secure_aggregation section is configured: the sum would carry no noise. Add one or use "
+                "server noise."
             )
         self.strategy.setup(spec, num_clients, global_params)
         if not self.strategy.samples_own_cohort:
@@ -105,8 +142,94 @@ class RoundServer:
                 client_num_examples=client_num_examples,
             )
         if self.secure_aggregation is not None:
-            self.secure_aggregation.setup(strategy=self.strategy, privacy=self.privacy, numel=spec.numel, seed=seed)
+            self.secure_aggregation.setup(
+                strategy=self.strategy, privacy=self.privacy, numel=spec.numel, seed=seed
+            )
 
+    # ------------------------------------------------------------------ before the round
+    def can_run_round(self, round_idx: int) -> bool:
+        """``False``: running ``round_idx`` would exceed the privacy budget (stop cleanly before it)."""
+        return self.privacy is None or self.privacy.can_run_round(round_idx)
+
+    def payload(self, round_idx: int) -> dict[str, Any]:
+        """What the server sends each client of the round besides the global model (counted in bytes down)."""
+        if self._payload is None or self._payload[0] != round_idx:
+            self._payload = (round_idx, self.strategy.client_payload(round_idx))
+        return self._payload[1]
+
+    def client_state(self, client_id: int) -> dict[str, Tensor]:
+        """A working copy of the client's persistent state; committed only if its update is accepted."""
+        if not self.strategy.uses_client_state:
+            return {}
+        state = self._pending[client_id] = dict(self.client_states.get(client_id, {}))
+        return state
+
+    # ------------------------------------------------------------------ the round, in one call
+    def run(
+        self,
+        round_idx: int,
+        cohort: list[int],
+        updates: Iterable[ClientUpdate],
+        global_params: Tensor,
+        *,
+        extra: Iterable[ClientUpdate] = (),
+        reduce: Reduce | None = None,
+    ) -> RoundOutcome:
+        """The server's whole round: collect, reduce, release, step, account, metrics (steps 1-8).
+
+        Args:
+            round_idx: The round (0-based).
+            cohort: The whole round's cohort (the same on every process).
+            updates: This process's clients' updates, consumed once (an executor's iterator: clients train
+                while the server sums).
+            global_params: The global payload the clients started from.
+            extra: Updates that are not clients' (an audit's canaries): summed, never counted as clients.
+            reduce: The cross-process merge of the shards (``None``: one process).
+
+        Returns:
+            The new global payload, the released aggregate and the round's :class:`RoundResult`.
+
+        Raises:
+            FloatingPointError: the strategy produced NaN/Inf from finite updates.
+        """
+        start = time.perf_counter()
+        shard = self.collect(round_idx, self.new_aggregator(round_idx, cohort), updates, extra=extra)
+        if reduce is not None:
+            shard = reduce(shard)
+        self.client_states.update(shard.states)
+        result = RoundResult(round_idx=round_idx, cohort=cohort, num_updates=len(shard.metrics),
+                             rejected=shard.rejected, extra_updates=shard.extra)
+        untrained = shard.steps == 0 or not any("loss" in m for m in shard.metrics)
+        if self.expect_training and shard.metrics and untrained:
+            warnings.warn(
+                f"round {round_idx}: none of the {len(shard.metrics)} clients trained on a loss "
+                f"(training_step returned None for every batch, or the clients hold no data); their updates "
+                f"carry no training.",
+                RuntimeWarning, stacklevel=2,
+            )
+        aggregate = self.release(round_idx, shard.aggregator, global_params.device)
+        new = global_params
+        if aggregate is None:
+            result.skipped = True
+            log.warning("round %d produced no aggregate: the global model is unchanged.", round_idx)
+        else:
+            new = self.step(global_params, aggregate, shard.aggregator, round_idx)
+            result.metrics["round/update_norm"] = float((new - global_params).norm())
+        result.metrics.update(self.account(round_idx, cohort))
+        result.metrics.update({f"strategy/{k}": v for k, v in self.strategy.round_metrics().items()})
+        client_metrics = shard.metrics
+        if self.secure_aggregation is not None:
+            secure = self.secure_aggregation.round_metrics()
+            result.metrics.update({f"secagg/{k}": v for k, v in secure.items()})
+            # the server only learns sums: per-client statistics come from the secure sum, not from plaintext
+            client_metrics = []
+            result.num_updates = int(secure.get("survivors", result.num_updates))
+        seconds = time.perf_counter() - start
+        payload = self.payload(round_idx)
+        result.metrics.update(round_statistics(result, client_metrics, self.num_bytes, payload, seconds))
+        return RoundOutcome(new, aggregate, result)
+
+    # ------------------------------------------------------------------ the steps of a round
     def new_aggregator(self, round_idx: int, cohort: list[int]) -> Aggregator:
         """The round's sum: secure, every update (robust strategies), or streamed."""
         if self.secure_aggregation is not None:
@@ -118,10 +241,9 @@ class RoundServer:
         round_idx: int,
         aggregator: Aggregator,
         updates: Iterable[ClientUpdate],
-        commit_state: Callable[[int], None] = lambda cid: None,
         extra: Iterable[ClientUpdate] = (),
     ) -> ShardResult:
-        """Steps 1-5 for this process's updates; ``commit_state(cid)`` keeps an accepted client's state.
+        """Steps 1-5 for this process's updates; an accepted client's working state is committed.
 
         ``extra`` updates (a callback's, e.g. canaries) take the same path but are counted in
         :attr:`ShardResult.extra`, not as clients, and stay out of the client statistics.
@@ -134,13 +256,13 @@ class RoundServer:
                 update = privacy.client_update(update, round_idx)
             if not update.is_finite():
                 warnings.warn(
-                    f"round {round_idx}: client {update.client_id} sent an update with NaN/Inf; it is excluded "
-                    f"from the aggregate (the global model is not changed by it).",
+                    f"round {round_idx}: client {update.client_id} sent an update with NaN/Inf; it is "
+                    f"excluded from the aggregate (the global model is not changed by it).",
                     RuntimeWarning, stacklevel=2,
                 )
                 shard.rejected.append(update.client_id)
                 continue
-            commit_state(update.client_id)
+            self._commit(update.client_id, shard)
             weight = self.strategy.client_weight(update)
             if privacy is not None:
                 weight = privacy.client_weight(update, weight)
@@ -151,9 +273,17 @@ class RoundServer:
             else:
                 shard.metrics.append(update.metrics)
                 shard.steps += int(update.num_steps)
+        self._pending.clear()  # rejected clients' working copies are dropped
         return shard
 
-    def release(self, round_idx: int, aggregator: Aggregator, device: torch.device | None = None) -> RoundAggregate | None:
+    def _commit(self, client_id: int, shard: ShardResult) -> None:
+        if client_id in self._pending:
+            state = self.client_states[client_id] = self._pending.pop(client_id)
+            shard.states[client_id] = state
+
+    def release(
+        self, round_idx: int, aggregator: Aggregator, device: torch.device | None = None
+    ) -> RoundAggregate | None:
         """Step 6: the sums as the strategy may see them (``None``: nothing released this round)."""
         aggregate = aggregator.result()
         if aggregate is None and self.privacy is not None and self.secure_aggregation is None:
@@ -175,13 +305,16 @@ class RoundServer:
         """
         if self.strategy.needs_all_updates:
             assert isinstance(aggregator, CollectAll)
-            new = self.strategy.aggregate_updates(global_params, aggregator.updates, aggregator.weights, round_idx)
+            new = self.strategy.aggregate_updates(
+                global_params, aggregator.updates, aggregator.weights, round_idx
+            )
         else:
             new = self.strategy.aggregate(global_params, aggregate, round_idx)
         if not all_finite([new]):
             raise FloatingPointError(
-                f"round {round_idx}: {type(self.strategy).__name__} produced a non-finite global model from finite "
-                f"updates; the last checkpoint is intact. Lower the learning rates or check the strategy."
+                f"round {round_idx}: {type(self.strategy).__name__} produced a non-finite global model from "
+                f"finite updates; the last checkpoint is intact. Lower the learning rates or check the "
+                f"strategy."
             )
         return new
 
@@ -199,9 +332,14 @@ def _marked(updates: Iterable[ClientUpdate], ids: set[int]) -> Iterator[ClientUp
 
 
 def round_statistics(
-    result: RoundResult, client_metrics: list[dict[str, float]], payload_bytes: int, payload: dict, seconds: float
+    result: RoundResult,
+    client_metrics: list[dict[str, float]],
+    payload_bytes: int,
+    payload: dict,
+    seconds: float,
 ) -> dict[str, float]:
-    """``round/*`` bookkeeping and the mean and std of every client training metric (``client/<m>_mean|_std``)."""
+    """``round/*`` bookkeeping and the mean and std of each client training metric (``client/<m>_mean``,
+    ``client/<m>_std``)."""
     extra = sum(v.numel() * v.element_size() for v in payload.values() if isinstance(v, Tensor))
     out = {
         "round/clients": float(len(result.cohort)),
@@ -217,7 +355,8 @@ def round_statistics(
         vals = [float(m[k]) for m in client_metrics if k in m]
         mean = math.fsum(vals) / len(vals)
         out[f"client/{k}_mean"] = mean
-        out[f"client/{k}_std"] = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        var = math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+        out[f"client/{k}_std"] = math.sqrt(var)
     return out
 
 
@@ -229,20 +368,20 @@ def run_server_round(
     privacy: PrivacyMechanism | None = None,
     secure_aggregation: SecureAggregation | None = None,
     cohort: Sequence[int] | None = None,
-) -> Tensor:
-    """One server step of ``strategy`` on explicit updates, exactly as the trainer runs it.
+) -> RoundOutcome:
+    """One server round of ``strategy`` on explicit updates: :meth:`RoundServer.run`, as the trainer runs it.
 
     For strategy authors and reviewers: no trainer, data or model needed. ``strategy`` (and ``privacy`` /
-    ``secure_aggregation``) must already be set up. Returns the new global payload, or ``global_params``
-    unchanged when the round released nothing.
+    ``secure_aggregation``) must already be set up. Returns the :class:`RoundOutcome`: ``.global_params``
+    (``global_params`` unchanged when the round released nothing) and ``.aggregate``, the released sums.
     """
     server = RoundServer(strategy, privacy, secure_aggregation, global_params.numel())
+    server.expect_training = False  # hand-made updates need not say how they were trained
     ids = list(cohort) if cohort is not None else [u.client_id for u in updates]
-    shard = server.collect(round_idx, server.new_aggregator(round_idx, ids), updates)
-    aggregate = server.release(round_idx, shard.aggregator, global_params.device)
-    new = global_params if aggregate is None else server.step(global_params, aggregate, shard.aggregator, round_idx)
-    server.account(round_idx, ids)
-    return new
+    return server.run(round_idx, ids, updates, global_params)
 
 
-__all__ = ["RoundServer", "ShardResult", "round_statistics", "run_server_round"]
+__all__ = [
+    "Reduce", "RoundOutcome", "RoundServer", "ShardResult", "check_processes", "round_statistics",
+    "run_server_round",
+]

@@ -185,7 +185,7 @@ def check_zero_updates_are_a_fixed_point(plugin: str | type | Callable[[], Strat
     for r in range(2):
         updates = train_clients(strategy, module, spec, w, clients, states, r)
         assert all(bool((u.delta == 0).all()) for u in updates), "the toy clients should send zero updates"
-        new = run_server_round(strategy, w, updates, r)
+        new = run_server_round(strategy, w, updates, r).global_params
         torch.testing.assert_close(new, w, rtol=0, atol=0, msg=lambda m, r=r: f"zero updates moved the model (round {r}): {m}")
 
 
@@ -200,7 +200,7 @@ def check_identical_updates(
     strategy, spec, w = set_up_strategy(factory(plugin), module)
     (u,) = train_clients(strategy, module, spec, w, dict(enumerate(regression_clients(1, 8, seed=2))), {}, 0)
     assert bool((u.delta != 0).any())
-    results = [run_server_round(copy.deepcopy(strategy), w, copies(u, k), 0) for k in (7, 11)]
+    results = [run_server_round(copy.deepcopy(strategy), w, copies(u, k), 0).global_params for k in (7, 11)]
     torch.testing.assert_close(results[0], results[1], msg=lambda m: f"the result depends on the number of identical updates: {m}")
     if expected is not None:
         torch.testing.assert_close(results[0], expected(strategy, w, u))
@@ -216,7 +216,7 @@ def check_client_order_does_not_matter(plugin: str | type | Callable[[], Strateg
     outcomes = []
     for order in (updates, updates[::-1], [updates[i] for i in perm]):
         fresh = copy.deepcopy(strategy)
-        outcomes.append((run_server_round(fresh, w, order, 0), fresh.state_dict()))
+        outcomes.append((run_server_round(fresh, w, order, 0).global_params, fresh.state_dict()))
     for new, state in outcomes[1:]:
         torch.testing.assert_close(new, outcomes[0][0], msg=lambda m: f"client order changed the model: {m}")
         torch.testing.assert_close(state, outcomes[0][1], msg=lambda m: f"client order changed the server state: {m}")
@@ -234,7 +234,7 @@ def check_state_round_trips(plugin: str | type | Callable[[], Strategy]) -> None
     w = w0
     for r in range(2):
         updates = train_clients(original, module, spec, w, {c: clients[c] for c in cohorts[r]}, states, r)
-        w = run_server_round(original, w, updates, r)
+        w = run_server_round(original, w, updates, r).global_params
     saved = round_trip({"strategy": original.state_dict(), "clients": states, "global": w})
     restored = make()
     restored.setup(spec, POPULATION, w0)  # the trainer calls setup before loading a checkpoint
@@ -243,7 +243,7 @@ def check_state_round_trips(plugin: str | type | Callable[[], Strategy]) -> None
     outs = []
     for strategy, st, glob in ((original, states, w), (restored, saved["clients"], saved["global"])):
         updates = train_clients(strategy, module, spec, glob, {c: clients[c] for c in cohorts[2]}, st, 2)
-        outs.append((run_server_round(strategy, glob, updates, 2), strategy.state_dict(), st))
+        outs.append((run_server_round(strategy, glob, updates, 2).global_params, strategy.state_dict(), st))
     assert torch.equal(outs[0][0], outs[1][0]), "a strategy restored from its state_dict continued differently"
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=0)
     torch.testing.assert_close(outs[0][2], outs[1][2], rtol=0, atol=0)
@@ -321,13 +321,13 @@ def check_privacy_mechanism(plugin: str | type | Callable[[], PrivacyMechanism],
     w = torch.zeros(numel)
     cohort = list(range(0, POPULATION, 2))
     for r in range(2):
-        w = run_server_round(strategy, w, _random_updates(r, cohort, numel), r, privacy=mechanism)
+        w = run_server_round(strategy, w, _random_updates(r, cohort, numel), r, privacy=mechanism).global_params
         assert bool(torch.isfinite(w).all()), f"round {r} under {type(mechanism).__name__} gave a non-finite model"
     saved = round_trip(mechanism.state_dict())
     restored = make()
     _set_up_privacy(restored, FedAvg(weighted=False))
     restored.load_state_dict(saved)
-    outs = [run_server_round(FedAvg(weighted=False), w, _random_updates(2, cohort, numel), 2, privacy=m)
+    outs = [run_server_round(FedAvg(weighted=False), w, _random_updates(2, cohort, numel), 2, privacy=m).global_params
             for m in (mechanism, restored)]
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0,
                                msg=lambda m: f"a restored {type(mechanism).__name__} released another round: {m}")
@@ -353,8 +353,8 @@ def check_secure_aggregation(
     cohort = list(range(8))
     for r in range(2):
         updates = _random_updates(r, cohort, numel)
-        w_secure = run_server_round(strategy, w_secure, updates, r, secure_aggregation=protocol)
-        w_plain = run_server_round(FedAvg(), w_plain, _random_updates(r, cohort, numel), r)
+        w_secure = run_server_round(strategy, w_secure, updates, r, secure_aggregation=protocol).global_params
+        w_plain = run_server_round(FedAvg(), w_plain, _random_updates(r, cohort, numel), r).global_params
         torch.testing.assert_close(w_secure, w_plain, rtol=0, atol=atol,
                                    msg=lambda m, r=r: f"round {r} under {type(protocol).__name__} differs from the plain sum: {m}")
     restored = make()

@@ -4,12 +4,12 @@
 what ``lightfed fit`` builds from the ``trainer:`` section of a config. A round is:
 
 1. sample a cohort (the strategy may override the sampler), deterministically from (seed, round);
-2. each process trains its shard of the cohort (the executor; no Trainer per client) and feeds the updates
-   to the server side (:mod:`lightfed.server`: privacy, the sum, secure aggregation); the shards are
-   merged with one all-reduce (:mod:`lightfed.distributed`);
-3. the server side releases the sums, the strategy steps, privacy accounts for the round;
-4. callbacks: evaluation (:mod:`lightfed.evaluation`), the user's ``trainer.callbacks``, reporting
-   (:mod:`lightfed.reporting`) and checkpoints (:mod:`lightfed.resume`).
+2. ``on_round_start`` callbacks;
+3. each process's shard of the cohort trains (the executor; no Trainer per client) while the server takes
+   the updates: :meth:`lightfed.server.RoundServer.run` collects, all-reduces (:mod:`lightfed.distributed`),
+   releases, steps the strategy and accounts for privacy, in one call;
+4. ``on_round_end`` callbacks: evaluation (:mod:`lightfed.evaluation`), the user's ``trainer.callbacks``,
+   reporting (:mod:`lightfed.reporting`); then checkpoints (:mod:`lightfed.resume`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
-import time
-import warnings
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +30,18 @@ from lightfed import resume
 from lightfed.callbacks import Callback
 from lightfed.checks import require
 from lightfed.client import LocalTrainer
+from lightfed.aggregation import ShardResult
 from lightfed.data.datamodule import FederatedDataModule, check_model_classes
 from lightfed.distributed import merge_round, shard_cohort
 from lightfed.evaluation import Evaluation, evaluate_central
 from lightfed.executors.base import Executor, resolve_executor
-from lightfed.messages import ClientUpdate, RoundResult
+from lightfed.messages import RoundResult
 from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism
-from lightfed.reporting import Reporting
+from lightfed.reporting import Reporting, format_summary, summary_metrics
 from lightfed.sampling import ClientSampler, UniformSampler
 from lightfed.secagg.base import SecureAggregation
-from lightfed.server import RoundServer, ShardResult, round_statistics
+from lightfed.server import Reduce, RoundServer, check_processes
 from lightfed.simtime.engine import RoundClock
 from lightfed.strategy import Strategy, resolve_strategy
 
@@ -203,8 +201,7 @@ class FederatedTrainer:
         self.history: list[dict[str, float]] = []
         self.round_idx = 0
         self.global_params: Tensor | None = None
-        self.client_states: dict[int, dict[str, Tensor]] = {}
-        self._pending_states: dict[int, dict[str, Tensor]] = {}
+        self.server: RoundServer | None = None
         self.spec: ParamSpec | None = None
         self.module: nn.Module | None = None
         self.datamodule: FederatedDataModule | None = None
@@ -213,11 +210,11 @@ class FederatedTrainer:
         self.exported_peft: dict[str, Path] | None = None
         #: SHA-256 of the frozen parameters (resume.frozen_fingerprint hashes them once, at the first use).
         self.frozen_fingerprint: str | None = None
+        #: The built-in callbacks: evaluation (replace it with a subclass to change what a round evaluates)
+        #: and reporting (TensorBoard, progress bar, summary).
+        self.evaluation: Evaluation = Evaluation()
         self.reporting = Reporting()
         self._lock: Path | None = None
-
-        #: Built-in evaluation first, then the user's callbacks, then reporting (history, logs, progress).
-        self._all: list[Callback] = [Evaluation(), *self.callbacks, self.reporting]
 
     def add_callbacks(self, callbacks: list[Callback]) -> None:
         """Append callbacks (the config's ``audit:`` section) after ``trainer.callbacks``, before reporting."""
@@ -225,7 +222,11 @@ class FederatedTrainer:
             if not isinstance(cb, Callback):
                 raise TypeError(f"expected lightfed Callbacks (audits), got {type(cb).__name__}.")
         self.callbacks += list(callbacks)
-        self._all = [Evaluation(), *self.callbacks, self.reporting]
+
+    @property
+    def _all(self) -> list[Callback]:
+        """Built-in evaluation first, then the user's callbacks, then reporting (logs, progress)."""
+        return [self.evaluation, *self.callbacks, self.reporting]
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -239,11 +240,7 @@ class FederatedTrainer:
         return self.fabric.is_global_zero
 
     def _setup(self, model: nn.Module, datamodule: FederatedDataModule) -> None:
-        if self.secure_aggregation is not None and self.fabric.world_size > 1:  # refused before any process starts
-            raise ValueError(
-                "secure_aggregation runs the protocol in one process; use trainer.devices=1 with it "
-                "(sharding a SecAgg round over processes is not supported)."
-            )
+        check_processes(self.secure_aggregation, self.fabric.world_size)  # refused before any process starts
         self.fabric.launch()
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
@@ -265,7 +262,8 @@ class FederatedTrainer:
         self.global_params = self.spec.flatten(self.spec.tensors(model)).to(device)
         self.num_clients = num_clients
         self.server = RoundServer(self.strategy, self.privacy, self.secure_aggregation, self.spec.numel)
-        self.server.setup(self.spec, self.global_params, self.sampler, self.rounds, self.seed, self._client_sizes.tolist())
+        self.server.setup(self.spec, self.global_params, self.sampler, self.rounds, self.seed,
+                          self._client_sizes.tolist())
         self.local = LocalTrainer(
             model, self.spec, self.strategy, self.fabric.strategy.precision, self.local_epochs,
             self.local_steps, self.batch_size, self.seed, **self.loop_flags,
@@ -292,7 +290,10 @@ class FederatedTrainer:
         if ckpt_path:
             resume.restore(self, ckpt_path)
         self._claim_log_dir(resumed=bool(ckpt_path))
-        if self.round_idx >= self.rounds:
+        if ckpt_path and self.round_idx == self.rounds:
+            return self._complete_finished_run(Path(ckpt_path))
+        if self.round_idx > self.rounds:
+            self._release_log_dir()
             raise ValueError(
                 f"the checkpoint is at round {self.round_idx} but trainer.rounds={self.rounds}: nothing to train. "
                 f"Raise trainer.rounds above {self.round_idx} to continue, or use `lightfed test` to evaluate it."
@@ -302,13 +303,14 @@ class FederatedTrainer:
         failed, streak, result = 0, 0, None
         while self.round_idx < self.rounds:
             r = self.round_idx
-            if self.privacy is not None and not self.privacy.can_run_round(r):
+            if not self.server.can_run_round(r):
                 log.warning("round %d would exceed the privacy budget: stopping before it.", r)
                 break
             result = self.run_round(r)
             self.round_idx = r + 1
             for cb in self._all:
                 cb.on_round_end(self, result)
+            self.history.append({"round": float(result.round_idx), **result.metrics})
             if self.checkpoint_every and self.round_idx % self.checkpoint_every == 0 and self.round_idx != self.rounds:
                 self.save_checkpoint()
             round_failed = result.skipped or (result.num_updates == 0 and bool(result.rejected))
@@ -320,13 +322,39 @@ class FederatedTrainer:
         if result is not None and failed == len(self.history):
             self._fail(f"every round ({failed}) released no client update ({_why_failed(result)})")
         self.save_checkpoint()
-        self.exported_model = self.export(self.log_dir / "global_model.safetensors")
-        self.exported_peft = self._export_adapters()
+        self._write_outputs(self.log_dir)
         for cb in self._all:
             cb.on_fit_end(self)
         if self.logger is not None:
             self.logger.finalize("success")
         self._release_log_dir()
+        return self.history
+
+    def _write_outputs(self, run_dir: Path) -> None:
+        """The run's exports: ``global_model.safetensors`` and, for a LoRA model, ``peft/`` (adapter, merged).
+
+        Both are functions of the global model alone, so writing them again (a resumed finished run) gives the
+        same files and repairs a missing or truncated one.
+        """
+        self.exported_model = self.export(run_dir / "global_model.safetensors")
+        self.exported_peft = self._export_adapters(run_dir / "peft")
+
+    def _complete_finished_run(self, ckpt_path: Path) -> list[dict[str, float]]:
+        """Resume a run whose checkpoint is at ``trainer.rounds``: train nothing, write its exports again next
+        to the checkpoint's run (an export killed by a signal or a full disk is then complete) and print the
+        summary."""
+        try:
+            _check_history_released(self.history, self.max_failed_rounds, self.stop_on_failed_round)
+            where = ckpt_path.resolve().parent
+            run_dir = where.parent if where.name == "checkpoints" else self.log_dir
+            self.last_checkpoint = ckpt_path
+            self._write_outputs(run_dir)
+        finally:
+            self._release_log_dir()
+        log.warning("the checkpoint is at trainer.rounds=%d: nothing to train; the run's exports are in %s.",
+                    self.rounds, run_dir)
+        if self.is_global_zero and self.enable_progress_bar:
+            print(format_summary(self, summary_metrics(self.history), 0.0, run_dir), flush=True)
         return self.history
 
     def _fail(self, why: str) -> None:
@@ -355,85 +383,39 @@ class FederatedTrainer:
         return cohort if cohort is not None else self.sampler.sample(round_idx, self.num_clients, self.seed)
 
     def run_round(self, round_idx: int) -> RoundResult:
-        """Train the round's cohort (this rank's shard of it) and update the global model."""
+        """Sample, announce, train this process's shard of the cohort and hand it to the server (one call)."""
         if self.clock is not None:  # a timed run: the clock decides who trains when (lightfed.simtime)
             return self.clock.run_round(self, round_idx)
-        start = time.perf_counter()
         cohort = self.sample(round_idx)
         for cb in self._all:
             cb.on_round_start(self, round_idx, cohort)
-        payload = self.strategy.client_payload(round_idx)
-        shard = self.train_shard(round_idx, cohort, payload, self.fabric.global_rank, self.fabric.world_size)
-        if self.fabric.world_size > 1:
-            assert self.spec is not None and self.global_params is not None
-            shard = merge_round(shard, self.spec.numel, self.global_params.device)
-        return self.finish_round(round_idx, cohort, payload, shard, start)
+        rank, world_size = self.fabric.global_rank, self.fabric.world_size
+        return self.play_round(round_idx, cohort, rank, world_size, self._all_reduce if world_size > 1 else None)
 
-    def train_shard(self, round_idx: int, cohort: list[int], payload: dict[str, Any], rank: int, world_size: int) -> ShardResult:
-        """Train this rank's shard of ``cohort`` and feed its updates to the server side (steps 1-5)."""
+    def play_round(self, round_idx: int, cohort: list[int], rank: int, world_size: int, reduce: Reduce | None) -> RoundResult:
+        """Rank ``rank`` of ``world_size``: its clients train (the executor) while the server sums them."""
         assert self.global_params is not None and self.datamodule is not None
         mine = shard_cohort(cohort, self._client_sizes, world_size, rank)
-        updates: Iterable[ClientUpdate] = self.executor.run(
-            round_idx, mine, self.datamodule.client_train, self.global_params, payload, self._client_state
-        )
+        updates = self.executor.run(round_idx, mine, self.datamodule.client_train, self.global_params,
+                                    self.server.payload(round_idx), self.server.client_state)
         extra = itertools.chain(*(cb.extra_updates(self, round_idx, cohort) for cb in self.callbacks)) if rank == 0 else ()
-        aggregator = self.server.new_aggregator(round_idx, cohort)
-        shard = self.server.collect(round_idx, aggregator, updates, self._commit_client_state, extra)
-        self._pending_states.clear()
-        shard.states = {c: self.client_states[c] for c in mine if c in self.client_states}
-        return shard
+        outcome = self.server.run(round_idx, cohort, updates, self.global_params, extra=extra, reduce=reduce)
+        self.global_params = outcome.global_params
+        return outcome.result
 
-    def finish_round(
-        self, round_idx: int, cohort: list[int], payload: dict[str, Any], shard: ShardResult, start: float
-    ) -> RoundResult:
-        """Release the (merged) sums, step the strategy, account for privacy (steps 6-8)."""
-        assert self.global_params is not None
-        self.client_states.update(shard.states)
-        result = RoundResult(round_idx=round_idx, cohort=cohort, num_updates=len(shard.metrics), rejected=shard.rejected,
-                             extra_updates=shard.extra)
-        if shard.metrics and (shard.steps == 0 or not any("loss" in m for m in shard.metrics)):
-            warnings.warn(
-                f"round {round_idx}: none of the {len(shard.metrics)} clients trained on a loss (training_step returned "
-                f"None for every batch, or the clients hold no data); their updates carry no training.",
-                RuntimeWarning, stacklevel=2,
-            )
-        aggregate = self.server.release(round_idx, shard.aggregator, self.global_params.device)
-        if aggregate is None:
-            result.skipped = True
-            log.warning("round %d produced no aggregate: the global model is unchanged.", round_idx)
-        else:
-            new_params = self.server.step(self.global_params, aggregate, shard.aggregator, round_idx)
-            result.metrics["round/update_norm"] = float((new_params - self.global_params).norm())
-            self.global_params = new_params
-        result.metrics.update(self.server.account(round_idx, cohort))
-        result.metrics.update({f"strategy/{k}": v for k, v in self.strategy.round_metrics().items()})
-        client_metrics = shard.metrics
-        if self.secure_aggregation is not None:
-            secure = self.secure_aggregation.round_metrics()
-            result.metrics.update({f"secagg/{k}": v for k, v in secure.items()})
-            # the server only learns sums: per-client statistics come from the secure sum, not from plaintext
-            client_metrics = []
-            result.num_updates = int(secure.get("survivors", result.num_updates))
-        assert self.spec is not None
-        result.metrics.update(round_statistics(result, client_metrics, self.spec.num_bytes, payload, time.perf_counter() - start))
-        return result
+    def _all_reduce(self, shard: ShardResult) -> ShardResult:
+        assert self.spec is not None and self.global_params is not None
+        return merge_round(shard, self.spec.numel, self.global_params.device)
 
-    def _client_state(self, client_id: int) -> dict[str, Tensor]:
-        """A working copy of the client's persistent state; committed only if its update is accepted."""
-        if not self.strategy.uses_client_state:
-            return {}
-        state = self._pending_states[client_id] = dict(self.client_states.get(client_id, {}))
-        return state
+    @property
+    def client_states(self) -> dict[int, dict[str, Tensor]]:
+        """Each client's persistent state (stateful strategies); the server keeps it."""
+        return self.server.client_states if self.server is not None else {}
 
-    def _commit_client_state(self, client_id: int) -> None:
-        if client_id in self._pending_states:
-            self.client_states[client_id] = self._pending_states.pop(client_id)
-
-    def evaluate_round(self, round_idx: int) -> dict[str, float]:
-        """Central and federated evaluation of the current global model (what the built-in callback runs)."""
-        from lightfed.evaluation import evaluate_round
-
-        return evaluate_round(self, round_idx)
+    @client_states.setter
+    def client_states(self, states: dict[int, dict[str, Tensor]]) -> None:
+        assert self.server is not None, "the trainer is not set up"
+        self.server.client_states = states
 
     # ------------------------------------------------------------------ checkpoints and files
     def state_dict(self) -> dict[str, Any]:
@@ -458,15 +440,15 @@ class FederatedTrainer:
             self._lock.unlink(missing_ok=True)
             self._lock = None
 
-    def _export_adapters(self) -> dict[str, Path] | None:
-        """A LoRA run also writes ``peft/adapter`` (peft's format) and ``peft/merged`` (a plain model)."""
+    def _export_adapters(self, directory: Path) -> dict[str, Path] | None:
+        """A LoRA run also writes ``directory/adapter`` (peft's format) and ``directory/merged`` (a plain model)."""
         if not self.is_global_zero or self.module is None or "lightfed.models.hf" not in sys.modules:
             return None
         from lightfed.models.hf import export_peft, has_lora
 
         if not has_lora(self.module):
             return None
-        return export_peft(self.module, self.log_dir / "peft", self.global_params, self.spec)
+        return export_peft(self.module, directory, self.global_params, self.spec)
 
     def export(self, path: str | Path) -> Path:
         """Write the global model as a plain state dict (``.safetensors``, or torch for other suffixes)."""
@@ -480,6 +462,24 @@ class FederatedTrainer:
 # ---------------------------------------------------------------------- helpers
 class RunFailedError(RuntimeError):
     """The run could not produce a trained model (its rounds released no client update)."""
+
+
+def _check_history_released(history: list[dict[str, float]], max_failed: int, stop_on_failed: bool) -> None:
+    """Refuse to export a run whose last rounds released no update (it stopped with an error).
+
+    Raises:
+        RunFailedError: every round, or the final streak that stopped the run, released nothing.
+    """
+    streak = 0
+    for row in reversed(history):
+        if row.get("round/updates", 1.0) > 0:
+            break
+        streak += 1
+    if history and (streak == len(history) or streak >= max_failed or (stop_on_failed and streak > 0)):
+        raise RunFailedError(
+            f"the checkpoint's last {streak} round(s) released no client update: the run failed and its model is "
+            f"not exported. Start the run again (check the client training or secure aggregation's dropouts)."
+        )
 
 
 def _why_failed(result: RoundResult) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lightfed import Callback, ClientUpdate, FederatedTrainer, FullParticipation
@@ -83,6 +84,54 @@ def test_callback_state_is_checkpointed_and_restored(tmp_path):
     _trainer(tmp_path / "b", again, rounds=3).fit(boring_model(), BoringFederatedData(IID(num_clients=3), n=60),
                                                   ckpt_path=str(t.last_checkpoint))
     assert again.rounds_seen == 3  # 2 restored + 1 run
+
+
+class Counter(Callback):
+    """Counts rounds; instances with another ``name`` are another state (Lightning's ``state_key``)."""
+
+    def __init__(self, name: str = "a", step: int = 1) -> None:
+        self.name, self.step, self.count = name, step, 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def on_round_end(self, trainer, result):
+        self.count += self.step
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+def _fit(tmp_path, callbacks, rounds, **kw):
+    trainer = FederatedTrainer(rounds=rounds, sampler=FullParticipation(), logger=False, enable_progress_bar=False,
+                               default_root_dir=str(tmp_path), fed_eval_fraction=0, callbacks=callbacks,
+                               checkpoint_every=1)
+    trainer.fit(boring_model(), BoringFederatedData(IID(num_clients=3), n=60), **kw)
+    return trainer
+
+
+@pytest.mark.parametrize("keyed", [True, False], ids=["state_key", "same_key"])
+def test_two_callbacks_of_one_class_keep_their_own_state(tmp_path, keyed):
+    # Prepare: two callbacks of one class counting by 1 and by 10 (with or without their own state_key)
+    make = (lambda n, s: Counter(n, s)) if keyed else (lambda n, s: Recorder())
+    first = [Counter("a", 1), Counter("b", 10)] if keyed else [Recorder(), Recorder()]
+    if not keyed:
+        first[1].rounds_seen = 100
+    t = _fit(tmp_path / "a", first, rounds=2)
+    # Execute: resume into fresh instances
+    again = [make("a", 1), make("b", 10)]
+    _fit(tmp_path / "b", again, rounds=3, ckpt_path=str(t.last_checkpoint))
+    # Assert: each continued from its own state
+    if keyed:
+        assert [cb.count for cb in again] == [3, 30]
+        assert set(torch.load(t.last_checkpoint, weights_only=True)["callbacks"]) == {"Counter{'name': 'a'}",
+                                                                                       "Counter{'name': 'b'}"}
+    else:  # one class, one key: told apart by their order (Recorder, Recorder#2)
+        assert [cb.rounds_seen for cb in again] == [3, 103]
 
 
 def test_callbacks_from_the_config(tmp_path):

@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lightfed.client import EVAL_HOOKS, REUSABLE_OPTIMIZERS, TRAIN_HOOKS, LocalTrainer
-from lightfed.context import TrainerStandInError
+from lightfed.lightning_compat import ModuleHookError, TrainerStandInError
 from lightfed.data.client_data import ClientData
 from lightfed.params import ParamSpec
 from lightfed.seeding import make_generator
@@ -281,8 +281,10 @@ def test_self_trainer_is_a_stand_in_that_names_what_it_lacks():
 
     module = Reads()
     local = LocalTrainer(module, ParamSpec.from_module(module), FedAvg(), None, 2, None, 8, gradient_clip_val=1.0)
-    with pytest.raises(TrainerStandInError, match=r"self\.trainer\.datamodule.*without a lightning\.Trainer"):
+    with pytest.raises(ModuleHookError, match=r"Reads\.on_train_epoch_end raised TrainerStandInError: "
+                                              r"self\.trainer\.datamodule.*without a lightning\.Trainer") as info:
         local.fit_client(4, 0, client(20), local.spec.flatten(local.tensors).clone())
+    assert isinstance(info.value.__cause__, TrainerStandInError) and info.value.hook == "on_train_epoch_end"
     assert seen == dict(epoch=0, step=2, clip=1.0, steps=6, client=4, device=torch.device("cpu"))
     assert module._trainer is None  # detached after the visit, even after an error
 
@@ -299,14 +301,15 @@ def test_hooks_the_loop_cannot_honour_are_refused_at_set_up_by_name(hook, match)
         LocalTrainer(module, ParamSpec.from_module(module), FedAvg())
 
 
-def test_manual_optimization_several_optimizers_and_plateau_are_refused():
+def test_clipping_under_manual_optimization_several_automatic_optimizers_and_plateau_are_refused():
     class Manual(Plain):
         def __init__(self):
             super().__init__()
             self.automatic_optimization = False
 
-    with pytest.raises(ValueError, match="automatic_optimization=False"):
-        LocalTrainer(Manual(), ParamSpec.from_module(Manual()), FedAvg())
+    for flags in (dict(gradient_clip_val=1.0), dict(accumulate_grad_batches=2)):
+        with pytest.raises(ValueError, match=f"automatic_optimization=False.*{next(iter(flags))}"):
+            LocalTrainer(Manual(), ParamSpec.from_module(Manual()), FedAvg(), **flags)
 
     class Two(Plain):
         def configure_optimizers(self):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 
 import pytest
 import torch
@@ -77,16 +78,45 @@ def run_one(trainer: FederatedTrainer) -> list[dict[str, float]]:
     return out
 
 
+class InProcessReduce:
+    """Two simulated ranks in two threads, one at a time: each trains and collects its shard, then both
+    take the merge that the real all-reduce computes (:func:`merge_in_process`), as gloo gives each rank."""
+
+    def __init__(self, world_size: int, numel: int, device: torch.device) -> None:
+        self.turn = threading.Lock()  # one rank runs at a time: the global RNG and torch's threads are shared
+        self.barrier = threading.Barrier(world_size)
+        self.shards: list = [None] * world_size
+        self.numel, self.device = numel, device
+
+    def for_rank(self, rank: int):
+        def reduce(shard):
+            self.shards[rank] = shard
+            self.turn.release()
+            self.barrier.wait()
+            self.turn.acquire()
+            return merge_in_process(self.shards, self.numel, self.device)
+
+        return reduce
+
+
 def run_two_ranks(ranks: list[FederatedTrainer]) -> list[dict[str, float]]:
-    out = []
+    out: list = []
     for r in range(ROUNDS):
         cohorts = [t.sample(r) for t in ranks]
         assert cohorts[0] == cohorts[1], "every rank samples the same cohort"
-        payloads = [t.strategy.client_payload(r) for t in ranks]
-        shards = [t.train_shard(r, cohorts[0], p, rank, 2) for rank, (t, p) in enumerate(zip(ranks, payloads))]
-        device = ranks[0].global_params.device
-        merged = [merge_in_process(shards, ranks[0].spec.numel, device) for _ in ranks]  # one per rank, as gloo gives
-        out = [t.finish_round(r, cohorts[0], p, m, 0.0).metrics for t, p, m in zip(ranks, payloads, merged)]
+        hub = InProcessReduce(2, ranks[0].spec.numel, ranks[0].global_params.device)
+        results: list = [None, None]
+
+        def play(rank: int, hub=hub, results=results, r=r) -> None:
+            with hub.turn:
+                results[rank] = ranks[rank].play_round(r, cohorts[0], rank, 2, hub.for_rank(rank))
+
+        threads = [threading.Thread(target=play, args=(rank,)) for rank in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out = [res.metrics for res in results]
     return out
 
 

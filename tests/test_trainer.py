@@ -238,9 +238,41 @@ def test_a_run_whose_every_update_is_nan_fails_loudly_and_exports_nothing(tmp_pa
 def test_resume_with_rounds_below_the_checkpoint_is_refused(tmp_path):
     trainer = make_trainer(tmp_path, rounds=2, fed_eval_fraction=0)
     trainer.fit(boring_model(), BoringFederatedData())
-    again = make_trainer(tmp_path / "b", rounds=2, fed_eval_fraction=0)
-    with pytest.raises(ValueError, match=r"checkpoint is at round 2 but trainer.rounds=2: nothing to train"):
+    again = make_trainer(tmp_path / "b", rounds=1, fed_eval_fraction=0)
+    with pytest.raises(ValueError, match=r"checkpoint is at round 2 but trainer.rounds=1: nothing to train"):
         again.fit(boring_model(), BoringFederatedData(), ckpt_path=str(trainer.last_checkpoint))
+
+
+def test_resuming_a_finished_run_completes_its_missing_export_and_trains_nothing(tmp_path):
+    # Prepare: a finished run whose final export was lost (killed, or out of disk, while writing it)
+    trainer = make_trainer(tmp_path, rounds=2, fed_eval_fraction=0)
+    trainer.fit(boring_model(), BoringFederatedData())
+    export = tmp_path / "global_model.safetensors"
+    expected = export.read_bytes()
+    export.unlink()
+    # Execute: resume it with the same rounds
+    again = make_trainer(tmp_path, rounds=2, fed_eval_fraction=0)
+    history = again.fit(boring_model(), BoringFederatedData(), ckpt_path=str(trainer.last_checkpoint))
+    # Assert: the export is back, byte for byte; no round ran; the history is the checkpoint's
+    assert export.read_bytes() == expected
+    assert history == trainer.history and again.round_idx == 2
+    export.write_bytes(expected[: len(expected) // 2])  # a truncated export is repaired the same way
+    make_trainer(tmp_path, rounds=2, fed_eval_fraction=0).fit(boring_model(), BoringFederatedData(),
+                                                               ckpt_path=str(trainer.last_checkpoint))
+    assert export.read_bytes() == expected
+
+
+def test_resuming_a_run_that_failed_at_its_last_round_exports_nothing(tmp_path):
+    from lightfed.trainer import RunFailedError
+
+    model = NaNLoss(in_features=8, hidden=[16], num_classes=3, lr=0.1)
+    trainer = make_trainer(tmp_path, rounds=3, fed_eval_fraction=0, max_failed_rounds=3)
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"), pytest.raises(RunFailedError):
+        trainer.fit(model, BoringFederatedData())
+    again = make_trainer(tmp_path, rounds=3, fed_eval_fraction=0, max_failed_rounds=3)
+    with pytest.raises(RunFailedError, match="released no client update"):
+        again.fit(boring_model(), BoringFederatedData(), ckpt_path=str(trainer.last_checkpoint))
+    assert not (tmp_path / "global_model.safetensors").exists()
 
 
 @pytest.fixture

@@ -389,8 +389,8 @@ def released_update(
     Trains each :class:`~lightfed.data.client_data.ClientData` in ``clients`` with the real client loop, then
     runs :func:`~lightfed.server.run_server_round` with uniform FedAvg, ``privacy`` (set up, e.g.
     :class:`~lightfed.privacy.DPFixedClipping`: clipped, noisy sum) and ``secure_aggregation`` (set up: only
-    the masked sum reaches the server). Returns the released mean times its denominator: the sum the
-    attacker holds (exactly the client's update for a cohort of one without privacy).
+    the masked sum reaches the server). Returns the released sum (``RoundOutcome.aggregate.delta_sum``): what
+    the attacker holds (exactly the client's update for a cohort of one without privacy).
     """
     from lightfed.client import LocalTrainer
     from lightfed.server import run_server_round
@@ -398,9 +398,10 @@ def released_update(
 
     local = LocalTrainer(module, spec, FedAvg(weighted=False), local_steps=local_steps, batch_size=batch_size, seed=seed)
     updates = [local.fit_client(cid, round_idx, data, global_params) for cid, data in enumerate(clients)]
-    new = run_server_round(FedAvg(weighted=False), global_params, updates, round_idx, privacy, secure_aggregation)
-    denominator = getattr(privacy, "denominator", None) if privacy is not None else None
-    return (new - global_params) * (denominator if denominator else len(updates))
+    outcome = run_server_round(FedAvg(weighted=False), global_params, updates, round_idx, privacy, secure_aggregation)
+    if outcome.aggregate is None:  # nothing released (secure aggregation failed closed)
+        return torch.zeros_like(global_params)
+    return outcome.aggregate.delta_sum
 
 
 # ---------------------------------------------------------------------------------------- images out

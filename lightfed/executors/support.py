@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from lightfed.client import TRAIN_HOOKS, LocalTrainer
+from lightfed.data.client_data import ClientData
 from lightfed.strategy import Strategy
 
-__all__ = ["FIX", "VmapUnsupportedError", "check_vectorisable", "overrides"]
+__all__ = ["FIX", "VmapUnsupportedError", "check_tensor_batches", "check_vectorisable", "overrides"]
 
 FIX = "Use `trainer.executor: sequential` for it."
 
@@ -75,3 +76,22 @@ def check_vectorisable(local: LocalTrainer) -> None:
                 f"module {name!r} ({type(mod).__name__}, p={mod.p}) is random during training; the vmap "
                 f"executor does not reproduce the sequential executor's dropout masks. {FIX}"
             )
+
+
+def check_tensor_batches(data: object) -> None:
+    """Raise :class:`VmapUnsupportedError` unless ``data`` is in-memory tensors batched as tuples.
+
+    The vmap executor gathers every client's batches from the pooled tensors by index; a map-style dataset
+    (:class:`~lightfed.data.client_data.DatasetClientData`, its own ``collate_fn``) or dict batches are
+    trained by the sequential executor.
+    """
+    if not isinstance(data, ClientData):
+        raise VmapUnsupportedError(
+            f"the clients' data is a {type(data).__name__} (a map-style dataset batched by its collate_fn); the "
+            f"vmap executor gathers batches from in-memory tensors. {FIX}"
+        )
+    if data.keys is not None:
+        raise VmapUnsupportedError(
+            f"the clients' batches are dicts (keys {list(data.keys)}); the vmap executor vectorises tuples of "
+            f"tensors. {FIX}"
+        )

@@ -12,7 +12,7 @@ This executor stacks the cohort's weights along a new leading dimension, ``W[k] 
     W_k \leftarrow \mathrm{SGD}(W_k, g_k)
 
 Batch ``b_{k,t}`` is client ``k``'s ``t``-th batch in exactly the order the sequential executor uses
-(:meth:`ClientData.order` with ``make_generator(seed, "batches", round, client, epoch)``), padded to the
+(:meth:`ClientData.order` with :func:`lightfed.client.seed_batch_order`), padded to the
 batch size with mask ``m_{k,i} = 0``. The clients' losses are computed by ``torch.func.vmap`` over
 clients of a ``functional_call`` of the module with client ``k``'s weights; since the clients are
 independent, one ordinary backward pass of ``sum_k l_k`` gives every ``g_k`` in its own slice. Clients
@@ -67,16 +67,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-from lightfed.client import LocalTrainer
+from lightfed.client import LocalTrainer, seed_batch_order
 from lightfed.context import ClientContext
 from lightfed.data.client_data import ClientData
 from lightfed.executors.base import Executor
 from lightfed.executors.functional import LogRecorder, SwapCall, gather, gather_each, swap_names
 from lightfed.executors.sgd import SGDHyper, sgd_hypers
-from lightfed.executors.support import FIX, VmapUnsupportedError, check_vectorisable, overrides
+from lightfed.executors.support import FIX, VmapUnsupportedError, check_tensor_batches, check_vectorisable, overrides
 from lightfed.messages import ClientUpdate
 from lightfed.registry import EXECUTORS
-from lightfed.seeding import make_generator
 
 __all__ = ["PROBE_STEPS", "VmapExecutor"]
 
@@ -226,6 +225,7 @@ class VmapExecutor(Executor):
             return iter(())
         local = self.local
         datas = [data(c) for c in clients]
+        check_tensor_batches(datas[0])
         optimizer, schedulers = local.make_optimizer()
         if schedulers:
             raise VmapUnsupportedError(f"configure_optimizers returned {len(schedulers)} LR scheduler(s). {FIX}")
@@ -259,7 +259,7 @@ class VmapExecutor(Executor):
         """``[K, S, B]`` example indices of every client's steps (``-1`` pads), and each client's step count.
 
         Client ``k``'s epoch ``e`` starts at step ``e * ceil(n_k / B)`` and fills its steps' slots with
-        ``ClientData.order`` of ``make_generator(seed, "batches", round, client, e)``; with ``local_steps``
+        ``ClientData.order`` of :func:`~lightfed.client.seed_batch_order`; with ``local_steps``
         the last epoch is cut after the last step, as the sequential executor stops there (``max_steps``:
         every client stops after at most that many steps).
         """
@@ -278,7 +278,7 @@ class VmapExecutor(Executor):
             for epoch in range(-(-target // p) if target else 0):
                 first = epoch * p
                 take = min(n, (target - first) * bsz)
-                order = d.order(make_generator(local.seed, "batches", round_idx, cid, epoch))
+                order = d.order(seed_batch_order(torch.Generator(), local.seed, round_idx, cid, epoch))
                 sched[row, first * bsz : first * bsz + take] = order if take == n else order[:take]
         return sched.view(len(clients), longest, bsz), steps
 

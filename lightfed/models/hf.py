@@ -72,7 +72,8 @@ def load_pretrained_encoder(model_dir: str | None = None) -> nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     transformers = require("transformers", "HFSequenceClassifier")
-    return transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
+    # from_pretrained returns the model in eval mode; client visits keep the modes a module is built with
+    return transformers.AutoModel.from_pretrained(str(path), local_files_only=True).train()
 
 
 def add_lora(module: nn.Module, lora: dict[str, Any]) -> nn.Module:

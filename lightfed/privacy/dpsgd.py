@@ -28,8 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from lightfed.client import LocalTrainer
-from lightfed.context import ClientContext, SchedulerConfig
+from lightfed.context import ClientContext
 from lightfed.data.client_data import ClientData
+from lightfed.lightning_compat import SchedulerConfig
 from lightfed.privacy.accounting import (
     DEFAULT_PLD_DISCRETIZATION,
     AccountantName,
@@ -289,6 +290,12 @@ class DPSGDLocalTrainer(LocalTrainer):
                 f"Poisson batch, as the accountant composes it. Raise batch_size instead."
             )
         super().__init__(local.module, local.spec, local.strategy, **settings)
+        if self.hooks.manual:
+            raise ValueError(
+                f"{type(local.module).__name__} uses manual optimization (automatic_optimization=False) with DPSGD: "
+                f"DP-SGD steps one DPOptimizer per accounted Poisson batch itself. Use automatic optimization, or "
+                f"client-level DP (privacy: DPFedAvg-style mechanisms act on the update and compose with it)."
+            )
         hooks = sorted(self.hooks.overridden & set(self.GRADIENT_HOOKS))
         if hooks:
             raise ValueError(
@@ -301,12 +308,17 @@ class DPSGDLocalTrainer(LocalTrainer):
         self._empty = False
         self._dp_optimizer: Any = None
 
-    def poisson_batch(self, data: ClientData, rate: float, round_idx: int, client_id: int, step: int) -> tuple[Tensor, ...]:
-        """Each example of the client independently with probability ``rate`` (seeded by round, client, step)."""
+    def poisson_batch(self, data: ClientData, rate: float, round_idx: int, client_id: int, step: int) -> Any:
+        """Each example of the client independently with probability ``rate`` (seeded by round, client, step).
+
+        The batch has the structure of the data's batches (``data.take``: a tuple, a dict, what the dataset's
+        ``collate_fn`` builds); an empty draw is ``data.take`` of no example (for a dataset: ``[]``).
+        """
         gen = make_generator(self.seed, "dpsgd_batch", round_idx, client_id, step)
         mask = torch.rand(len(data), generator=gen) < rate
         idx = data.indices[mask.to(data.indices.device)]
-        return tuple(t[idx] for t in data.tensors)
+        self._empty = idx.numel() == 0
+        return data.take(idx)
 
     def batches_per_epoch(self, data: ClientData) -> int:
         return max(1, round(len(data) / self.batch_size))
@@ -317,8 +329,7 @@ class DPSGDLocalTrainer(LocalTrainer):
             yield self.poisson_batch(data, self._rate, ctx.round_idx, ctx.client_id, step)
 
     def training_loss(self, batch: Any, batch_idx: int) -> Tensor | None:
-        self._empty = len(batch[0]) == 0
-        if self._empty:  # no example: no forward; the step is pure noise
+        if self._empty:  # set by poisson_batch, which the loop consumed just before  # no example: no forward; the step is pure noise
             return torch.zeros((), device=self.tensors[0].device)
         loss = super().training_loss(batch, batch_idx)
         if loss is None:
@@ -332,17 +343,17 @@ class DPSGDLocalTrainer(LocalTrainer):
         else:
             super().backward(loss)
 
-    def visit_optimizer(self, ctx: ClientContext, data: ClientData) -> tuple[Any, list[SchedulerConfig]]:
+    def visit_optimizer(self, ctx: ClientContext, data: ClientData) -> tuple[list[Any], list[SchedulerConfig]]:
         opacus = require_opacus()
-        optimizer, schedulers = super().visit_optimizer(ctx, data)
+        optimizers, schedulers = super().visit_optimizer(ctx, data)
         device = ctx.global_params.device
         self._dp_optimizer = opacus.optimizers.DPOptimizer(
-            optimizer, noise_multiplier=self._z, max_grad_norm=self.mechanism.max_grad_norm,
+            optimizers[0], noise_multiplier=self._z, max_grad_norm=self.mechanism.max_grad_norm,
             expected_batch_size=self._rate * len(data), loss_reduction="mean",
             generator=make_generator(self.seed, "dpsgd_noise", ctx.round_idx, ctx.client_id, device=device),
             secure_mode=self.mechanism.secure_mode,
         )
-        return self._dp_optimizer, schedulers
+        return [self._dp_optimizer], schedulers
 
     @contextlib.contextmanager
     def visit_scope(self, ctx: ClientContext, data: ClientData) -> Iterator[dict[str, float]]:

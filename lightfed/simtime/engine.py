@@ -25,7 +25,6 @@ from lightfed.simtime.clock import VirtualClock
 from lightfed.simtime.plot import VirtualTimePlot
 from lightfed.simtime.privacy import check_timed_privacy
 from lightfed.simtime.secagg import bind_trace_dropout
-from lightfed.simtime.serving import run_server
 from lightfed.simtime.traces import SyntheticTrace, Trace, VisitTime
 
 if TYPE_CHECKING:
@@ -85,15 +84,12 @@ class TrainerBackend:
         data = trainer.datamodule.client_train(client_id)
         with _local_steps(trainer.local, steps):
             return trainer.local.fit_client(
-                client_id, visit_idx, data, global_params, {}, trainer.strategy.client_payload(visit_idx)
+                client_id, visit_idx, data, global_params, {}, trainer.server.payload(visit_idx)
             )
 
     def flush(self, round_idx: int, cohort: list[int], updates: list[ClientUpdate]) -> RoundResult:
-        trainer = self.trainer
-        outcome = run_server(
-            trainer.server, round_idx, cohort, updates, self.global_params, payload_bytes=self.bytes_up
-        )
-        trainer.global_params = outcome.global_params
+        outcome = self.trainer.server.run(round_idx, cohort, updates, self.global_params)
+        self.trainer.global_params = outcome.global_params
         return outcome.result
 
 

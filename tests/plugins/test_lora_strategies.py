@@ -95,7 +95,7 @@ def test_ffa_lora_averaged_b_times_fixed_a_is_the_mean_product_and_only_b_travel
     updates = train_clients(strategy, module, spec, w, data, {}, 0, local_steps=3)
     weights = torch.tensor([float(len(d)) for d in data.values()])
     p = weights / weights.sum()
-    new = run_server_round(strategy, w, updates)
+    new = run_server_round(strategy, w, updates).global_params
     # Prepare: every client's product B_k A with its live B_k and the one shared A
     a = a_before
     expected = sum(pk * s[B] @ a for pk, s in zip(p, seen))
@@ -114,7 +114,7 @@ def test_ffa_lora_mixed_ranks_are_exact_and_a_is_restored(tmp_path):
     for s, r in zip(seen, (2, 4, 8)):  # a rank-r client used the first r rows of A, columns of B
         assert bool((s[A][r:] == 0).all()) and bool((s[B][:, r:] == 0).all())
     assert torch.equal(module.get_parameter(A), a_before)  # the truncated rows of the frozen A are restored
-    new = run_server_round(strategy, w, updates)
+    new = run_server_round(strategy, w, updates).global_params
     p = torch.tensor([float(u.num_examples) for u in updates])
     p = p / p.sum()
     expected = sum(pk * s[B] @ s[A] for pk, s in zip(p, seen))  # each client's own (truncated) product
@@ -131,7 +131,7 @@ def test_flora_applies_the_exact_stacked_update_for_ranks_2_4_8(tmp_path):
     seen = capture(strategy, module)
     updates = train_clients(strategy, module, spec, w, clients(3), {}, 0, local_steps=4)
     assert all(float(u.delta[layer.base].abs().max()) == 0 for u in updates)  # clients never train W
-    new = run_server_round(strategy, w, updates, round_idx=0)
+    new = run_server_round(strategy, w, updates, round_idx=0).global_params
     p = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
     p = p / p.sum()
     scaling = 16 / 8  # lora_alpha / r
@@ -226,7 +226,7 @@ def test_client_order_does_not_matter_and_state_round_trips(name):
     outs = []
     for order in (updates, updates[::-1], [updates[i] for i in perm]):
         fresh = copy.deepcopy(strategy)
-        outs.append(run_server_round(fresh, w, order))
+        outs.append(run_server_round(fresh, w, order).global_params)
     for new in outs[1:]:
         torch.testing.assert_close(new, outs[0])
     buffer = io.BytesIO()
@@ -300,4 +300,4 @@ def test_fedit_is_fedavg_on_the_adapters():
     updates = train_clients(strategy, module, spec, w, clients(3), {}, 0, local_steps=2)
     p = torch.tensor([float(u.num_examples) for u in updates])
     expected = w + sum(pk / p.sum() * u.delta for pk, u in zip(p, updates))
-    torch.testing.assert_close(run_server_round(strategy, w, updates), expected)
+    torch.testing.assert_close(run_server_round(strategy, w, updates).global_params, expected)

@@ -84,7 +84,7 @@ def make_ctx(
 
 def aggregate(strategy: Strategy, global_params: Tensor, updates: list[ClientUpdate], round_idx: int) -> Tensor:
     """The trainer's server step (:func:`lightfed.testing.run_server_round`) on ``updates``."""
-    return run_server_round(strategy, global_params, updates, round_idx)
+    return run_server_round(strategy, global_params, updates, round_idx).global_params
 
 
 def round_aggregate(deltas: list[list[float]], weights: list[float], extras: dict[str, list[list[float]]] | None = None) -> RoundAggregate:
