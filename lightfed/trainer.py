@@ -42,6 +42,7 @@ from lightfed.reporting import Reporting, format_summary, summary_metrics
 from lightfed.sampling import ClientSampler, UniformSampler
 from lightfed.secagg.base import SecureAggregation
 from lightfed.server import Reduce, RoundServer, check_processes
+from lightfed.simtime.engine import RoundClock
 from lightfed.strategy import Strategy, resolve_strategy
 
 log = logging.getLogger("lightfed")
@@ -94,6 +95,9 @@ class FederatedTrainer:
             released no client update (every update NaN/Inf, or secure aggregation failed closed). A run in
             which every round failed always ends with an error, never with an exported model.
         callbacks: :class:`~lightfed.callbacks.Callback` objects run around the loop (audits, early stopping).
+        clock: A virtual clock that decides who trains when (``lightfed.simtime.SyncRounds``: deadlines and
+            stragglers; ``lightfed.simtime.BufferedAsync``: FedBuff / FedAsync); each round is then one of its
+            server calls (a round or a buffer flush). ``None``: untimed rounds. See docs/time.md.
         num_threads: ``torch.set_num_threads`` for the run. Small clients run fastest on one thread per
             process (measured: a tiny client visit took 58 ms with the default threads on a busy 2-core
             machine, 2.8 ms with one); ``None`` leaves torch's default.
@@ -138,6 +142,7 @@ class FederatedTrainer:
         max_failed_rounds: int = 5,
         num_threads: int | None = None,
         callbacks: list[Callback] | None = None,
+        clock: RoundClock | None = None,
     ) -> None:
         require(rounds >= 1, f"trainer.rounds must be >= 1, got {rounds}.")
         require(local_epochs >= 1, f"trainer.local_epochs must be >= 1, got {local_epochs}.")
@@ -183,6 +188,7 @@ class FederatedTrainer:
             if not isinstance(cb, Callback):
                 raise TypeError(f"trainer.callbacks must hold lightfed Callbacks, got {type(cb).__name__}.")
         self.executor = resolve_executor(executor)
+        self.clock = clock
         self.fabric = Fabric(
             accelerator=accelerator, devices=devices, precision=precision, num_nodes=num_nodes,
             strategy=fabric_strategy,
@@ -267,6 +273,8 @@ class FederatedTrainer:
         self.executor.setup(self.local)
         for cb in self._all:
             cb.setup(self)
+        if self.clock is not None:
+            self.clock.setup(self)
 
     # ------------------------------------------------------------------ public entry points
     def fit(self, model: nn.Module, datamodule: FederatedDataModule, ckpt_path: str | None = None) -> list[dict[str, float]]:
@@ -376,6 +384,8 @@ class FederatedTrainer:
 
     def run_round(self, round_idx: int) -> RoundResult:
         """Sample, announce, train this process's shard of the cohort and hand it to the server (one call)."""
+        if self.clock is not None:  # a timed run: the clock decides who trains when (lightfed.simtime)
+            return self.clock.run_round(self, round_idx)
         cohort = self.sample(round_idx)
         for cb in self._all:
             cb.on_round_start(self, round_idx, cohort)

@@ -6,7 +6,9 @@ registration -- exactly the path a third-party plugin package takes (see ``docs/
 """
 
 from lightfed_zoo.strategies.ditto import Ditto
+from lightfed_zoo.strategies.fedasync import FedAsync
 from lightfed_zoo.strategies.fedavgm import FedAvgM
+from lightfed_zoo.strategies.fedbuff import FedBuff
 from lightfed_zoo.strategies.fednova import FedNova
 from lightfed_zoo.strategies.fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
 from lightfed_zoo.strategies.fedprox import FedProx
@@ -17,6 +19,7 @@ from lightfed_zoo.strategies.robust import FedMedian, FedTrimmedAvg
 from lightfed_zoo.strategies.scaffold import SCAFFOLD
 
 __all__ = [
-    "FFALoRA", "FLoRA", "SCAFFOLD", "Bulyan", "Ditto", "FedAdagrad", "FedAdam", "FedAvgM", "FedITLoRA", "FedMedian",
+    "FFALoRA", "FLoRA", "SCAFFOLD", "Bulyan", "Ditto", "FedAdagrad", "FedAdam", "FedAsync", "FedAvgM", "FedBuff",
+    "FedITLoRA", "FedMedian",
     "FedNova", "FedOpt", "FedProx", "FedSALoRA", "FedTrimmedAvg", "FedYogi", "Krum", "MultiKrum", "QFedAvg",
 ]

@@ -1,0 +1,222 @@
+"""Asynchronous training in virtual time: ``C`` clients in flight, a server flush every ``K`` arrivals.
+
+The engine of FedBuff (Nguyen, Malik, Zhan, Yousefpour, Rabbat, Malek & Huba 2022, "Federated Learning
+with Buffered Asynchronous Aggregation", Algorithm 1) and, with ``K = 1``, FedAsync (Xie et al. 2019):
+
+1. at ``t = 0`` the server starts ``C`` visits (``concurrency``); a visit downloads the current global
+   model (version ``v``) and trains from it;
+2. a visit ends ``download + steps x step + upload`` later (the trace); a client whose online window closes
+   first drops out (its slot is refilled then). Arrivals are processed in virtual-time order (ties: client
+   id, then scheduling order);
+3. an arriving update has staleness ``tau = version_now - v``; with ``max_staleness``, one with
+   ``tau > max_staleness`` is discarded. Otherwise it joins the buffer (``update.metrics["staleness"]``);
+4. when the buffer holds ``K`` updates, the server runs once over them (one call of the round server: the
+   strategy weights each by ``s(tau)`` and steps, privacy clips and noises the flush's sum) and the
+   version becomes ``v + 1``. That flush is one trainer round;
+5. every ended visit frees its slot, which immediately starts a new visit (after the flush, so the new
+   client downloads the new model). The new client is drawn uniformly from those online, not in flight,
+   not in the buffer and under ``max_participations`` (rejection sampling from ``(seed, visit)``, so the
+   cost per visit does not grow with the population).
+
+Clients are trained when their visit starts, from the exact version they downloaded; only the ``C``
+in-flight updates are held (memory O(C x model), flat in the number of clients).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lightfed.checks import check_int, check_positive, require
+from lightfed.messages import ClientUpdate, RoundResult
+from lightfed.seeding import derive_seed
+from lightfed.simtime.engine import Backend, RoundClock
+from lightfed.simtime.staleness import STALENESS
+from lightfed.simtime.traces import Trace
+
+if TYPE_CHECKING:
+    from lightfed.trainer import FederatedTrainer
+
+#: Rejection-sampling draws before a visit falls back to scanning the population.
+_DRAWS = 64
+
+
+@dataclass
+class Visit:
+    """A client in flight: the version it downloaded and, once trained, its update."""
+
+    client_id: int
+    version: int
+    update: ClientUpdate | None
+
+
+class BufferedAsync(RoundClock):
+    """FedBuff's and FedAsync's engine (``trainer.clock: {class_path: lightfed.simtime.BufferedAsync}``).
+
+    The buffer size ``K`` is ``trainer.clients_per_round`` (clients per server step, as in a synchronous
+    run); ``trainer.rounds`` counts flushes.
+
+    Args:
+        trace: The population's devices.
+        concurrency: ``C``, visits in flight at any time.
+        max_staleness: Discard arrivals staler than this (``None``: keep all).
+        max_participations: The most visits any one client may start (``None``: unlimited). Client-level DP
+            needs it: the accountant composes one Gaussian per possible participation.
+        idle_seconds: When no client can start a visit, the slot tries again this much later.
+    """
+
+    caps_participations = True
+
+    def __init__(
+        self,
+        trace: Trace | None = None,
+        concurrency: int = 100,
+        max_staleness: int | None = None,
+        max_participations: int | None = None,
+        idle_seconds: float = 60.0,
+    ) -> None:
+        super().__init__(trace)
+        self.concurrency = check_int(concurrency, "trainer.clock.init_args.concurrency", 1)
+        key = "trainer.clock.init_args."
+        self.max_staleness = (
+            None if max_staleness is None else check_int(max_staleness, key + "max_staleness", 0)
+        )
+        if max_participations is not None:
+            self.max_participations = check_int(max_participations, key + "max_participations", 1)
+        self.idle_seconds = check_positive(idle_seconds, "trainer.clock.init_args.idle_seconds")
+        self.buffer_size = 1
+        self.version = 0
+        self.visits = 0
+        self.in_flight: set[int] = set()
+        self.buffer: list[tuple[ClientUpdate, int]] = []
+        self.counts = Counter[str]()
+        self.started = False
+        self.last_flush = 0.0
+
+    def setup(self, trainer: FederatedTrainer) -> None:
+        require(
+            trainer.sampler.kind == "uniform",
+            f"trainer.clock: BufferedAsync takes its buffer size K from trainer.clients_per_round; "
+            f"trainer.sampler {type(trainer.sampler).__name__} does not give a fixed K. Remove "
+            f"trainer.sampler.",
+        )
+        self.buffer_size = max(1, int(round(trainer.sampler.expected_cohort(trainer.num_clients))))
+        super().setup(trainer)
+        require(
+            self.concurrency + self.buffer_size <= trainer.num_clients,
+            f"trainer.clock.init_args.concurrency={self.concurrency} plus the buffer K={self.buffer_size} "
+            f"exceeds the {trainer.num_clients} clients: a slot could never be filled. Lower the "
+            f"concurrency.",
+        )
+
+    def start(self, backend: Backend, buffer_size: int) -> None:
+        """Use ``backend`` with a buffer of ``buffer_size`` (what :meth:`setup` does for a trainer)."""
+        self.attach(backend)
+        self.buffer_size = buffer_size
+
+    # ------------------------------------------------------------------ the event loop
+    def run_round(self, trainer: FederatedTrainer | None, round_idx: int) -> RoundResult:
+        assert self.backend is not None
+        if not self.started:
+            self.check_fresh(round_idx)
+            self.started = True
+            for _ in range(self.concurrency):
+                self._start_visit()
+        while len(self.clock):
+            event = self.clock.pop()
+            self.counts["events"] += 1
+            result = None
+            if event.kind == "arrive":
+                visit: Visit = event.payload
+                self.in_flight.discard(visit.client_id)
+                tau = self.version - visit.version
+                if self.max_staleness is not None and tau > self.max_staleness:
+                    self.counts["stale_discarded"] += 1
+                else:
+                    assert visit.update is not None
+                    visit.update.metrics[STALENESS] = float(tau)
+                    self.buffer.append((visit.update, tau))
+                    if len(self.buffer) >= self.buffer_size:
+                        result = self._flush(round_idx)
+            elif event.kind == "offline":
+                self.in_flight.discard(event.client_id)
+                self.counts["offline_dropouts"] += 1
+            self._start_visit()  # the freed slot (or an idle slot's retry) starts a new visit now
+            if result is not None:
+                return result
+        raise RuntimeError("the asynchronous engine ran out of events (no slot can ever start a visit).")
+
+    def _flush(self, round_idx: int) -> RoundResult:
+        assert self.backend is not None
+        updates = [u for u, _ in self.buffer]
+        taus = [t for _, t in self.buffer]
+        self.buffer = []
+        result = self.backend.flush(round_idx, sorted(u.client_id for u in updates), updates)
+        self.version += 1
+        now = self.clock.now
+        result.metrics.update({
+            "time/virtual_seconds": now,
+            "time/round_seconds": now - self.last_flush,
+            "time/staleness_mean": sum(taus) / len(taus),
+            "time/staleness_max": float(max(taus)),
+            "time/in_flight": float(len(self.in_flight)),
+            "time/visits": float(self.visits),
+            **{f"time/{k}": float(v) for k, v in sorted(self.counts.items())},
+        })
+        self.last_flush = now
+        return result
+
+    def _start_visit(self) -> None:
+        """Fill one slot at the current time: train a client now, or retry later if nobody can come."""
+        assert self.backend is not None
+        now = self.clock.now
+        cid = self.choose(now)
+        if cid is None:
+            if not self.in_flight:
+                self.check_not_exhausted(self.backend.num_clients)
+            self.clock.schedule(now + self.idle_seconds, -1, "retry")
+            self.counts["idle_slots"] += 1
+            return
+        self.visits += 1
+        self.in_flight.add(cid)
+        self.participations[cid] += 1
+        steps = self.backend.planned_steps(cid)
+        end = now + self.backend.visit_time(cid, steps).total
+        until = self.trace.profile(cid).online_until(now)
+        if end > until:  # goes offline mid-visit: the work is lost (no need to compute it)
+            self.clock.schedule(until, cid, "offline")
+            return
+        update = self.backend.train(cid, self.visits - 1, self.backend.global_params, None)
+        self.clock.schedule(end, cid, "arrive", Visit(cid, self.version, update))
+
+    def _eligible(self, cid: int, now: float, buffered: set[int]) -> bool:
+        if cid in self.in_flight or cid in buffered:
+            return False
+        if not self.under_cap(cid):
+            return False
+        return self.trace.profile(cid).available(now)
+
+    def choose(self, now: float) -> int | None:
+        """The client that starts the next visit at ``now`` (``None``: nobody can); the module's step 5.
+
+        The seam for other selection rules (and for tests with a scripted schedule).
+        """
+        assert self.backend is not None
+        n = self.backend.num_clients
+        seed = derive_seed(self.backend.seed, "simtime/visit", self.visits, self.counts["idle_slots"])
+        rng = random.Random(seed)
+        buffered = {u.client_id for u, _ in self.buffer}
+        for _ in range(_DRAWS):
+            cid = rng.randrange(n)
+            if self._eligible(cid, now, buffered):
+                return cid
+        rest = [c for c in range(n) if self._eligible(c, now, buffered)]
+        return rest[rng.randrange(len(rest))] if rest else None
+
+    def state_dict(self) -> dict[str, object]:
+        return {**super().state_dict(), "version": self.version, "visits": self.visits}
+
+
+__all__ = ["BufferedAsync", "Visit"]
