@@ -68,8 +68,7 @@ def pack_shard(shard: ShardResult, numel: int, device: torch.device) -> tuple[di
             if acc is None:
                 parts.append(torch.zeros(NUM_BINS * size, dtype=torch.int64, device=device))
             else:
-                acc.align(blocks[name])
-                parts.append(acc.bins.to(device).reshape(-1))
+                parts.append(acc.packed(blocks[name]).to(device))
         return torch.cat(parts)
 
     return info, flat

@@ -7,27 +7,28 @@ Here every term is cut into integers on a grid that does not depend on the order
 exactly, so the sum is a function of the *multiset* of terms: the same bits for every order and every
 sharding, and an integer all-reduce of the pieces gives them again.
 
-**Tensors** (:class:`ExactSum`): the binned (indexed) summation of ReproBLAS (Demmel and Nguyen, "Parallel
-reproducible summation", IEEE TC 2015; "Fast reproducible floating-point summation", ARITH 2013), with
-integer bins. A term ``t = w x`` is formed in float64 and cut at fixed bit positions into ``K = 3``
-signed 32-bit digits,
+**Tensors** (:class:`ExactSum`): the binned (indexed) summation of ReproBLAS (Demmel and Nguyen, "Fast
+reproducible floating-point summation", ARITH 2013; "Parallel reproducible summation", IEEE TC 2015),
+with integer bins. A term ``t = w x`` is formed in float64 and cut at fixed bit positions into ``K = 3``
+integer digits by rounding to nearest,
 
-    t = sum_{k<K} d_k 2^(p_k) + r,   p_k = 32 (b - 1 - k),   |d_k| < 2^32,   |r| < 2^(p_(K-1)),
+    t = sum_{k<K} d_k 2^(p_k) + r,   p_k = 32 (b - 1 - k),   d_k = round((t - sum_{j<k} d_j 2^(p_j)) / 2^(p_k)),
 
-where the *block* ``b`` is the smallest integer with ``max |t| < 2^(32 b)`` over the tensor (the digits
-are the base-2^32 digits of ``|t|`` with its sign; ``r`` is dropped). Each bin ``k`` keeps
-``S_k = sum d_k`` in int64: exact, order-free. The block only grows while terms arrive; when it does,
-the bins shift down by whole bins and the lowest fall off, which is exactly what cutting the earlier
-terms at the new block would have dropped, so the state after all terms depends on the terms alone
-(the final block is their maximum). Processes align to the largest block of any of them (an
-order-free maximum), then all-reduce the int64 bins (:func:`lightfed.distributed.merge_round`).
+so ``|d_k| <= 2^32`` and ``|r| <= 2^(p_(K-1) - 1)`` (dropped). The *block* ``b`` is the smallest integer
+with ``max |t| < 2^(32 b)`` over the tensor. Each bin ``k`` keeps ``S_k = sum d_k``: integers, so exact and
+order-free (float64 holds them exactly below 2^53, hence at most ``2^21`` terms; the all-reduce sends
+int64). The first ``j`` digits of a term always sum to ``t`` rounded to the grid ``2^(p_(j-1))``, whatever
+the block, so when a larger term raises the block, shifting the bins down by whole bins (the lowest fall
+off) leaves exactly what cutting the earlier terms at the new block would have left: the state after all
+terms depends on the terms alone (the final block is their maximum). Processes align to the largest block
+of any of them (an order-free maximum), then all-reduce the bins (:func:`lightfed.distributed.merge_round`).
 
-Precision: a term loses less than ``2^(p_(K-1)) <= 2^-64 max |t|``; the bins are turned into a float in
-float64 with every part of one sign (no cancellation), then rounded to the tensor's dtype. So each
-coordinate of a float32 sum is within one float32 ulp of the exact sum, up to ``n 2^-64 max|t|`` (``n``
-terms): a float32 running sum is off by up to ``(n - 1) 2^-24 sum |t|``. Overflow: ``|S_k| < n 2^32``
-fits int64 for ``n < 2^31`` terms, which :meth:`ExactSum.add` enforces. Terms below ``2^-992`` are
-dropped (the block is clamped to float64's range).
+Precision: a term loses at most ``2^(p_(K-1) - 1) <= 2^-65 max |t|``; the integer ``sum_k S_k 2^(p_k)`` is
+turned into float64 with every part of one sign (no cancellation), then rounded to the tensor's dtype. So
+each coordinate of a float32 sum is within one float32 ulp of the exact sum, up to ``n 2^-65 max|t|``
+(``n`` terms); a float32 running sum is off by up to ``(n - 1) 2^-24 sum |t|``. Terms below ``2^-992`` are
+dropped (the block is clamped to float64's range). Memory: the bins take 24 bytes per coordinate (6x a
+float32 sum), the all-reduce sends as many.
 
 **Scalars** (:class:`ExactScalar`): weights, counts and clip bits. Every finite float64 is an integer
 multiple of ``2^-1074``, so the sum is kept as a Python integer times ``2^-1074``: exact, and converted
@@ -47,8 +48,10 @@ BIN_BITS = 32
 NUM_BINS = 3
 #: Blocks that keep every scale ``2^(-p)`` of a float64 finite: ``|t| < 2^(32 b)``, ``b`` in this range.
 MIN_BLOCK, MAX_BLOCK = -28, 32
-#: ``|S_k| < terms * 2^32`` stays inside int64.
-MAX_TERMS = 2**31 - 1
+#: ``|S_k| <= terms * 2^32`` stays an exact float64 integer (< 2^53).
+MAX_TERMS = 2**21 - 1
+#: Coordinates processed at once (two float64 scratch buffers of this length: 1 MiB).
+CHUNK = 2**16
 _SCALAR_SHIFT = 1074  # every finite float64 is an integer times 2**-1074
 
 
@@ -69,9 +72,9 @@ class ExactSum:
         like: A tensor of the terms' shape, dtype and device (the sum is returned like it).
 
     Attributes:
-        bins: ``[NUM_BINS, numel]`` int64, bin 0 the most significant.
+        bins: ``[NUM_BINS, numel]`` float64 holding integers, bin 0 the most significant.
         block: The bins' position: bin ``k`` counts units of ``2^(32 (block - 1 - k))``.
-        terms: Terms added (for the int64 overflow bound).
+        terms: Terms added (at most :data:`MAX_TERMS`).
     """
 
     def __init__(self, like: Tensor) -> None:
@@ -79,34 +82,60 @@ class ExactSum:
         self.dtype = like.dtype
         self.device = like.device
         work = torch.device("cpu") if like.device.type == "mps" else like.device  # MPS has no float64
-        self.bins = torch.zeros(NUM_BINS, like.numel(), dtype=torch.int64, device=work)
+        self.bins = torch.zeros(NUM_BINS, like.numel(), dtype=torch.float64, device=work)
         self.block = MIN_BLOCK
         self.terms = 0
+        self._buffers: tuple[Tensor, Tensor] | None = None
 
     def add(self, x: Tensor, weight: float = 1.0) -> None:
         """Add ``weight * x`` (formed in float64, as every process forms it).
 
         Raises:
-            ValueError: ``x`` has another shape, or the sum would exceed :data:`MAX_TERMS` terms.
+            ValueError: ``x`` has another shape or a non-finite value, or the sum would exceed :data:`MAX_TERMS`.
         """
         if x.shape != self.shape:
             raise ValueError(f"exact sum of shape {tuple(self.shape)} cannot add a term of shape {tuple(x.shape)}.")
-        if self.terms >= MAX_TERMS:
-            raise ValueError(f"an exact sum holds at most {MAX_TERMS} terms (its int64 bins could overflow).")
-        self.terms += 1
-        t = x.detach().reshape(-1).to(self.bins.device, torch.float64, copy=True)
-        if weight != 1.0:
-            t.mul_(float(weight))
-        magnitude = float(t.abs().max()) if t.numel() else 0.0
+        self._count(1)
+        x = x.detach().reshape(-1)
+        if x.numel() == 0:
+            return
+        low, high = (float(v) for v in torch.aminmax(x))  # NaN if any coordinate is NaN
+        if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(weight)):
+            raise ValueError(f"an exact sum needs finite terms, got values in [{low}, {high}] with weight {weight}.")
+        weight = float(weight)
+        magnitude = abs(weight) * max(-low, high)  # = max |fl(w x)|: rounding is monotone
         if magnitude == 0.0:
             return
         self.align(max(self.block, block_of(magnitude)))
-        for k in range(NUM_BINS):
-            position = BIN_BITS * (self.block - 1 - k)
-            digit = (t * 2.0**-position).trunc_()  # exact: a power-of-two scale and a truncation
-            self.bins[k].add_(digit.to(torch.int64))
-            if k < NUM_BINS - 1:
-                t.sub_(digit, alpha=2.0**position)  # exact: clears the bits just moved into bin k
+        units = [2.0 ** (BIN_BITS * (self.block - 1 - k)) for k in range(NUM_BINS)]
+        buffers = self._scratch()
+        for piece, bins in zip(x.split(CHUNK), self.bins.split(CHUNK, dim=1)):  # chunks: the passes stay in cache
+            n = piece.numel()
+            t, digit = buffers if n == buffers[0].numel() else (b[:n] for b in buffers)
+            t.copy_(piece)
+            if weight != 1.0:
+                t.mul_(weight)
+            for k, (row, unit) in enumerate(zip(bins.unbind(0), units)):
+                torch.mul(t, 1.0 / unit, out=digit).round_()  # exact: a power-of-two scale, then an integer
+                row.add_(digit)  # exact: integers below 2^53
+                if k < NUM_BINS - 1:
+                    t.sub_(digit, alpha=unit)  # exact: what is left after bin k, |t| <= unit / 2
+
+    def _count(self, terms: int) -> None:
+        if self.terms + terms > MAX_TERMS:
+            raise ValueError(
+                f"an exact sum holds at most {MAX_TERMS} terms (its float64 bins hold integers below 2^53); "
+                f"this one would hold {self.terms + terms}. Spread the cohort over more processes."
+            )
+        self.terms += terms
+
+    def _scratch(self) -> tuple[Tensor, Tensor]:
+        """Reused float64 buffers of one chunk: what is left of the term, and its next digit."""
+        if self._buffers is None:
+            n = min(CHUNK, self.bins.shape[1])
+            self._buffers = (torch.empty(n, dtype=torch.float64, device=self.bins.device),
+                             torch.empty(n, dtype=torch.float64, device=self.bins.device))
+        return self._buffers
 
     def align(self, block: int) -> None:
         """Move the bins to ``block >= self.block``: shift down by whole bins, the lowest fall off."""
@@ -115,23 +144,26 @@ class ExactSum:
         self.bins = _shifted(self.bins, block - self.block)
         self.block = block
 
+    def packed(self, block: int) -> Tensor:
+        """The bins at ``block >= self.block`` as one flat int64 tensor (for an all-reduce)."""
+        self.align(block)
+        return self.bins.to(torch.int64).reshape(-1)
+
     def merge(self, bins: Tensor, block: int, terms: int) -> None:
-        """Add another exact sum of this shape, given by its ``bins`` at ``block`` (another process's)."""
-        if self.terms + terms > MAX_TERMS:
-            raise ValueError(f"an exact sum holds at most {MAX_TERMS} terms (its int64 bins could overflow).")
+        """Add another exact sum of this shape: its ``bins`` (any integer or float dtype) at ``block``."""
+        self._count(terms)
         top = max(self.block, block)
         self.align(top)
-        self.bins += _shifted(bins.reshape(NUM_BINS, -1).to(self.bins.device), top - block)
-        self.terms += terms
+        self.bins += _shifted(bins.reshape(NUM_BINS, -1).to(self.bins.device, torch.float64), top - block)
 
     def value(self) -> Tensor:
         """The sum as a tensor of the terms' dtype: within one ulp of the exact sum (see the module)."""
-        bins = _carried(self.bins.clone())
-        negative = bins[0] < 0  # after the carries the lower bins are in [0, 2^32): the top bin has the sign
-        bins = _carried(torch.where(negative, -self.bins, self.bins))  # |sum|: every bin >= 0
-        out = torch.zeros(bins.shape[1], dtype=torch.float64, device=bins.device)
+        ints = self.bins.to(torch.int64)
+        negative = _carried(ints.clone())[0] < 0  # carried, the lower bins are in [0, 2^32): the top has the sign
+        ints = _carried(torch.where(negative, -ints, ints))  # |sum|: every bin >= 0
+        out = torch.zeros(ints.shape[1], dtype=torch.float64, device=ints.device)
         for k in reversed(range(NUM_BINS)):  # smallest first, all of one sign: no cancellation
-            out.add_(bins[k].to(torch.float64), alpha=2.0 ** (BIN_BITS * (self.block - 1 - k)))
+            out.add_(ints[k].to(torch.float64), alpha=2.0 ** (BIN_BITS * (self.block - 1 - k)))
         out = torch.where(negative, -out, out)
         return out.to(self.device, self.dtype).reshape(self.shape)
 

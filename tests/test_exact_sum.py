@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from lightfed.aggregation import StreamingSum
 from lightfed.distributed import merge_in_process
-from lightfed.exact_sum import MAX_BLOCK, MIN_BLOCK, ExactScalar, ExactSum, block_of
+from lightfed.exact_sum import MAX_BLOCK, MAX_TERMS, MIN_BLOCK, ExactScalar, ExactSum, block_of
 from lightfed.messages import ClientUpdate
 from lightfed.server import ShardResult
 
@@ -113,20 +113,26 @@ def test_exact_scalar_is_exact_and_order_free():
 def test_blocks_bins_and_bad_input():
     assert block_of(1.0) == 1 and block_of(2.0**32 - 1) == 1 and block_of(2.0**32) == 2 and block_of(2.0**-33) == -1
     assert block_of(0.0) == MIN_BLOCK and block_of(1e308) == MAX_BLOCK and block_of(5e-324) == MIN_BLOCK
-    # Prepare / Execute: 3 and -2^-39 (block 1: bins count 2^0, 2^-32, 2^-64), then 2^40 (block 2)
-    acc = ExactSum(torch.zeros(3, dtype=torch.float64))  # float64: 2^40 + 3 is representable
-    acc.add(torch.tensor([1.5, -(2.0**-40), 0.0], dtype=torch.float64), 2.0)
-    assert acc.block == 1 and acc.bins.tolist() == [[3, 0, 0], [0, 0, 0], [0, -(2**25), 0]]
-    acc.add(torch.tensor([2.0**40, 0.0, 0.0], dtype=torch.float64))
-    # Assert: the bins moved down one (2^32, 2^0, 2^-32) and -2^-39 fell off, as if cut at block 2 at once
-    assert acc.block == 2 and acc.bins.tolist() == [[256, 0, 0], [3, 0, 0], [0, 0, 0]]
-    assert acc.value().tolist() == [2.0**40 + 3, 0.0, 0.0]
-    other = ExactSum(torch.zeros(3, dtype=torch.float64))
-    other.add(torch.tensor([2.0**40, 0.0, 0.0], dtype=torch.float64))
-    other.add(torch.tensor([1.5, -(2.0**-40), 0.0], dtype=torch.float64), 2.0)
+    # Prepare / Execute: 3, -2^-39 and -1.5 2^-32 (block 1: bins count 2^0, 2^-32, 2^-64), then 2^40 (block 2)
+    small = torch.tensor([1.5, -(2.0**-40), 0.0, -0.75 * 2.0**-32], dtype=torch.float64)  # weight 2
+    big = torch.tensor([2.0**40, 0.0, 0.0, 0.0], dtype=torch.float64)
+    acc = ExactSum(torch.zeros(4, dtype=torch.float64))  # float64: 2^40 + 3 is representable
+    acc.add(small, 2.0)
+    # digits round to nearest (ties to even): -1.5 2^-32 = -2 2^-32 + 2^31 2^-64
+    assert acc.block == 1 and acc.bins.tolist() == [[3, 0, 0, 0], [0, 0, 0, -2], [0, -(2**25), 0, 2**31]]
+    acc.add(big)
+    # Assert: the bins moved down one (2^32, 2^0, 2^-32) and the lowest fell off: as if cut at block 2 at once
+    assert acc.block == 2 and acc.bins.tolist() == [[256, 0, 0, 0], [3, 0, 0, 0], [0, 0, 0, -2]]
+    assert acc.value().tolist() == [2.0**40 + 3, 0.0, 0.0, -(2.0**-31)]
+    other = ExactSum(torch.zeros(4, dtype=torch.float64))
+    other.add(big)
+    other.add(small, 2.0)
     assert torch.equal(other.bins, acc.bins)
+    acc.terms = MAX_TERMS
+    with pytest.raises(ValueError, match="at most"):
+        acc.add(big)
     with pytest.raises(ValueError, match="shape"):
-        acc.add(torch.zeros(4))
+        acc.add(torch.zeros(5))
     with pytest.raises(ValueError, match="finite"):
         ExactSum(torch.zeros(1)).add(torch.tensor([float("inf")]))
 
