@@ -38,6 +38,7 @@ back correctly rounded.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -86,6 +87,7 @@ class ExactSum:
         self.block = MIN_BLOCK
         self.terms = 0
         self._buffers: tuple[Tensor, Tensor] | None = None
+        self._rows: tuple[Tensor, tuple[Tensor, ...]] | None = None
 
     def add(self, x: Tensor, weight: float = 1.0) -> None:
         """Add ``weight * x`` (formed in float64, as every process forms it).
@@ -96,30 +98,47 @@ class ExactSum:
         if x.shape != self.shape:
             raise ValueError(f"exact sum of shape {tuple(self.shape)} cannot add a term of shape {tuple(x.shape)}.")
         self._count(1)
-        x = x.detach().reshape(-1)
+        x = x.detach() if x.requires_grad else x
+        x = x.reshape(-1) if x.dim() != 1 else x
         if x.numel() == 0:
             return
-        low, high = (float(v) for v in torch.aminmax(x))  # NaN if any coordinate is NaN
-        if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(weight)):
-            raise ValueError(f"an exact sum needs finite terms, got values in [{low}, {high}] with weight {weight}.")
         weight = float(weight)
-        magnitude = abs(weight) * max(-low, high)  # = max |fl(w x)|: rounding is monotone
+        low, high = torch.aminmax(x)  # NaN if any coordinate is NaN
+        magnitude = abs(weight) * max(-low.item(), high.item())  # = max |fl(w x)|: rounding is monotone
+        if not (math.isfinite(magnitude) and low.item() == low.item()):
+            raise ValueError(f"an exact sum needs finite terms, got max |w x| = {magnitude} (weight {weight}).")
         if magnitude == 0.0:
             return
         self.align(max(self.block, block_of(magnitude)))
         units = [2.0 ** (BIN_BITS * (self.block - 1 - k)) for k in range(NUM_BINS)]
-        buffers = self._scratch()
-        for piece, bins in zip(x.split(CHUNK), self.bins.split(CHUNK, dim=1)):  # chunks: the passes stay in cache
-            n = piece.numel()
-            t, digit = buffers if n == buffers[0].numel() else (b[:n] for b in buffers)
+        for piece, rows, (t, digit) in self._chunks(x):  # chunks: the passes below stay in cache
             t.copy_(piece)
             if weight != 1.0:
                 t.mul_(weight)
-            for k, (row, unit) in enumerate(zip(bins.unbind(0), units)):
+            for k, (row, unit) in enumerate(zip(rows, units)):
                 torch.mul(t, 1.0 / unit, out=digit).round_()  # exact: a power-of-two scale, then an integer
                 row.add_(digit)  # exact: integers below 2^53
                 if k < NUM_BINS - 1:
                     t.sub_(digit, alpha=unit)  # exact: what is left after bin k, |t| <= unit / 2
+
+    def _chunks(self, x: Tensor) -> Iterator[tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, Tensor]]]:
+        """``x`` in chunks of :data:`CHUNK`, each with its bins' rows and two float64 scratch buffers.
+
+        The buffers (what is left of the term, its next digit) and the rows of a single-chunk sum are made
+        once: a small model's update costs a few dozen tensor calls.
+        """
+        if self._buffers is None:
+            n = min(CHUNK, self.bins.shape[1])
+            self._buffers = (torch.empty(n, dtype=torch.float64, device=self.bins.device),
+                             torch.empty(n, dtype=torch.float64, device=self.bins.device))
+        if x.numel() <= CHUNK:
+            if self._rows is None or self._rows[0] is not self.bins:
+                self._rows = (self.bins, self.bins.unbind(0))
+            yield x, self._rows[1], self._buffers
+            return
+        for piece, bins in zip(x.split(CHUNK), self.bins.split(CHUNK, dim=1)):
+            n = piece.numel()
+            yield piece, bins.unbind(0), (self._buffers if n == CHUNK else tuple(b[:n] for b in self._buffers))
 
     def _count(self, terms: int) -> None:
         if self.terms + terms > MAX_TERMS:
@@ -128,14 +147,6 @@ class ExactSum:
                 f"this one would hold {self.terms + terms}. Spread the cohort over more processes."
             )
         self.terms += terms
-
-    def _scratch(self) -> tuple[Tensor, Tensor]:
-        """Reused float64 buffers of one chunk: what is left of the term, and its next digit."""
-        if self._buffers is None:
-            n = min(CHUNK, self.bins.shape[1])
-            self._buffers = (torch.empty(n, dtype=torch.float64, device=self.bins.device),
-                             torch.empty(n, dtype=torch.float64, device=self.bins.device))
-        return self._buffers
 
     def align(self, block: int) -> None:
         """Move the bins to ``block >= self.block``: shift down by whole bins, the lowest fall off."""
@@ -158,12 +169,11 @@ class ExactSum:
 
     def value(self) -> Tensor:
         """The sum as a tensor of the terms' dtype: within one ulp of the exact sum (see the module)."""
-        ints = self.bins.to(torch.int64)
-        negative = _carried(ints.clone())[0] < 0  # carried, the lower bins are in [0, 2^32): the top has the sign
-        ints = _carried(torch.where(negative, -ints, ints))  # |sum|: every bin >= 0
-        out = torch.zeros(ints.shape[1], dtype=torch.float64, device=ints.device)
-        for k in reversed(range(NUM_BINS)):  # smallest first, all of one sign: no cancellation
-            out.add_(ints[k].to(torch.float64), alpha=2.0 ** (BIN_BITS * (self.block - 1 - k)))
+        negative = _carried(self.bins.clone())[0] < 0  # carried, the lower bins are in [0, 2^32): the top has the sign
+        bins = _carried(torch.where(negative, -self.bins, self.bins))  # |sum|: every bin >= 0
+        out = bins[NUM_BINS - 1] * 2.0 ** (BIN_BITS * (self.block - NUM_BINS))
+        for k in reversed(range(NUM_BINS - 1)):  # smallest first, all of one sign: no cancellation
+            out.add_(bins[k], alpha=2.0 ** (BIN_BITS * (self.block - 1 - k)))
         out = torch.where(negative, -out, out)
         return out.to(self.device, self.dtype).reshape(self.shape)
 
@@ -179,11 +189,14 @@ def _shifted(bins: Tensor, shift: int) -> Tensor:
 
 
 def _carried(bins: Tensor) -> Tensor:
-    """The same integer with every bin but the top in ``[0, 2^32)`` (the carries moved up), in place."""
+    """The same integer with every bin but the top in ``[0, 2^32)`` (the carries moved up), in place.
+
+    In float64, exactly: the bins hold integers of at most ``MAX_TERMS * 2^32 + MAX_TERMS < 2^53``.
+    """
     for k in range(NUM_BINS - 1, 0, -1):
-        carry = bins[k] >> BIN_BITS  # arithmetic shift: floor division by 2^32
-        bins[k] -= carry << BIN_BITS
-        bins[k - 1] += carry
+        carry = torch.floor(bins[k] * 2.0**-BIN_BITS)
+        bins[k].sub_(carry, alpha=2.0**BIN_BITS)
+        bins[k - 1].add_(carry)
     return bins
 
 
