@@ -1,6 +1,7 @@
 """Aggregators: where client contributions go during a round.
 
-:class:`StreamingSum` keeps running weighted sums (O(model) memory, whatever the cohort size);
+:class:`StreamingSum` keeps running weighted sums (O(model) memory, whatever the cohort size), exact and
+independent of the order of the updates (:mod:`lightfed.exact_sum`);
 :class:`CollectAll` keeps every update for strategies that need them (robust aggregation). A secure
 aggregation plugin provides its own :class:`Aggregator` that only ever reveals the sums.
 """
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
+from lightfed.exact_sum import ExactScalar, ExactSum
 from lightfed.messages import ClientUpdate, RoundAggregate
 
 
@@ -27,34 +28,42 @@ class Aggregator:
 
 
 class StreamingSum(Aggregator):
-    """Running ``sum_k w_k x_k`` and ``sum_k w_k`` for the delta and each extra; ``sum_k c_k`` for each count."""
+    """Running ``sum_k w_k x_k`` and ``sum_k w_k`` for the delta and each extra; ``sum_k c_k`` for each count.
+
+    Every sum is exact and order-free (:mod:`lightfed.exact_sum`): the tensors in int64 bins, the weights
+    and counts as exact scalars. So the released sums have the same bits whatever the order of the updates
+    and however the cohort is sharded over processes (:func:`lightfed.distributed.merge_round` all-reduces
+    the same bins), and each coordinate is within one float32 ulp of the exact sum.
+    """
 
     def __init__(self) -> None:
-        self.delta_sum: Tensor | None = None
-        self.extras_sum: dict[str, Tensor] = {}
-        self.counts_sum: dict[str, float] = {}
-        self.weight_sum = 0.0
+        self.delta_sum: ExactSum | None = None
+        self.extras_sum: dict[str, ExactSum] = {}
+        self.counts_sum: dict[str, ExactScalar] = {}
+        self.weight_sum = ExactScalar()
         self.num_clients = 0
 
     def add(self, update: ClientUpdate, weight: float) -> None:
         if self.delta_sum is None:
-            self.delta_sum = torch.zeros_like(update.delta)
-        self.delta_sum.add_(update.delta, alpha=weight)
+            self.delta_sum = ExactSum(update.delta)
+        self.delta_sum.add(update.delta, weight)
         for name, value in update.extras.items():
             acc = self.extras_sum.get(name)
             if acc is None:
-                acc = self.extras_sum[name] = torch.zeros_like(value)
-            acc.add_(value, alpha=weight)
+                acc = self.extras_sum[name] = ExactSum(value)
+            acc.add(value, weight)
         for name, count in update.counts.items():
-            self.counts_sum[name] = self.counts_sum.get(name, 0.0) + float(count)
-        self.weight_sum += weight
+            self.counts_sum.setdefault(name, ExactScalar()).add(float(count))
+        self.weight_sum.add(weight)
         self.num_clients += 1
 
     def result(self) -> RoundAggregate | None:
         if self.delta_sum is None:
             return None
         return RoundAggregate(
-            self.delta_sum, self.weight_sum, self.num_clients, self.extras_sum, counts_sum=dict(self.counts_sum)
+            self.delta_sum.value(), self.weight_sum.value(), self.num_clients,
+            {k: v.value() for k, v in self.extras_sum.items()},
+            counts_sum={k: v.value() for k, v in self.counts_sum.items()},
         )
 
 

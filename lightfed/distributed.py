@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lightfed.aggregation import CollectAll, ShardResult, StreamingSum
 from lightfed.checkpoint import to_cpu, to_device
+from lightfed.exact_sum import NUM_BINS, ExactScalar, ExactSum
 from lightfed.messages import ClientUpdate
 from lightfed.sampling import split_evenly
 
@@ -36,60 +37,76 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def pack_shard(shard: ShardResult, numel: int, device: torch.device) -> tuple[dict[str, Any], Callable[[list[str], dict[str, int], list[str]], Tensor]]:
-    """This process's side information (for ``all_gather_object``) and a builder of its flat sum vector.
+def pack_shard(shard: ShardResult, numel: int, device: torch.device) -> tuple[dict[str, Any], Callable[[list[str], dict[str, int], dict[str | None, int]], Tensor]]:
+    """This process's side information (for ``all_gather_object``) and a builder of its flat int64 bins.
 
-    The flat vector ``[delta_sum, extras_sum..., counts_sum..., weight_sum, num_clients]`` is laid out by
-    the names every process holds, known only after the side information is gathered.
+    The sums are exact (:mod:`lightfed.exact_sum`): the weight and count sums travel as exact integers in
+    the side information (summed there, exactly); the tensors' bins, moved to the largest block of any
+    process, are the flat vector ``[delta bins, extras' bins...]`` that is all-reduced, laid out by the
+    names every process holds, known only after the side information is gathered. Integer sums do not
+    depend on the order, so every sharding of the cohort gives the same bits.
     """
     aggregator = shard.aggregator
     assert isinstance(aggregator, StreamingSum)
-    local = aggregator.result()
+    sums: dict[str | None, ExactSum | None] = {None: aggregator.delta_sum, **aggregator.extras_sum}  # None: the delta
     info = {
         "metrics": shard.metrics, "rejected": shard.rejected, "states": shard.states, "extra": shard.extra,
         "steps": shard.steps,
-        "extras": {k: v.numel() for k, v in (local.extras_sum.items() if local is not None else [])},
-        "counts": sorted(local.counts_sum) if local is not None else [],
+        "extras": {k: v.bins.shape[1] for k, v in aggregator.extras_sum.items()},
+        "sums": {k: (v.block, v.terms, v.dtype, tuple(v.shape)) for k, v in sums.items() if v is not None},
+        "counts": {k: v.scaled for k, v in aggregator.counts_sum.items()},
+        "weight": aggregator.weight_sum.scaled,
+        "num_clients": aggregator.num_clients,
         "updates": [(u, w) for u, w in zip(aggregator.updates, aggregator.weights)] if isinstance(aggregator, CollectAll) else [],
     }
 
-    def flat(names: list[str], sizes: dict[str, int], counts: list[str]) -> Tensor:
-        out = torch.zeros(numel + sum(sizes[k] for k in names) + len(counts) + 2, dtype=torch.float32, device=device)
-        if local is not None:
-            parts = [local.delta_sum] + [local.extras_sum[k] for k in names]
-            tail = [local.counts_sum.get(k, 0.0) for k in counts] + [local.weight_sum, float(local.num_clients)]
-            out[: out.numel() - len(tail)] = torch.cat([p.reshape(-1) for p in parts])
-            out[out.numel() - len(tail) :] = torch.tensor(tail, dtype=torch.float32, device=device)
-        return out
+    def flat(names: list[str], sizes: dict[str, int], blocks: dict[str | None, int]) -> Tensor:
+        parts = []
+        for name, size in [(None, numel)] + [(k, sizes[k]) for k in names]:
+            acc = sums.get(name)
+            if acc is None:
+                parts.append(torch.zeros(NUM_BINS * size, dtype=torch.int64, device=device))
+            else:
+                parts.append(acc.packed(blocks[name]).to(device))
+        return torch.cat(parts)
 
     return info, flat
 
 
-def layout(gathered: list[dict[str, Any]]) -> tuple[list[str], dict[str, int], list[str]]:
-    """The extras' names and sizes and the counts' names over every process's side information."""
+def layout(gathered: list[dict[str, Any]]) -> tuple[list[str], dict[str, int], dict[str | None, int]]:
+    """The extras' names and sizes, and each sum's block: the largest of any process (``None``: the delta's)."""
     names = sorted({k for g in gathered for k in g["extras"]})
     sizes = {k: n for g in gathered for k, n in g["extras"].items()}
-    counts = sorted({k for g in gathered for k in g["counts"]})
-    return names, sizes, counts
+    blocks: dict[str | None, int] = {}
+    for g in gathered:
+        for k, (block, *_) in g["sums"].items():
+            blocks[k] = max(block, blocks.get(k, block))
+    return names, sizes, blocks
 
 
 def unpack_shards(
     flat: Tensor, gathered: list[dict[str, Any]], numel: int, robust: bool, device: torch.device
 ) -> ShardResult:
-    """The round's merged :class:`ShardResult` from the summed flat vector and every process's side information."""
-    names, sizes, counts = layout(gathered)
+    """The round's merged :class:`ShardResult` from the summed flat bins and every process's side information."""
+    names, sizes, blocks = layout(gathered)
     merged: StreamingSum = CollectAll() if robust else StreamingSum()
-    if flat[-1] > 0:
-        merged.delta_sum = flat[:numel].clone()
-        offset = numel
-        for k in names:
-            merged.extras_sum[k] = flat[offset : offset + sizes[k]].clone()
-            offset += sizes[k]
-        for k in counts:
-            merged.counts_sum[k] = float(flat[offset])
-            offset += 1
-        merged.weight_sum = float(flat[-2])
-        merged.num_clients = int(round(float(flat[-1])))
+    offset = 0
+    for name, size in [(None, numel)] + [(k, sizes[k]) for k in names]:
+        bins = flat[offset : offset + NUM_BINS * size]
+        offset += NUM_BINS * size
+        if name not in blocks:
+            continue
+        _, _, dtype, shape = next(g["sums"][name] for g in gathered if name in g["sums"])
+        acc = ExactSum(torch.empty(shape, dtype=dtype, device=device))
+        acc.merge(bins, blocks[name], sum(g["sums"][name][1] for g in gathered if name in g["sums"]))
+        if name is None:
+            merged.delta_sum = acc
+        else:
+            merged.extras_sum[name] = acc
+    for name in sorted({k for g in gathered for k in g["counts"]}):
+        merged.counts_sum[name] = ExactScalar(sum(g["counts"].get(name, 0) for g in gathered))
+    merged.weight_sum = ExactScalar(sum(g["weight"] for g in gathered))
+    merged.num_clients = sum(g["num_clients"] for g in gathered)
     if isinstance(merged, CollectAll):
         pairs = sorted((p for g in gathered for p in g["updates"]), key=lambda p: p[0].client_id)
         merged.updates = [_update_to(u, device) for u, _ in pairs]
