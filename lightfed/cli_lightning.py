@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightfed.callbacks import Callback
+from lightfed.cli_errors import unreadable_checkpoint, watch_run
 from lightfed.data.datamodule import FederatedDataModule
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.registry import load_all_plugins
@@ -24,6 +26,10 @@ from lightfed.trainer import FederatedTrainer
 
 #: The top-level config sections that hold a plugin (a registered name or class_path / init_args).
 PLUGIN_SECTIONS = ("strategy", "privacy", "secure_aggregation")
+
+#: The most rounds a run with a privacy mechanism may ask for: its accountant composes every round, and
+#: far beyond any real run (a million rounds) only exhausts memory (1e9 rounds asked numpy for 53 GiB).
+MAX_PRIVATE_ROUNDS = 1_000_000
 
 #: Modules whose public classes ``fit --help`` names as ready-made models and datamodules.
 _MODEL_MODULES = ("lightfed.models.vision", "lightfed.models.charlm", "lightfed.models.hf")
@@ -114,12 +120,35 @@ class LightFedCLI(LightningCLI):
     def _config(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path`` for a LightningModule's hyperparameters before lightfed sees it:
+        a truncated or foreign file is refused here in one line, not by torch's zip reader in 30."""
+        try:
+            super()._parse_ckpt_path()
+        except SystemExit:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever torch.load says, the file is not a checkpoint
+            ckpt = self.config[self.config.subcommand].get("ckpt_path")
+            raise ValueError(unreadable_checkpoint(str(ckpt), err)) from None
+
     def before_instantiate_classes(self) -> None:
-        """Name the run after its config file when ``trainer.name`` is not set."""
+        """Name the run after its config file when ``trainer.name`` is not set; refuse, before any model is
+        built, what would fail late: a run folder that cannot be written, a DP run of absurdly many rounds."""
         config = self._config()
         files = [f for f in (config.get("config") or []) if f is not None and str(f).endswith((".yaml", ".yml", ".json"))]
         if config.get("trainer") is not None and config.trainer.get("name") is None and files:
             config.trainer.name = Path(str(files[-1])).stem
+        trainer = config.get("trainer")
+        if trainer is None:
+            return
+        rounds = trainer.get("rounds")
+        if config.get("privacy") is not None and isinstance(rounds, int) and rounds > MAX_PRIVATE_ROUNDS:
+            raise ValueError(
+                f"trainer.rounds={rounds} with a privacy mechanism: its accountant composes every round, and "
+                f"more than {MAX_PRIVATE_ROUNDS:,} rounds only exhausts memory. Lower trainer.rounds."
+            )
+        if self.subcommand in ("fit", None):
+            check_writable(str(trainer.get("default_root_dir") or "."))
 
     def instantiate_trainer(self, **kwargs: Any) -> FederatedTrainer:
         init = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -128,10 +157,29 @@ class LightFedCLI(LightningCLI):
         trainer = super().instantiate_trainer(**extra, seed=int(config.get("seed_everything") or 0), **kwargs)
         trainer.add_callbacks(init.get("audit") or [])
         trainer.config_yaml = self._parser(self.subcommand).dump(config)
+        watch_run(trainer)  # a Ctrl-C now says the round it stopped at and how to resume
         return trainer
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> FederatedTrainer:  # type: ignore[override]
         return FederatedTrainer(**config)
+
+
+def check_writable(directory: str) -> None:
+    """Refuse a ``trainer.default_root_dir`` that cannot be written (read-only, or a file), before the run.
+
+    Raises:
+        ValueError: naming the folder and the fix.
+    """
+    path = Path(directory).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise ValueError(f"trainer.default_root_dir {directory!r}: {str(existing)!r} is a file, not a folder; "
+                         f"point trainer.default_root_dir at a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"trainer.default_root_dir {directory!r} cannot be written ({str(existing)!r} is "
+                         f"read-only); point trainer.default_root_dir at a writable folder.")
 
 
 class DataOnlyCLI(LightFedCLI):
@@ -146,4 +194,4 @@ class DataOnlyCLI(LightFedCLI):
         self.trainer = self.instantiate_trainer()
 
 
-__all__ = ["DataOnlyCLI", "LightFedCLI", "PLUGIN_SECTIONS", "builtin_classes"]
+__all__ = ["DataOnlyCLI", "LightFedCLI", "MAX_PRIVATE_ROUNDS", "PLUGIN_SECTIONS", "builtin_classes", "check_writable"]
