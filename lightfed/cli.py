@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -33,7 +35,6 @@ from lightfed.cli_errors import (
     is_config_error,
     plain_errors,
     raising_parser_kwargs,
-    unreadable_checkpoint,
 )
 
 #: Every ``lightfed`` subcommand and what it does (the top-level ``--help``).
@@ -49,7 +50,7 @@ COMMANDS = {
 
 def __getattr__(name: str) -> Any:
     """``from lightfed.cli import LightFedCLI`` keeps working; Lightning is imported only then."""
-    if name in ("LightFedCLI", "DataOnlyCLI"):
+    if name in ("LightFedCLI", "DataOnlyCLI", "config_from_checkpoint"):
         return getattr(importlib.import_module("lightfed.cli_lightning"), name)
     raise AttributeError(f"module 'lightfed.cli' has no attribute {name!r}")
 
@@ -94,34 +95,6 @@ def data_command(args: list[str]) -> None:
         print(f"and in TensorBoard under {cli.trainer.log_dir} (tag data/partition)")
 
 
-def config_from_checkpoint(path: str) -> str:
-    """The resolved config (YAML) that a lightfed checkpoint was written with.
-
-    Raises:
-        FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file cannot be read (truncated, not a torch file), or holds no config (not a lightfed
-            checkpoint, or written by the Python API).
-    """
-    import torch
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--ckpt_path {path!r} does not exist; point it at a lightfed checkpoint (.../checkpoints/last.ckpt).")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated, garbage, or a pickle torch refuses to load
-        raise ValueError(unreadable_checkpoint(path, err)) from None
-    progress = state.get("progress", {}) if isinstance(state, dict) else {}
-    config = (progress.get("config") if isinstance(progress, dict) else None) or (
-        state.get("config") if isinstance(state, dict) else None
-    )
-    if not config:
-        raise ValueError(
-            f"checkpoint {path!r} holds no config (not written by `lightfed fit`); give the run's config too: "
-            f"lightfed test --config X.yaml --ckpt_path {path}"
-        )
-    return str(config)
-
-
 def _with_checkpoint_config(args: list[str]) -> list[str]:
     """``test --ckpt_path C`` without ``--config``: the config stored in ``C`` goes first on the command line."""
     if any(a in ("-c", "--config") or a.startswith("--config=") for a in args):
@@ -130,8 +103,34 @@ def _with_checkpoint_config(args: list[str]) -> list[str]:
     ckpt = ckpt or next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)
     if ckpt is None or "--help" in args or "-h" in args:
         return args
+    from lightfed.cli_lightning import config_from_checkpoint
+
     # jsonargparse's --config takes a path or the YAML itself; later arguments still override it
     return [args[0], "--config", config_from_checkpoint(ckpt), *args[1:]]
+
+
+#: Set to 1 to see every library's own messages (Lightning's tips and seed lines, FutureWarnings, progress
+#: bars of Hugging Face loading): by default ``lightfed`` prints its own progress and results only.
+VERBOSE_ENV = "LIGHTFED_VERBOSE"
+
+
+def quiet() -> None:
+    """Silence what other libraries print around a run, unless ``LIGHTFED_VERBOSE=1``.
+
+    Lightning's ``Seed set to N`` (once per model built) and rank-zero tips, FutureWarnings and
+    DeprecationWarnings addressed to library authors, and Hugging Face's loading progress bars. Warnings
+    that concern the run (lightfed's own, a UserWarning) still show.
+    """
+    if os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
+        return
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("lightning.fabric.utilities.seed", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def usage() -> str:
@@ -171,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     # sub-commands of our own hand LightningCLI a slice of sys.argv on purpose
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    quiet()
     with plain_errors(command=" ".join(args[:2] if args[0] == "central" else args[:1]), argv=args):
         if args[0] in ("strategies", "plugins"):
             print_plugins()
@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
             LightFedCLI(args=args, parser_kwargs=raising_parser_kwargs(LightFedCLI))
 
 
-__all__ = ["COMMANDS", "TRACEBACK_ENV", "config_from_checkpoint", "is_config_error", "main", "plain_errors",
+__all__ = ["COMMANDS", "TRACEBACK_ENV", "VERBOSE_ENV", "config_from_checkpoint", "is_config_error", "main", "plain_errors",
+           "quiet",
            "raising_parser_kwargs"]
 
 

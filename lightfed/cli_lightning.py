@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightfed.callbacks import Callback
@@ -156,12 +157,49 @@ class LightFedCLI(LightningCLI):
         extra = {key: init.get(key) for key in PLUGIN_SECTIONS}
         trainer = super().instantiate_trainer(**extra, seed=int(config.get("seed_everything") or 0), **kwargs)
         trainer.add_callbacks(init.get("audit") or [])
-        trainer.config_yaml = self._parser(self.subcommand).dump(config)
+        trainer.config_yaml = _without_ckpt_path(self._parser(self.subcommand).dump(config))
         watch_run(trainer)  # a Ctrl-C now says the round it stopped at and how to resume
         return trainer
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> FederatedTrainer:  # type: ignore[override]
         return FederatedTrainer(**config)
+
+
+def config_from_checkpoint(path: str) -> str:
+    """The resolved config (YAML) that a lightfed checkpoint was written with.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file cannot be read (truncated, not a torch file), or holds no config (not a lightfed
+            checkpoint, or written by the Python API).
+    """
+    import torch
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--ckpt_path {path!r} does not exist; point it at a lightfed checkpoint (.../checkpoints/last.ckpt).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, garbage, or a pickle torch refuses to load
+        raise ValueError(unreadable_checkpoint(path, err)) from None
+    progress = state.get("progress", {}) if isinstance(state, dict) else {}
+    config = (progress.get("config") if isinstance(progress, dict) else None) or (
+        state.get("config") if isinstance(state, dict) else None
+    )
+    if not config:
+        raise ValueError(
+            f"checkpoint {path!r} holds no config (not written by `lightfed fit`); give the run's config too: "
+            f"lightfed test --config X.yaml --ckpt_path {path}"
+        )
+    return str(config)
+
+
+def _without_ckpt_path(config_yaml: str) -> str:
+    """The run's config without ``ckpt_path``: where a run resumed from is not part of what it is (a resume or
+    ``lightfed test`` would otherwise report it as a changed setting)."""
+    data = yaml.safe_load(config_yaml) or {}
+    if not isinstance(data, dict) or data.pop("ckpt_path", None) is None:
+        return config_yaml
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def check_writable(directory: str) -> None:
@@ -194,4 +232,5 @@ class DataOnlyCLI(LightFedCLI):
         self.trainer = self.instantiate_trainer()
 
 
-__all__ = ["DataOnlyCLI", "LightFedCLI", "MAX_PRIVATE_ROUNDS", "PLUGIN_SECTIONS", "builtin_classes", "check_writable"]
+__all__ = ["DataOnlyCLI", "LightFedCLI", "MAX_PRIVATE_ROUNDS", "PLUGIN_SECTIONS", "builtin_classes", "check_writable",
+           "config_from_checkpoint"]
