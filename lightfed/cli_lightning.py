@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightfed.callbacks import Callback
 from lightfed.cli_errors import unreadable_checkpoint, watch_run
 from lightfed.data.datamodule import FederatedDataModule
+from lightfed.noise_hint import NoiseHint
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.registry import load_all_plugins
 from lightfed.secagg.base import SecureAggregation
@@ -156,8 +157,10 @@ class LightFedCLI(LightningCLI):
         config = self._config()
         extra = {key: init.get(key) for key in PLUGIN_SECTIONS}
         trainer = super().instantiate_trainer(**extra, seed=int(config.get("seed_everything") or 0), **kwargs)
-        trainer.add_callbacks(init.get("audit") or [])
+        trainer.add_callbacks([*(init.get("audit") or []), NoiseHint()])
         trainer.config_yaml = _without_ckpt_path(self._parser(self.subcommand).dump(config))
+        if self.subcommand == "fit" and config.get("ckpt_path"):
+            continue_in_run_folder(trainer, str(config.ckpt_path))
         watch_run(trainer)  # a Ctrl-C now says the round it stopped at and how to resume
         return trainer
 
@@ -191,6 +194,26 @@ def config_from_checkpoint(path: str) -> str:
             f"lightfed test --config X.yaml --ckpt_path {path}"
         )
     return str(config)
+
+
+def continue_in_run_folder(trainer: FederatedTrainer, ckpt_path: str) -> None:
+    """A resume logs into the run's own ``version_N`` (TensorBoard's curves continue) instead of a new one.
+
+    Only when the checkpoint lies in ``<default_root_dir>/<name>/version_N/checkpoints/`` of this run's
+    TensorBoard logger; a checkpoint from elsewhere (another name, a copied file) starts a new version.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = trainer.logger
+    if type(logger) is not TensorBoardLogger:
+        return
+    ckpt = Path(ckpt_path).absolute()
+    version = ckpt.parent.parent
+    if ckpt.parent.name != "checkpoints" or not version.name.startswith("version_"):
+        return
+    if version.parent.resolve() != (Path(logger.root_dir)).resolve():
+        return
+    trainer.logger = TensorBoardLogger(save_dir=logger.save_dir, name=logger.name, version=version.name)
 
 
 def _without_ckpt_path(config_yaml: str) -> str:
@@ -233,4 +256,4 @@ class DataOnlyCLI(LightFedCLI):
 
 
 __all__ = ["DataOnlyCLI", "LightFedCLI", "MAX_PRIVATE_ROUNDS", "PLUGIN_SECTIONS", "builtin_classes", "check_writable",
-           "config_from_checkpoint"]
+           "config_from_checkpoint", "continue_in_run_folder"]

@@ -276,3 +276,41 @@ def test_dp_resume_with_more_rounds_is_not_told_to_change_rounds(tmp_path, capsy
     assert code == 2 and "trainer.rounds (the noise was calibrated for the planned rounds" in line
     assert "changing only: evaluation, logging and checkpoint settings." in line and "only: rounds" not in line
     assert "privacy.init_args.noise_multiplier" in line
+
+
+# ---- TensorBoard: one run, one folder, one step convention ----------------------------------------------
+
+
+def test_resume_continues_in_the_runs_own_version_folder_with_round_index_steps(tmp_path):
+    """Steps are the 0-based index of the round that produced the value (round 1 logs at step 0), in every
+    tag; a resume from the run's own checkpoints writes into the same version_N, so each curve continues."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # Prepare: 2 rounds with TensorBoard, then resume to 4 from its last.ckpt
+    cfg = write_config(tmp_path, logger=True, rounds=2, checkpoint_every=1, eval_every=1)
+    main(["fit", "--config", cfg])
+    run = tmp_path / "config" / "version_0"
+    # Execute
+    main(["fit", "--config", cfg, "--trainer.rounds", "4", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    # Assert
+    assert sorted(p.name for p in (tmp_path / "config").iterdir()) == ["version_0"]
+    assert (run / "checkpoints" / "round-00004.ckpt").is_file() and (run / "global_model.safetensors").is_file()
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    per_round = [t for t in acc.Tags()["scalars"] if not t.startswith(("final/", "best/"))]  # summaries: hparams
+    assert {"round/seconds", "client/loss_mean", "central/test_acc"} <= set(per_round)
+    for tag in per_round:
+        assert [e.step for e in acc.Scalars(tag)] == [0, 1, 2, 3], tag
+
+
+def test_quiet_by_default_and_verbose_on_request(tmp_path, finished_run):
+    """No "Seed set", no "resuming ... changed settings: ckpt_path" around `lightfed test`'s two result lines."""
+    import os
+
+    cmd = [sys.executable, "-m", "lightfed.cli", "test", "--ckpt_path", str(finished_run)]
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTFED_VERBOSE"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
+    assert [line.split(":")[0] for line in out.stdout.splitlines()] == ["central/test_loss", "central/test_acc"]
+    loud = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**env, "LIGHTFED_VERBOSE": "1"})
+    assert "Seed set to 0" in loud.stderr
