@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
             LightFedCLI(args=args, parser_kwargs=raising_parser_kwargs(LightFedCLI))
 
 
-__all__ = ["COMMANDS", "TRACEBACK_ENV", "VERBOSE_ENV", "config_from_checkpoint", "is_config_error", "main", "plain_errors",
+__all__ = ["COMMANDS", "TRACEBACK_ENV", "VERBOSE_ENV", "config_from_checkpoint", "is_config_error", "main",
+           "plain_errors",
            "quiet",
            "raising_parser_kwargs"]
 

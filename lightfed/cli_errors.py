@@ -114,11 +114,13 @@ def report(err: BaseException, command: str, argv: list[str]) -> tuple[int, str]
 
 #: errno values of a file that could not be written: no permission, a read-only file system, a full disk,
 #: a path through a file.
-WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR)
+WRITE_ERRNOS = (
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+)
 
 
 def _write_error(err: BaseException) -> OSError | None:
-    """The OSError of a failed write in ``err``'s chain (lightfed wraps some: ``raise OSError(...) from e``)."""
+    """The OSError of a failed write in ``err``'s chain (lightfed wraps some: ``raise OSError() from e``)."""
     for cause in _chain(err):
         if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
             if cause.errno in WRITE_ERRNOS or (cause.errno is None and _raised_by_lightfed(cause)):
@@ -146,7 +148,8 @@ def write_line(err: OSError, trainer: Any, command: str, argv: list[str]) -> str
             what += " Make it writable, or point trainer.default_root_dir at a writable folder."
     ckpt = _newest_checkpoint(trainer, argv)
     if trainer is not None and command == "fit" and ckpt is not None:
-        what += f" The checkpoint {str(ckpt)!r} holds round {_checkpoint_round(ckpt)}: {_resume_command(argv, ckpt)}"
+        what += (f" The checkpoint {str(ckpt)!r} holds round {_checkpoint_round(ckpt)}: "
+                 f"{_resume_command(argv, ckpt)}")
     return what
 
 
@@ -165,15 +168,17 @@ def interrupted_line(trainer: Any, command: str, argv: list[str]) -> str:
     if callable(release):  # the run is over: its folder is free for the resume
         release()
     done, rounds = int(trainer.round_idx), int(trainer.rounds)
-    where = f"stopped in round {done + 1} of {rounds} ({done} complete)" if done < rounds else "stopped at the end"
+    where = f"stopped in round {done + 1} of {rounds} ({done} complete)"
+    where = "stopped at the end" if done >= rounds else where
     if command != "fit":
         return f"{where}."
     ckpt = _newest_checkpoint(trainer, argv)
     if ckpt is None:
         every = getattr(trainer, "checkpoint_every", None)
-        return (f"{where}; no checkpoint was written yet (trainer.checkpoint_every={every}), so the run starts "
-                f"over: lightfed {' '.join(argv)}")
-    return f"{where}; the checkpoint {str(ckpt)!r} holds round {_checkpoint_round(ckpt)}: {_resume_command(argv, ckpt)}"
+        return (f"{where}; no checkpoint was written yet (trainer.checkpoint_every={every}), so the run "
+                f"starts over: lightfed {' '.join(argv)}")
+    return (f"{where}; the checkpoint {str(ckpt)!r} holds round {_checkpoint_round(ckpt)}: "
+            f"{_resume_command(argv, ckpt)}")
 
 
 def _newest_checkpoint(trainer: Any, argv: list[str]) -> Path | None:
@@ -221,11 +226,12 @@ def unreadable_checkpoint(path: str, err: BaseException) -> str:
     why = (text.rsplit("Unpickler error:", 1)[-1] if "Unpickler error:" in text else text).strip()[:120]
     why = why.split(" Check the documentation")[0].rstrip(". ") or type(err).__name__
     return (f"--ckpt_path {path!r} is not a readable checkpoint (truncated, or not a torch file: {why}). "
-            f"Point it at a complete lightfed checkpoint: .../checkpoints/last.ckpt, or an earlier round-*.ckpt.")
+            f"Point it at a complete lightfed checkpoint: .../checkpoints/last.ckpt, or an earlier "
+            f"round-*.ckpt.")
 
 
 def _is_run_failed(err: BaseException) -> bool:
-    """Whether ``err`` is the trainer's :class:`~lightfed.trainer.RunFailedError` (looked up without importing it)."""
+    """Whether ``err`` is the trainer's :class:`~lightfed.trainer.RunFailedError` (not imported to check)."""
     trainer = sys.modules.get("lightfed.trainer")  # not imported: no run happened, so no run failed
     return trainer is not None and isinstance(err, trainer.RunFailedError)
 
@@ -245,13 +251,13 @@ def error_line(err: BaseException, command: str = "fit") -> str:
 
     lightfed's own checks already say both, so the first exception of the chain (``raise ... from``) that
     code outside jsonargparse raised is quoted as it is: for a plugin's ``__init__`` that jsonargparse
-    reports as a failed Union, that is the plugin's own ValueError. A jsonargparse message (an unknown key, a value of the wrong type) is flattened to
-    its path and its innermost complaint, plus a tip: the nearest valid key, or the ``--help`` that lists
-    what is accepted.
+    reports as a failed Union, that is the plugin's own ValueError. A jsonargparse message (an unknown key, a
+    value of the wrong type, a class_path that does not import) is flattened to its path and its innermost
+    complaint, plus a tip: the nearest valid key or class, or the ``--help`` that lists what is accepted.
     """
     for cause in _chain(err):
         module, _ = _origin(cause.__traceback__)
-        if isinstance(cause, (AttributeError, ImportError)):  # a class_path that does not import: say which key
+        if isinstance(cause, (AttributeError, ImportError)):  # a class_path that does not import: name the key
             continue
         if not _is_machinery(module) and str(cause).strip():
             return _single_line(str(cause))
@@ -349,7 +355,8 @@ def _tip(message: str, keys: list[str], class_paths: list[str], command: str) ->
     elif (m := re.search(r"unrecognized arguments: --([\w.]+)", message)) :
         close = [f"--{c}" for c in difflib.get_close_matches(m[1], _known_keys(m[1], command), n=1)]
     elif (m := re.search(r"Option '([^']+)' is not accepted", message)) and class_paths:
-        close = [f"'{c}'" for c in difflib.get_close_matches(m[1], _init_arguments(class_paths[-1]) or [], n=1)]
+        accepted = _init_arguments(class_paths[-1]) or []
+        close = [f"'{c}'" for c in difflib.get_close_matches(m[1], accepted, n=1)]
     if close:
         return f"Did you mean {close[0]}?"
     if keys == ["config"]:
@@ -360,7 +367,8 @@ def _tip(message: str, keys: list[str], class_paths: list[str], command: str) ->
         if (near := _closest_class(class_paths[-1], keys[0])) is not None:
             return f"Did you mean {near!r}?"
         if _init_arguments(class_paths[-1]) is None:
-            listing = " (`lightfed strategies` lists the registered plugins)" if keys[0] in _PLUGIN_SECTIONS else ""
+            plugin = keys[0] in _PLUGIN_SECTIONS
+            listing = " (`lightfed strategies` lists the registered plugins)" if plugin else ""
             return f"Give the dotted path of an importable class{listing}."
         return f"`lightfed {command} --{keys[0]}.help {class_paths[-1]}` lists what it accepts."
     return f"`lightfed {command} --help` lists every option."
@@ -379,7 +387,8 @@ def _closest_class(class_path: str, section: str) -> str | None:
     if section in _PLUGIN_SECTIONS:
         from lightfed.registry import PRIVACY, SECURE_AGGREGATION, STRATEGIES
 
-        registry = {"strategy": STRATEGIES, "privacy": PRIVACY, "secure_aggregation": SECURE_AGGREGATION}[section]
+        registries = {"strategy": STRATEGIES, "privacy": PRIVACY, "secure_aggregation": SECURE_AGGREGATION}
+        registry = registries[section]
         candidates.update({e.name: e.name for e in registry.entries()})
     if module is not None:  # the module's own classes win: their dotted path always imports
         names = set(getattr(module, "__all__", [])) | {n for n in vars(module) if not n.startswith("_")}

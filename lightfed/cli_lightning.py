@@ -56,8 +56,9 @@ def builtin_classes(modules: tuple[str, ...], base: type) -> list[str]:
 class LightFedCLI(LightningCLI):
     """LightningCLI whose trainer is a :class:`FederatedTrainer` and whose data is federated.
 
-    A run without ``trainer.name`` is named after its config file (``--config experiments/X.yaml`` logs to
-    ``<trainer.default_root_dir>/X/version_N``), so runs of different configs are told apart in TensorBoard.
+    A run without ``trainer.name`` is named after its (first) config file (``--config experiments/X.yaml``
+    logs to ``<trainer.default_root_dir>/X/version_N``), so runs of different configs are told apart in
+    TensorBoard.
     """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
@@ -139,7 +140,7 @@ class LightFedCLI(LightningCLI):
         config = self._config()
         files = [f for f in (config.get("config") or []) if f is not None and str(f).endswith((".yaml", ".yml", ".json"))]
         if config.get("trainer") is not None and config.trainer.get("name") is None and files:
-            config.trainer.name = Path(str(files[-1])).stem
+            config.trainer.name = Path(str(files[0])).stem  # the experiment; later files overlay it
         trainer = config.get("trainer")
         if trainer is None:
             return
@@ -236,8 +237,8 @@ def check_writable(directory: str) -> None:
     if existing is None:
         return
     if not existing.is_dir():
-        raise ValueError(f"trainer.default_root_dir {directory!r}: {str(existing)!r} is a file, not a folder; "
-                         f"point trainer.default_root_dir at a folder.")
+        raise ValueError(f"trainer.default_root_dir {directory!r}: {str(existing)!r} is a file, not a "
+                         f"folder; point trainer.default_root_dir at a folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"trainer.default_root_dir {directory!r} cannot be written ({str(existing)!r} is "
                          f"read-only); point trainer.default_root_dir at a writable folder.")
@@ -255,5 +256,5 @@ class DataOnlyCLI(LightFedCLI):
         self.trainer = self.instantiate_trainer()
 
 
-__all__ = ["DataOnlyCLI", "LightFedCLI", "MAX_PRIVATE_ROUNDS", "PLUGIN_SECTIONS", "builtin_classes", "check_writable",
-           "config_from_checkpoint", "continue_in_run_folder"]
+__all__ = ["DataOnlyCLI", "LightFedCLI", "MAX_PRIVATE_ROUNDS", "PLUGIN_SECTIONS", "builtin_classes",
+           "check_writable", "config_from_checkpoint", "continue_in_run_folder"]

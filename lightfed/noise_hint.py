@@ -1,4 +1,4 @@
-"""One line before a DP run trains: how loud the noise is against the mean update, and what that usually means.
+"""One line before a DP run trains: how loud the noise is against the mean update, and what that means.
 
 A target epsilon that is too small for the cohort does not fail: it trains a model no better than chance.
 Before round 1, :class:`NoiseHint` prints the noise-to-clip ratio of the *mean* update,
@@ -35,14 +35,15 @@ def noise_to_clip_ratio(noise_multiplier: float, expected_cohort: float) -> floa
 def hint(noise_multiplier: float, expected_cohort: float) -> str:
     """The line :class:`NoiseHint` prints (see the module docstring for the ratio)."""
     rho = noise_to_clip_ratio(noise_multiplier, expected_cohort)
-    head = (f"noise-to-clip ratio of the mean update {rho:.3g} (noise std z*C over C*m: z = {noise_multiplier:.4g}, "
-            f"expected cohort m = {expected_cohort:.4g})")
+    head = (f"noise-to-clip ratio of the mean update {rho:.3g} (noise std z*C over C*m: "
+            f"z = {noise_multiplier:.4g}, expected cohort m = {expected_cohort:.4g})")
     if rho < QUIET:
         return f"{head}: small; DP usually costs a few points of accuracy here."
     if rho < LOUD:
-        return f"{head}: large; expect a clear accuracy loss. More clients per round or a larger epsilon lower it."
-    return (f"{head}: the noise usually swamps the update and the model barely learns. Raise the clients per round "
-            f"(trainer.sampler's sampling_rate), raise target_epsilon, or train fewer rounds.")
+        return (f"{head}: large; expect a clear accuracy loss. More clients per round or a larger epsilon "
+                f"lower it.")
+    return (f"{head}: the noise usually swamps the update and the model barely learns. Raise the clients per "
+            f"round (trainer.sampler's sampling_rate), raise target_epsilon, or train fewer rounds.")
 
 
 class NoiseHint(Callback):

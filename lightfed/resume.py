@@ -183,9 +183,9 @@ def check_compatible(trainer: FederatedTrainer, state: dict[str, Any], where: st
         if fixed_rounds:
             unsafe.append("trainer.rounds (the noise was calibrated for the planned rounds: target_epsilon)")
         if unsafe:
-            may = "evaluation, logging and checkpoint settings" if target_eps else "rounds, evaluation, logging and checkpoint settings"
-            longer = (" To train more rounds under target_epsilon, start a new run with the rounds you want, or give "
-                      "privacy.init_args.noise_multiplier instead." if fixed_rounds else "")
+            may = ("" if target_eps else "rounds, ") + "evaluation, logging and checkpoint settings"
+            longer = (" To train more rounds under target_epsilon, start a new run with the rounds you want, or "
+                      "give privacy.init_args.noise_multiplier instead." if fixed_rounds else "")
             raise ValueError(
                 f"{where} was written with another config; these keys differ and break an exact resume: "
                 f"{', '.join(unsafe[:8])}{' ...' if len(unsafe) > 8 else ''}. Resume with the checkpoint's config "

@@ -118,7 +118,9 @@ def write_package(name: str, directory: str | Path = ".") -> Path:
     package, dist = f"lightfed_{snake}", f"lightfed-{snake.replace('_', '-')}"
     root = Path(directory) / dist
     if not Path(directory).is_dir():
-        raise ValueError(f"--dir {str(directory)!r} is not an existing folder; create it first (mkdir -p) or fix the path.")
+        raise ValueError(
+            f"--dir {str(directory)!r} is not an existing folder; create it first (mkdir -p) or fix the path."
+        )
     if root.exists():
         raise ValueError(f"{root} already exists; choose another --dir or remove it.")
     fields = {"name": name, "snake": snake, "package": package, "dist": dist, "entry": snake}

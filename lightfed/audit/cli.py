@@ -51,7 +51,9 @@ from lightfed.seeding import derive_seed, make_generator
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="lightfed audit", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="lightfed audit", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("--config", default=None,
                         help="the run's config (default: the resolved config stored in the checkpoint)")
     parser.add_argument("--ckpt_path", required=True, help="a lightfed checkpoint of that run")
@@ -131,7 +133,8 @@ def main(argv: list[str]) -> None:
         for level in ("example", "client"):
             r = part[level]
             print(f"{level}-level {name}: AUC {r['auc']:.3f}, TPR@0.1%FPR {_tpr(r, '0.1%', 1000)}, "
-                  f"TPR@1%FPR {_tpr(r, '1%', 100)} ({int(r['members'])} members, {int(r['non_members'])} non-members)")
+                  f"TPR@1%FPR {_tpr(r, '1%', 100)} ({int(r['members'])} members, "
+                  f"{int(r['non_members'])} non-members)")
     print(f"report: {out / 'audit_membership.json'}")
 
 

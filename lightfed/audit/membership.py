@@ -55,7 +55,8 @@ class AttackResult:
     def as_dict(self, prefix: str = "") -> dict[str, Any]:
         return {f"{prefix}auc": self.auc, f"{prefix}tpr@0.1%fpr": self.tpr_at_0_1_fpr,
                 f"{prefix}tpr@0.1%fpr_ci95": _list(self.tpr_at_0_1_fpr_ci),
-                f"{prefix}tpr@1%fpr": self.tpr_at_1_fpr, f"{prefix}tpr@1%fpr_ci95": _list(self.tpr_at_1_fpr_ci),
+                f"{prefix}tpr@1%fpr": self.tpr_at_1_fpr,
+                f"{prefix}tpr@1%fpr_ci95": _list(self.tpr_at_1_fpr_ci),
                 f"{prefix}members": float(self.members), f"{prefix}non_members": float(self.non_members)}
 
 

@@ -151,11 +151,13 @@ def _check_targets(module: nn.Module, targets: Any) -> None:
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
-        hints = [f"{t!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(t, linear, n=1)) else repr(t)
-                 for t in missing]
+        hints = []
+        for t in missing:
+            close = difflib.get_close_matches(t, linear, n=1)
+            hints.append(f"{t!r} (did you mean {close[0]!r}?)" if close else repr(t))
         raise ValueError(
-            f"model.lora.target_modules: {', '.join(hints)} matches no layer of {type(module).__name__}, so it would "
-            f"get no adapter; the linear layer names are {linear}."
+            f"model.lora.target_modules: {', '.join(hints)} matches no layer of {type(module).__name__}, so it "
+            f"would get no adapter; the linear layer names are {linear}."
         )
 
 
