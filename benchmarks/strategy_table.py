@@ -1,7 +1,7 @@
 """The strategy results table: every registered strategy on digits, same budget, one command.
 
-    python benchmarks/strategy_table.py                 # a few minutes on 2 CPU cores; rewrites docs/strategies.md
-    python benchmarks/strategy_table.py --rounds 3 --no-write --strategies FedAvg Krum   # a quick look
+    .venv/bin/python benchmarks/strategy_table.py --write    # a few minutes; rewrites docs/strategies.md
+    .venv/bin/python benchmarks/strategy_table.py --rounds 3 --strategies FedAvg Krum   # prints only
 
 For each strategy (``STRATEGIES.names()``: FedAvg, the zoo, and any installed plugin) it trains the same MLP
 on scikit-learn's digits, split over 20 clients by a Dirichlet(alpha) label skew, all 20 clients in every
@@ -148,7 +148,8 @@ def markdown(rows: list[dict[str, Any]], rounds: int, seed: int, seconds: float)
         f"\n{data_note(seed)}; all clients in every round, {rounds} rounds, 1 local epoch, batch 16, MLP 64-32-10, "
         f"local SGD lr {LOCAL_LR} (no momentum), seed {seed}; central test accuracy after the last round. "
         f"Sign-flip: {F} fixed clients send `-delta` (or `-4 delta`) every round; Krum / Multi-Krum / Bulyan use "
-        f"f={F}. Produced by `python benchmarks/strategy_table.py` in {seconds / 60:.1f} min "
+        f"f={F}. Produced by "
+        f"`.venv/bin/python benchmarks/strategy_table.py --write` in {seconds / 60:.1f} min "
         f"(torch {torch.__version__}, CPU).\n"
     )
     return head + body + foot
@@ -169,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strategies", nargs="*", default=None, help="registered names (default: all)")
     parser.add_argument("--root", default="runs/strategy_table", help="where the runs write their checkpoints")
-    parser.add_argument("--no-write", action="store_true", help=f"print the table, leave {DOC.name} alone")
+    parser.add_argument("--write", action="store_true",
+                        help=f"also rewrite the table in {DOC} (default: print only)")
+    parser.add_argument("--no-write", action="store_true", help="the default (kept for old command lines)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = measure(names, args.rounds, args.seed, Path(args.root))
     table = markdown(rows, args.rounds, args.seed, time.perf_counter() - start)
     print("\n" + table)
-    if not args.no_write:
+    if args.write and not args.no_write:
         write_table(table)
         print(f"written to {DOC}")
 

@@ -17,6 +17,7 @@ provide then reports the import error instead of "unknown strategy".
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import inspect
 import warnings
@@ -178,8 +179,10 @@ class Registry(Generic[T]):
         broken = "".join(
             f" Installed but failed to import: {f.name} ({f.describe()}): {f.error_text()}." for f in self.failed()
         )
+        close = difflib.get_close_matches(name.lower(), list(self._entries), n=1)
+        hint = f" Did you mean {self._entries[close[0]].name!r}?" if close else ""
         raise KeyError(
-            f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or '(none)'}. "
+            f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or '(none)'}.{hint} "
             f"Use one of these names, or a dotted class_path to your own class.{broken}"
         )
 

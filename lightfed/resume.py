@@ -193,13 +193,17 @@ def check_compatible(trainer: FederatedTrainer, state: dict[str, Any], where: st
     if progress["config"] and trainer.config_yaml:
         unsafe, safe = config_changes(progress["config"], trainer.config_yaml)
         target_eps = "privacy.init_args.target_epsilon" in _flatten(yaml.safe_load(trainer.config_yaml) or {})
-        if target_eps and "trainer.rounds" in safe:
+        fixed_rounds = target_eps and "trainer.rounds" in safe
+        if fixed_rounds:
             unsafe.append("trainer.rounds (the noise was calibrated for the planned rounds: target_epsilon)")
         if unsafe:
+            may = ("" if target_eps else "rounds, ") + "evaluation, logging and checkpoint settings"
+            longer = (" To train more rounds under target_epsilon, start a new run with the rounds you want, or "
+                      "give privacy.init_args.noise_multiplier instead." if fixed_rounds else "")
             raise ValueError(
                 f"{where} was written with another config; these keys differ and break an exact resume: "
                 f"{', '.join(unsafe[:8])}{' ...' if len(unsafe) > 8 else ''}. Resume with the checkpoint's config "
-                f"(its config.yaml) changing only: rounds, evaluation, logging and checkpoint settings."
+                f"(its config.yaml) changing only: {may}.{longer}"
             )
         if safe:
             log.warning("resuming %s with changed settings: %s", where, ", ".join(safe))

@@ -66,7 +66,8 @@ class UniformSampler(ClientSampler):
         if m > num_clients:
             raise ValueError(
                 f"clients_per_round={m} but the data has only {num_clients} clients; lower "
-                f"`trainer.clients_per_round` or raise `data.num_clients`."
+                f"`trainer.clients_per_round`, or raise the partitioner's client count "
+                f"(`data.init_args.partitioner.init_args.num_clients`)."
             )
 
     def sample(self, round_idx: int, num_clients: int, seed: int) -> list[int]:

@@ -107,7 +107,8 @@ def write_package(name: str, directory: str | Path = ".") -> Path:
     """Write the plugin package of strategy ``name`` under ``directory``; return its folder.
 
     Raises:
-        ValueError: if ``name`` is not a Python class name, or the folder already exists.
+        ValueError: if ``name`` is not a Python class name, ``directory`` is not a folder, or the package
+            folder already exists.
     """
     if not name.isidentifier() or keyword.iskeyword(name) or not name[0].isupper():
         raise ValueError(
@@ -116,6 +117,10 @@ def write_package(name: str, directory: str | Path = ".") -> Path:
     snake = _snake(name)
     package, dist = f"lightfed_{snake}", f"lightfed-{snake.replace('_', '-')}"
     root = Path(directory) / dist
+    if not Path(directory).is_dir():
+        raise ValueError(
+            f"--dir {str(directory)!r} is not an existing folder; create it first (mkdir -p) or fix the path."
+        )
     if root.exists():
         raise ValueError(f"{root} already exists; choose another --dir or remove it.")
     fields = {"name": name, "snake": snake, "package": package, "dist": dist, "entry": snake}

@@ -215,8 +215,8 @@ def test_console_script_config_error_is_one_line(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert error_lines(out.stderr) == [
-        "lightfed: error: clients_per_round=50 but the data has only 20 clients; lower `trainer.clients_per_round` "
-        "or raise `data.num_clients`."
+        "lightfed: error: clients_per_round=50 but the data has only 20 clients; lower `trainer.clients_per_round`, "
+        "or raise the partitioner's client count (`data.init_args.partitioner.init_args.num_clients`)."
     ]
 
 

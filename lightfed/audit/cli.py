@@ -1,12 +1,13 @@
 """``lightfed audit``: attacks on a finished model, from the run's config and checkpoint.
 
-    lightfed audit --config experiments/digits_fedavg.yaml --ckpt_path runs/.../checkpoints/last.ckpt
-    lightfed audit --config ... --ckpt_path ... --attack all --shadows 8     # also offline LiRA
-    lightfed audit --config ... --ckpt_path ... --attack reconstruction      # one client's update, inverted
+    lightfed audit --ckpt_path runs/.../checkpoints/last.ckpt        # the config is read from the checkpoint
+    lightfed audit --ckpt_path ... --attack all --shadows 8         # also offline LiRA
+    lightfed audit --ckpt_path ... --attack reconstruction          # one client's update, inverted
 
 Runs the loss-threshold membership inference attack (Yeom et al. 2018) and, with ``--attack lira`` or ``all``,
 offline LiRA (Carlini et al. 2022) with ``--shadows`` shadow models, example-level and client-level, on the
-checkpoint's global model; prints AUC and TPR at 0.1% / 1% FPR, and writes ``audit_membership.json`` and
+checkpoint's global model; prints AUC and TPR at 0.1% / 1% FPR with 95% Clopper-Pearson intervals (an FPR
+below 1 / non-members is not measured), and writes ``audit_membership.json`` and
 ``audit_membership_roc.png`` next to the checkpoint's run (or ``--out``). ``--attack reconstruction`` sends one
 example of each of the first ``--clients`` clients as a one-step update from the checkpoint's model through the
 run's clip and noise (a cohort of one) and reconstructs it (analytic first layer and gradient inversion):
@@ -50,8 +51,11 @@ from lightfed.seeding import derive_seed, make_generator
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="lightfed audit", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the run's config (its resolved config.yaml, or the experiment)")
+    parser = argparse.ArgumentParser(
+        prog="lightfed audit", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
+    parser.add_argument("--config", default=None,
+                        help="the run's config (default: the resolved config stored in the checkpoint)")
     parser.add_argument("--ckpt_path", required=True, help="a lightfed checkpoint of that run")
     parser.add_argument("--out", default=None, help="folder of the report (default: the checkpoint's run folder)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pseudo-clients and of LiRA's shadow subsets")
@@ -73,7 +77,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def quiet_cli(config: str, root: str, extra: list[str] = ()) -> Any:
     """A ``LightFedCLI`` of ``config`` without logger, progress bar, callbacks, audits or checkpoints, not yet run."""
-    from lightfed.cli import LightFedCLI
+    from lightfed.cli_lightning import LightFedCLI
 
     with contextlib.redirect_stdout(io.StringIO()), mock.patch.object(sys, "argv", sys.argv[:1]):
         return LightFedCLI(args=["--config", config, "--trainer.logger", "false", "--trainer.enable_progress_bar",
@@ -88,10 +92,14 @@ def main(argv: list[str]) -> None:
     if not ckpt.is_file():
         raise SystemExit(f"lightfed: error: --ckpt_path {str(ckpt)!r} does not exist; point it at a lightfed checkpoint.")
     out = Path(args.out) if args.out else (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent)
+    if args.config is None:
+        from lightfed.cli_lightning import config_from_checkpoint
+
+        args.config = config_from_checkpoint(str(ckpt))  # jsonargparse's --config takes the YAML itself
     with tempfile.TemporaryDirectory() as scratch:
         cli = quiet_cli(args.config, scratch)
         trainer = cli.trainer
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _no_resume_notice():
             central = trainer.test(cli.model, cli.datamodule, ckpt_path=str(ckpt))
         if args.attack == "reconstruction":
             from torch.utils.tensorboard import SummaryWriter
@@ -124,9 +132,36 @@ def main(argv: list[str]) -> None:
     for name, part in rows:
         for level in ("example", "client"):
             r = part[level]
-            print(f"{level}-level {name}: AUC {r['auc']:.3f}, TPR@0.1%FPR {r['tpr@0.1%fpr']:.4f}, "
-                  f"TPR@1%FPR {r['tpr@1%fpr']:.4f} ({int(r['members'])} members, {int(r['non_members'])} non-members)")
+            print(f"{level}-level {name}: AUC {r['auc']:.3f}, TPR@0.1%FPR {_tpr(r, '0.1%', 1000)}, "
+                  f"TPR@1%FPR {_tpr(r, '1%', 100)} ({int(r['members'])} members, "
+                  f"{int(r['non_members'])} non-members)")
     print(f"report: {out / 'audit_membership.json'}")
+
+
+def _tpr(result: dict[str, Any], level: str, needed: int) -> str:
+    """``0.0500 [0.0165, 0.1128]`` (95% Clopper-Pearson), or why that FPR cannot be measured."""
+    value, ci = result[f"tpr@{level}fpr"], result[f"tpr@{level}fpr_ci95"]
+    if value is None:
+        return f"n/a (an FPR of {level} needs >= {needed} non-members)"
+    return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+@contextlib.contextmanager
+def _no_resume_notice() -> Any:
+    """The audit loads the checkpoint with its own settings (no logger, no checkpoints): that is no resume, so
+    the resume check's "resuming ... with changed settings" notice is not shown."""
+    import logging
+
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith("resuming")
+
+    drop, logger = Drop(), logging.getLogger("lightfed")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _global_model(trainer: Any) -> Any:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,18 +37,48 @@ from lightfed.seeding import make_generator
 
 @dataclass(frozen=True)
 class AttackResult:
-    """An attack's ROC summary: AUC, TPR at 0.1% and 1% FPR, and the counts it was computed from."""
+    """An attack's ROC summary: AUC, TPR at 0.1% and 1% FPR with 95% Clopper-Pearson intervals, and the counts
+    it was computed from.
+
+    A TPR at an FPR below ``1 / non_members`` is not measured (``None``): with 100 non-members the smallest
+    non-zero FPR is 1%, so "TPR at 0.1% FPR" would be the TPR at zero false positives, read as something else.
+    """
 
     auc: float
-    tpr_at_0_1_fpr: float
-    tpr_at_1_fpr: float
+    tpr_at_0_1_fpr: float | None
+    tpr_at_1_fpr: float | None
     members: int
     non_members: int
+    tpr_at_0_1_fpr_ci: tuple[float, float] | None = None
+    tpr_at_1_fpr_ci: tuple[float, float] | None = None
 
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
+    def as_dict(self, prefix: str = "") -> dict[str, Any]:
         return {f"{prefix}auc": self.auc, f"{prefix}tpr@0.1%fpr": self.tpr_at_0_1_fpr,
-                f"{prefix}tpr@1%fpr": self.tpr_at_1_fpr, f"{prefix}members": float(self.members),
-                f"{prefix}non_members": float(self.non_members)}
+                f"{prefix}tpr@0.1%fpr_ci95": _list(self.tpr_at_0_1_fpr_ci),
+                f"{prefix}tpr@1%fpr": self.tpr_at_1_fpr,
+                f"{prefix}tpr@1%fpr_ci95": _list(self.tpr_at_1_fpr_ci),
+                f"{prefix}members": float(self.members), f"{prefix}non_members": float(self.non_members)}
+
+
+def _list(ci: tuple[float, float] | None) -> list[float] | None:
+    return None if ci is None else [ci[0], ci[1]]
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson 1934) two-sided interval of a binomial proportion from ``k`` of ``n``.
+
+    ``[B(a/2; k, n-k+1), B(1-a/2; k+1, n-k)]`` with ``B`` the Beta quantile and ``a = 1 - confidence``; the
+    lower end is 0 when ``k = 0`` and the upper end 1 when ``k = n``. Conservative: it covers at least
+    ``confidence`` for every true proportion.
+    """
+    from scipy.stats import beta
+
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"clopper_pearson needs 0 <= k <= n and n >= 1, got k={k}, n={n}.")
+    a = 1.0 - confidence
+    low = 0.0 if k == 0 else float(beta.ppf(a / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - a / 2, k + 1, n - k))
+    return low, high
 
 
 def roc_curve(member_scores: np.ndarray, non_member_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,16 +93,22 @@ def roc_curve(member_scores: np.ndarray, non_member_scores: np.ndarray) -> tuple
 
 
 def attack_result(member_scores: np.ndarray, non_member_scores: np.ndarray) -> AttackResult:
-    """AUC (trapezoid over the ROC) and TPR at 0.1% / 1% FPR (the best TPR with FPR at most that)."""
+    """AUC (trapezoid over the ROC) and TPR at 0.1% / 1% FPR (the best TPR with FPR at most that), each with
+    its 95% Clopper-Pearson interval over the members; ``None`` at an FPR below ``1 / non_members``."""
     if len(member_scores) == 0 or len(non_member_scores) == 0:
         raise ValueError("membership inference needs members and non-members, got an empty set.")
     fpr, tpr = roc_curve(np.asarray(member_scores, float), np.asarray(non_member_scores, float))
     auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+    m, n = len(member_scores), len(non_member_scores)
 
-    def tpr_at(level: float) -> float:
-        return float(tpr[fpr <= level].max())
+    def tpr_at(level: float) -> tuple[float | None, tuple[float, float] | None]:
+        if level < 1.0 / n:  # no threshold can show this FPR: refuse rather than report the TPR at FPR 0
+            return None, None
+        best = float(tpr[fpr <= level].max())
+        return best, clopper_pearson(round(best * m), m)
 
-    return AttackResult(auc, tpr_at(0.001), tpr_at(0.01), len(member_scores), len(non_member_scores))
+    (low, low_ci), (one, one_ci) = tpr_at(0.001), tpr_at(0.01)
+    return AttackResult(auc, low, one, m, n, low_ci, one_ci)
 
 
 @torch.no_grad()

