@@ -42,7 +42,7 @@ from lightfed.privacy.accounting import (
     default_delta,
 )
 from lightfed.privacy.base import PrivacyMechanism
-from lightfed.privacy.central import DPFixedClipping, check_dp_strategy
+from lightfed.privacy.central import DPFixedClipping, check_delta, check_dp_strategy
 from lightfed.registry import PRIVACY
 from lightfed.sampling import ClientSampler
 from lightfed.strategy import Strategy
@@ -91,6 +91,7 @@ class DPCappedParticipation(DPFixedClipping):
         client_num_examples: Sequence[int] | None = None,
     ) -> None:
         check_dp_strategy(strategy, type(self).__name__, weighted_ok=False)
+        check_delta(self.delta, num_clients)
         self.seed, self.rounds, self.num_clients = seed, rounds, num_clients
         k = max(1, int(round(sampler.expected_cohort(num_clients))))
         # Every flush is an unsampled Gaussian (kind "full" = GaussianDpEvent(z)) over a cohort of K.
