@@ -155,3 +155,11 @@ def test_tensorboard_gets_accuracy_against_virtual_seconds_and_the_figure(tmp_pa
     assert [step for step, _ in by_time] == [int(seconds[1]), int(seconds[3])]
     assert [v for _, v in by_time] == pytest.approx([h["central/test_acc"] for h in trainer.history[1::2]])
     assert "time/curve" in events.Tags()["images"]
+
+
+def test_capped_dp_refuses_a_delta_of_one_over_n_or_more(tmp_path):
+    """BoringFederatedData has 12 clients: delta 0.1 >= 1/12 would allow publishing one client's data."""
+    privacy = DPCappedParticipation(noise_multiplier=1.0, max_participations=2, delta=0.1, verbose=False)
+    trainer = make_trainer(tmp_path, strategy=FedBuff(), privacy=privacy, clock=BufferedAsync(concurrency=4))
+    with pytest.raises(ValueError, match="delta"):
+        trainer.fit(boring_model(), BoringFederatedData())
