@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 
 class FloatSum:
-    """The float32 ``StreamingSum`` before the exact sum (the baseline): ``acc.add_(x, alpha=w)`` in arrival order."""
+    """The float32 ``StreamingSum`` before the exact sum (the baseline): ``acc.add_(x, alpha=w)`` in order."""
 
     def __init__(self) -> None:
         self.delta_sum = None
@@ -63,8 +63,13 @@ class FloatSum:
 
         if self.delta_sum is None:
             return None
-        return RoundAggregate(self.delta_sum, self.weight_sum, self.num_clients, self.extras_sum,
-                              counts_sum=dict(self.counts_sum))
+        return RoundAggregate(
+            self.delta_sum,
+            self.weight_sum,
+            self.num_clients,
+            self.extras_sum,
+            counts_sum=dict(self.counts_sum),
+        )
 
 
 def _quiet() -> None:
@@ -75,9 +80,9 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-# ---------------------------------------------------------------------------------------- 1. W2 on 1 / 2 processes
+# ------------------------------------------------------------------------- 1. W2 on 1 / 2 processes
 def run_w2(processes: int, rounds: int, out: str) -> None:
-    """W2 through the trainer on ``processes`` CPU processes; rank 0 saves the global model after every round."""
+    """W2 through the trainer on ``processes`` CPU processes; rank 0 saves the global model each round."""
     import torch
 
     torch.set_num_threads(1)
@@ -102,14 +107,31 @@ def run_w2(processes: int, rounds: int, out: str) -> None:
     kwargs = {"devices": processes, "fabric_strategy": "ddp"} if processes > 1 else {}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = FederatedTrainer(
-            rounds=rounds, clients_per_round=workload.clients_per_round, local_epochs=workload.local_epochs,
-            batch_size=workload.batch_size, eval_every=rounds, fed_eval_fraction=0.0, checkpoint_every=0, logger=False,
-            enable_progress_bar=False, default_root_dir=tmp, seed=0, accelerator="cpu", callbacks=[keep], **kwargs,
+            rounds=rounds,
+            clients_per_round=workload.clients_per_round,
+            local_epochs=workload.local_epochs,
+            batch_size=workload.batch_size,
+            eval_every=rounds,
+            fed_eval_fraction=0.0,
+            checkpoint_every=0,
+            logger=False,
+            enable_progress_bar=False,
+            default_root_dir=tmp,
+            seed=0,
+            accelerator="cpu",
+            callbacks=[keep],
+            **kwargs,
         )
         history = trainer.fit(model, dm)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        torch.save({"params": keep.params, "seconds": keep.seconds,
-                    "accuracy": history[-1].get("central/test_acc", float("nan"))}, out)
+        torch.save(
+            {
+                "params": keep.params,
+                "seconds": keep.seconds,
+                "accuracy": history[-1].get("central/test_acc", float("nan")),
+            },
+            out,
+        )
 
 
 def w2_processes(before_tree: str | None, rounds: int) -> dict:
@@ -126,8 +148,17 @@ def w2_processes(before_tree: str | None, rounds: int) -> dict:
             for n in (1, 2):
                 path = os.path.join(tmp, f"{label[:5]}-{n}.pt")
                 env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--run", "--processes", str(n), "--rounds",
-                       str(rounds), "--out", path]
+                cmd = [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--run",
+                    "--processes",
+                    str(n),
+                    "--rounds",
+                    str(rounds),
+                    "--out",
+                    path,
+                ]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if done.returncode != 0:
                     raise RuntimeError(done.stderr[-3000:])
@@ -158,9 +189,12 @@ def sum_cost(repeats: int) -> dict:
     for workload in (w1(), w2()):
         numel = sum(p.numel() for p in workload.make_model().parameters())
         gen = make_generator(0, "exact_sum_bench")
-        updates = [ClientUpdate(c, torch.randn(numel, generator=gen) * 1e-2, 100 + c) for c in range(workload.clients_per_round)]
+        updates = [
+            ClientUpdate(c, torch.randn(numel, generator=gen) * 1e-2, 100 + c)
+            for c in range(workload.clients_per_round)
+        ]
 
-        def one_round(cls) -> float:
+        def one_round(cls, updates=updates) -> float:
             start = time.perf_counter()
             agg = cls()
             for u in updates:
@@ -173,7 +207,13 @@ def sum_cost(repeats: int) -> dict:
             times["float32"].append(one_round(FloatSum))
             times["exact"].append(one_round(StreamingSum))
         f, e = median(times["float32"]) * 1e3, median(times["exact"]) * 1e3
-        out[workload.name] = {"numel": numel, "clients": len(updates), "float32_ms": f, "exact_ms": e, "ratio": e / f}
+        out[workload.name] = {
+            "numel": numel,
+            "clients": len(updates),
+            "float32_ms": f,
+            "exact_ms": e,
+            "ratio": e / f,
+        }
     return out
 
 
@@ -184,8 +224,9 @@ def w1_rounds(repeats: int) -> dict:
 
     torch.set_num_threads(1)
     _quiet()
-    import lightfed.server as server
     from workloads import run_lightfed, w1
+
+    import lightfed.server as server
 
     exact = server.StreamingSum
     per_round: dict[str, list[float]] = {"float32": [], "exact": []}
@@ -204,8 +245,12 @@ def w1_rounds(repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before-tree", help="a checkout of lightfed with the old float32 sum (for the 'before')")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--before-tree", help="a checkout of lightfed with the old float32 sum (for the 'before')"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", nargs="*", default=["processes", "cost", "w1"])

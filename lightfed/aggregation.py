@@ -30,10 +30,11 @@ class Aggregator:
 class StreamingSum(Aggregator):
     """Running ``sum_k w_k x_k`` and ``sum_k w_k`` for the delta and each extra; ``sum_k c_k`` for each count.
 
-    Every sum is exact and order-free (:mod:`lightfed.exact_sum`): the tensors in int64 bins, the weights
-    and counts as exact scalars. So the released sums have the same bits whatever the order of the updates
-    and however the cohort is sharded over processes (:func:`lightfed.distributed.merge_round` all-reduces
-    the same bins), and each coordinate is within one float32 ulp of the exact sum.
+    Every sum is exact and order-free (:mod:`lightfed.exact_sum`): the tensors as integer bins (24 bytes a
+    coordinate), the weights and counts as exact scalars. So the released sums have the same bits whatever
+    the order of the updates and however the cohort is sharded over processes
+    (:func:`lightfed.distributed.merge_round` all-reduces the same bins), and each coordinate is within one
+    float32 ulp of the exact sum.
     """
 
     def __init__(self) -> None:

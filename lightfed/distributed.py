@@ -37,7 +37,13 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def pack_shard(shard: ShardResult, numel: int, device: torch.device) -> tuple[dict[str, Any], Callable[[list[str], dict[str, int], dict[str | None, int]], Tensor]]:
+#: The extras' names, their sizes, and each sum's block (``None``: the delta's).
+Layout = tuple[list[str], dict[str, int], dict[str | None, int]]
+
+
+def pack_shard(
+    shard: ShardResult, numel: int, device: torch.device
+) -> tuple[dict[str, Any], Callable[..., Tensor]]:
     """This process's side information (for ``all_gather_object``) and a builder of its flat int64 bins.
 
     The sums are exact (:mod:`lightfed.exact_sum`): the weight and count sums travel as exact integers in
@@ -48,7 +54,7 @@ def pack_shard(shard: ShardResult, numel: int, device: torch.device) -> tuple[di
     """
     aggregator = shard.aggregator
     assert isinstance(aggregator, StreamingSum)
-    sums: dict[str | None, ExactSum | None] = {None: aggregator.delta_sum, **aggregator.extras_sum}  # None: the delta
+    sums: dict[str | None, ExactSum | None] = {None: aggregator.delta_sum, **aggregator.extras_sum}
     info = {
         "metrics": shard.metrics, "rejected": shard.rejected, "states": shard.states, "extra": shard.extra,
         "steps": shard.steps,
@@ -73,8 +79,8 @@ def pack_shard(shard: ShardResult, numel: int, device: torch.device) -> tuple[di
     return info, flat
 
 
-def layout(gathered: list[dict[str, Any]]) -> tuple[list[str], dict[str, int], dict[str | None, int]]:
-    """The extras' names and sizes, and each sum's block: the largest of any process (``None``: the delta's)."""
+def layout(gathered: list[dict[str, Any]]) -> Layout:
+    """The extras' names and sizes, and each sum's block: the largest of any process (``None``: the delta)."""
     names = sorted({k for g in gathered for k in g["extras"]})
     sizes = {k: n for g in gathered for k, n in g["extras"].items()}
     blocks: dict[str | None, int] = {}
@@ -87,7 +93,7 @@ def layout(gathered: list[dict[str, Any]]) -> tuple[list[str], dict[str, int], d
 def unpack_shards(
     flat: Tensor, gathered: list[dict[str, Any]], numel: int, robust: bool, device: torch.device
 ) -> ShardResult:
-    """The round's merged :class:`ShardResult` from the summed flat bins and every process's side information."""
+    """The round's merged :class:`ShardResult` from the summed flat bins and every process's side info."""
     names, sizes, blocks = layout(gathered)
     merged: StreamingSum = CollectAll() if robust else StreamingSum()
     offset = 0

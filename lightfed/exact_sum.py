@@ -12,7 +12,8 @@ reproducible floating-point summation", ARITH 2013; "Parallel reproducible summa
 with integer bins. A term ``t = w x`` is formed in float64 and cut at fixed bit positions into ``K = 3``
 integer digits by rounding to nearest,
 
-    t = sum_{k<K} d_k 2^(p_k) + r,   p_k = 32 (b - 1 - k),   d_k = round((t - sum_{j<k} d_j 2^(p_j)) / 2^(p_k)),
+    t = sum_{k<K} d_k 2^(p_k) + r,   p_k = 32 (b - 1 - k),
+    d_k = round((t - sum_{j<k} d_j 2^(p_j)) / 2^(p_k)),
 
 so ``|d_k| <= 2^32`` and ``|r| <= 2^(p_(K-1) - 1)`` (dropped). The *block* ``b`` is the smallest integer
 with ``max |t| < 2^(32 b)`` over the tensor. Each bin ``k`` keeps ``S_k = sum d_k``: integers, so exact and
@@ -93,10 +94,13 @@ class ExactSum:
         """Add ``weight * x`` (formed in float64, as every process forms it).
 
         Raises:
-            ValueError: ``x`` has another shape or a non-finite value, or the sum would exceed :data:`MAX_TERMS`.
+            ValueError: ``x`` has another shape or a non-finite value, or the sum would exceed
+                :data:`MAX_TERMS` terms.
         """
         if x.shape != self.shape:
-            raise ValueError(f"exact sum of shape {tuple(self.shape)} cannot add a term of shape {tuple(x.shape)}.")
+            raise ValueError(
+                f"exact sum of shape {tuple(self.shape)} cannot add a term of shape {tuple(x.shape)}."
+            )
         self._count(1)
         x = x.detach() if x.requires_grad else x
         x = x.reshape(-1) if x.dim() != 1 else x
@@ -106,7 +110,9 @@ class ExactSum:
         low, high = torch.aminmax(x)  # NaN if any coordinate is NaN
         magnitude = abs(weight) * max(-low.item(), high.item())  # = max |fl(w x)|: rounding is monotone
         if not (math.isfinite(magnitude) and low.item() == low.item()):
-            raise ValueError(f"an exact sum needs finite terms, got max |w x| = {magnitude} (weight {weight}).")
+            raise ValueError(
+                f"an exact sum needs finite terms, got max |w x| = {magnitude} (weight {weight})."
+            )
         if magnitude == 0.0:
             return
         self.align(max(self.block, block_of(magnitude)))
@@ -138,7 +144,8 @@ class ExactSum:
             return
         for piece, bins in zip(x.split(CHUNK), self.bins.split(CHUNK, dim=1)):
             n = piece.numel()
-            yield piece, bins.unbind(0), (self._buffers if n == CHUNK else tuple(b[:n] for b in self._buffers))
+            buffers = self._buffers if n == CHUNK else (self._buffers[0][:n], self._buffers[1][:n])
+            yield piece, bins.unbind(0), buffers
 
     def _count(self, terms: int) -> None:
         if self.terms + terms > MAX_TERMS:
@@ -169,7 +176,8 @@ class ExactSum:
 
     def value(self) -> Tensor:
         """The sum as a tensor of the terms' dtype: within one ulp of the exact sum (see the module)."""
-        negative = _carried(self.bins.clone())[0] < 0  # carried, the lower bins are in [0, 2^32): the top has the sign
+        # carried, the lower bins are in [0, 2^32), so the top bin has the sign of the sum
+        negative = _carried(self.bins.clone())[0] < 0
         bins = _carried(torch.where(negative, -self.bins, self.bins))  # |sum|: every bin >= 0
         out = bins[NUM_BINS - 1] * 2.0 ** (BIN_BITS * (self.block - NUM_BINS))
         for k in reversed(range(NUM_BINS - 1)):  # smallest first, all of one sign: no cancellation

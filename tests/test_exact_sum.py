@@ -1,4 +1,4 @@
-"""Exact, order-free sums: the same bits for every order and every sharding, within one ulp of the exact sum."""
+"""Exact, order-free sums: the same bits for every order and sharding, within one ulp of the exact sum."""
 
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ def updates() -> list[tuple[ClientUpdate, float]]:
     for k, scale in enumerate([1e-12, 1e3, 3e-4, 0.0, 1.0]):
         delta = torch.randn(257, generator=gen) * scale * torch.logspace(-6, 0, 257)
         if k == 4:
-            delta = -out[1][0].delta * (0.8 / 2.9) + torch.randn(257, generator=gen)  # w4 x4 cancels most of w1 x1
+            # w4 x4 cancels most of w1 x1
+            delta = -out[1][0].delta * (0.8 / 2.9) + torch.randn(257, generator=gen)
         extra = torch.randn(5, generator=gen) * scale
-        out.append((ClientUpdate(k, delta, 10 + k, extras={"c": extra}, counts={"clip_bit": 0.1 * k - 0.25}), 0.1 + 0.7 * k))
+        update = ClientUpdate(k, delta, 10 + k, extras={"c": extra}, counts={"clip_bit": 0.1 * k - 0.25})
+        out.append((update, 0.1 + 0.7 * k))
     return out
 
 
@@ -67,17 +69,18 @@ def test_every_order_and_every_sharding_gives_the_same_bits():
         for assignment in itertools.product(range(num_shards), repeat=len(pairs)):
             if len(set(assignment)) < num_shards and len(pairs) >= num_shards:
                 continue  # an empty shard is tested below
-            shards = [[pairs[i] for i in torch.randperm(len(pairs), generator=gen).tolist() if assignment[i] == s]
-                      for s in range(num_shards)]
+            order = torch.randperm(len(pairs), generator=gen).tolist()
+            shards = [[pairs[i] for i in order if assignment[i] == s] for s in range(num_shards)]
             merged = merge_in_process([ShardResult(summed(s)) for s in shards], 257, torch.device("cpu"))
             assert_same_bits(merged.aggregator.result(), reference)
 
 
 def test_a_shard_without_updates_and_a_round_without_any():
     pairs = updates()
-    merged = merge_in_process([ShardResult(summed(pairs)), ShardResult(StreamingSum())], 257, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    merged = merge_in_process([ShardResult(summed(pairs)), ShardResult(StreamingSum())], 257, cpu)
     assert_same_bits(merged.aggregator.result(), summed(pairs).result())
-    empty = merge_in_process([ShardResult(StreamingSum()), ShardResult(StreamingSum())], 257, torch.device("cpu"))
+    empty = merge_in_process([ShardResult(StreamingSum()), ShardResult(StreamingSum())], 257, cpu)
     assert empty.aggregator.result() is None
 
 
@@ -111,7 +114,12 @@ def test_exact_scalar_is_exact_and_order_free():
 
 
 def test_blocks_bins_and_bad_input():
-    assert block_of(1.0) == 1 and block_of(2.0**32 - 1) == 1 and block_of(2.0**32) == 2 and block_of(2.0**-33) == -1
+    assert (
+        block_of(1.0) == 1
+        and block_of(2.0**32 - 1) == 1
+        and block_of(2.0**32) == 2
+        and block_of(2.0**-33) == -1
+    )
     assert block_of(0.0) == MIN_BLOCK and block_of(1e308) == MAX_BLOCK and block_of(5e-324) == MIN_BLOCK
     # Prepare / Execute: 3, -2^-39 and -1.5 2^-32 (block 1: bins count 2^0, 2^-32, 2^-64), then 2^40 (block 2)
     small = torch.tensor([1.5, -(2.0**-40), 0.0, -0.75 * 2.0**-32], dtype=torch.float64)  # weight 2
@@ -139,8 +147,13 @@ def test_blocks_bins_and_bad_input():
 
 def run_cli(args: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "lightfed.cli", "fit", *args], capture_output=True, text=True, env=env,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "lightfed.cli", "fit", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -148,12 +161,31 @@ def run_cli(args: list[str]) -> None:
 def test_a_cnn_on_one_two_and_three_processes_gives_the_same_bits(tmp_path):
     """Issue 24, item 7: on a CNN, float32 sums in another order used to drift apart after two rounds."""
     config = REPO / "experiments" / "digits_cnn_channels_last.yaml"
-    short = ["--config", str(config), "--trainer.rounds", "4", "--trainer.clients_per_round", "7",
-             "--trainer.eval_every", "4", "--trainer.fed_eval_fraction", "0.0", "--trainer.checkpoint_every", "0",
-             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    short = [
+        "--config",
+        str(config),
+        "--trainer.rounds",
+        "4",
+        "--trainer.clients_per_round",
+        "7",
+        "--trainer.eval_every",
+        "4",
+        "--trainer.fed_eval_fraction",
+        "0.0",
+        "--trainer.checkpoint_every",
+        "0",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     models = {}
     for n in (1, 2, 3):
-        ranks = ["--trainer.accelerator", "cpu", "--trainer.devices", str(n), "--trainer.fabric_strategy", "ddp"] if n > 1 else []
+        ranks = (
+            ["--trainer.accelerator", "cpu", "--trainer.devices", str(n), "--trainer.fabric_strategy", "ddp"]
+            if n > 1
+            else []
+        )
         run_cli([*short, *ranks, "--trainer.default_root_dir", str(tmp_path / str(n))])
         models[n] = load_file(str(tmp_path / str(n) / "global_model.safetensors"))
     for n in (2, 3):
