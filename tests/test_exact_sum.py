@@ -13,11 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightfed.aggregation import StreamingSum
+from lightfed.aggregation import ShardResult, StreamingSum
 from lightfed.distributed import merge_in_process
 from lightfed.exact_sum import MAX_BLOCK, MAX_TERMS, MIN_BLOCK, ExactScalar, ExactSum, block_of
 from lightfed.messages import ClientUpdate
-from lightfed.server import ShardResult
 
 REPO = Path(__file__).resolve().parents[1]
 
