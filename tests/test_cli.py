@@ -229,13 +229,13 @@ def test_top_level_help_lists_every_subcommand(capsys, args):
         code, out, _ = run_main(args, capsys)
         assert code == 2
     listed = [line.split()[0] for line in out.split("commands:\n")[1].splitlines() if line.startswith("  ")]
-    assert listed == ["fit", "test", "data", "strategies", "central", "new-strategy", "audit"]
+    assert listed == ["fit", "test", "data", "strategies", "central", "new-strategy", "audit", "generate"]
 
 
 def test_unknown_command_is_one_line(capsys):
     code, _, err = run_main(["fitt", "--config", "x.yaml"], capsys)
     assert code == 2 and error_lines(err) == [
-        "lightfed: error: unknown command 'fitt'; the commands are fit, test, data, strategies, central, new-strategy, audit. "
+        "lightfed: error: unknown command 'fitt'; the commands are fit, test, data, strategies, central, new-strategy, audit, generate. "
         "Did you mean 'fit'?"
     ]
 
