@@ -4,8 +4,9 @@
 
 Each partitioner runs in a fresh process: peak RSS (VmHWM) before and after ``setup()`` and the wall time of
 ``setup()``, then one client's first batch. The dataset (:class:`lightfed.data.speakers.SpeakerExamples`)
-computes examples on read, so what grows is lightfed's own state: the index lists (and, for ``Dirichlet`` /
-``Natural``, one ``label_fn`` / ``key_fn`` call per example).
+computes examples on read, so what grows is lightfed's own state: the index lists, and the labels or keys.
+Labels and keys come from a column (``targets``, ``group_key="speakers"``: no example is read) or from
+``label_fn`` / ``key_fn`` (one read and one call per example: measured on ``--fn-examples``).
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ def one(kind: str, n: int) -> dict:
     from lightfed.data.speakers import SpeakersDataModule, label_of, speaker_of
 
     torch.set_num_threads(1)
-    dm = SpeakersDataModule(num_examples=n, num_speakers=1000)
+    dm = SpeakersDataModule(num_examples=n, num_speakers=1000, num_classes=10)
     before = peak_mib()
     source = {
         "IID": lambda: LightningDataSource(dm, IID(1000)),
-        "Dirichlet": lambda: LightningDataSource(dm, Dirichlet(1000, alpha=0.5), label_fn=label_of),
-        "Natural": lambda: LightningDataSource(dm, Natural(), key_fn=speaker_of),
+        "Dirichlet/targets": lambda: LightningDataSource(dm, Dirichlet(100, alpha=0.5)),
+        "Natural/group_key": lambda: LightningDataSource(dm, Natural(), group_key="speakers"),
+        "Dirichlet/label_fn": lambda: LightningDataSource(dm, Dirichlet(100, alpha=0.5), label_fn=label_of),
+        "Natural/key_fn": lambda: LightningDataSource(dm, Natural(), key_fn=speaker_of),
     }[kind]()
     start = time.perf_counter()
     source.setup()
@@ -55,19 +58,23 @@ def one(kind: str, n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=1_000_000)
+    parser.add_argument("--fn-examples", type=int, default=100_000,
+                        help="examples for the label_fn / key_fn rows (one Python call and one read per example)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.examples)))
         return
     rows = []
-    for kind in ("IID", "Dirichlet", "Natural"):
-        out = subprocess.run([sys.executable, __file__, "--examples", str(args.examples), "--one", kind],
+    kinds = [("IID", args.examples), ("Dirichlet/targets", args.examples), ("Natural/group_key", args.examples),
+             ("Dirichlet/label_fn", args.fn_examples), ("Natural/key_fn", args.fn_examples)]
+    for kind, n in kinds:
+        out = subprocess.run([sys.executable, __file__, "--examples", str(n), "--one", kind],
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{'partitioner':<11} {'examples':>9} {'clients':>7} {'setup s':>8} {'RSS growth MiB':>15} {'1st batch ms':>12}")
+    print(f"{'partitioner':<18} {'examples':>9} {'clients':>7} {'setup s':>8} {'RSS growth MiB':>15} {'1st batch ms':>12}")
     for r in rows:
-        print(f"{r['partitioner']:<11} {r['examples']:>9} {r['clients']:>7} {r['setup_s']:>8.2f} "
+        print(f"{r['partitioner']:<18} {r['examples']:>9} {r['clients']:>7} {r['setup_s']:>8.2f} "
               f"{r['growth_mib']:>15.1f} {r['first_batch_ms']:>12.2f}")
     print(json.dumps(rows))
 

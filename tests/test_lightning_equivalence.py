@@ -231,3 +231,50 @@ def test_a_module_without_evaluation_steps_trains_says_so_and_evaluates_to_nothi
     with pytest.warns(UserWarning, match="neither validation_step nor test_step"):
         local, params = lightfed_fit(DemoModel(), DatasetClientData(RandomDataset(32, 16), torch.arange(16)), 4, 1)
     assert local.evaluate(DatasetClientData(RandomDataset(32, 8), torch.arange(8)), params) == {}
+
+
+def test_the_cli_prints_a_hook_error_on_one_line(capsys):
+    from lightfed.cli import plain_errors
+
+    class Broken(Net):
+        def configure_optimizers(self):
+            raise KeyError("lr")
+
+    with pytest.raises(SystemExit), plain_errors():
+        lightfed_fit(Broken(), examples(), 8, 1)
+    assert capsys.readouterr().err == "lightfed: error: Broken.configure_optimizers raised KeyError: 'lr'\n"
+
+
+def test_manual_optimization_is_refused_by_dpsgd_and_vmap_and_composes_with_client_dp_and_secagg(tmp_path):
+    from lightfed.executors.support import VmapUnsupportedError
+    from lightfed.executors.vmap import VmapExecutor
+    from lightfed.params import ParamSpec
+    from lightfed.privacy import DPSGD, DPFixedClipping
+    from lightfed.sampling import FullParticipation
+    from lightfed.secagg import SecAggPlus
+    from lightfed.strategy import FedAvg
+    from lightfed.client import LocalTrainer
+    from lightfed.trainer import FederatedTrainer
+
+    module = Manual()
+    local = LocalTrainer(module, ParamSpec.from_module(module), FedAvg())
+    mech = DPSGD(noise_multiplier=1.0, verbose=False)
+    mech.setup(num_clients=1, sampler=FullParticipation(), rounds=1, strategy=FedAvg(), seed=0)
+    with pytest.raises(ValueError, match="manual optimization.*DPSGD"):
+        mech.wrap_local_trainer(local)
+    with pytest.raises(VmapUnsupportedError, match="manual optimization.*executor: sequential"):
+        VmapExecutor().setup(local)
+
+    class ManualDict(Manual):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch["x"], batch["y"]), batch_idx)
+
+    source = FederatedDataModule.from_datamodule(SpeakersDataModule(num_examples=80, num_speakers=8, dim=6,
+                                                                    num_classes=3), IID(8))
+    for i, extra in enumerate((dict(privacy=DPFixedClipping(clip_norm=1.0, noise_multiplier=0.5, verbose=False),
+                       strategy=FedAvg(weighted=False)),
+                  dict(secure_aggregation=SecAggPlus(clip=1.0, max_weight=16.0)))):
+        trainer = FederatedTrainer(rounds=1, clients_per_round=4, batch_size=8, logger=False, checkpoint_every=0,
+                                   default_root_dir=str(tmp_path / str(i)), fed_eval_fraction=0.0, **extra)
+        history = trainer.fit(ManualDict(), source)
+        assert len(history) == 1 and history[0]["round/updates"] == 4 and history[0]["round/update_norm"] > 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
@@ -228,7 +229,10 @@ class LightningDataSource(FederatedDataModule):
     Partitioners see the examples through two functions, called once per training example at set-up:
     ``label_fn(example) -> class id`` for label skew (``Dirichlet``, ``Shards``; without it a dataset's
     ``targets`` attribute is used), ``key_fn(example) -> key`` for a natural partition (``Natural``: one client
-    per user, speaker, hospital). ``IID``, ``QuantitySkew`` and ``Explicit`` (index lists) need neither.
+    per user, speaker, hospital). A dataset that holds them as a column (a Hugging Face ``datasets.Dataset``,
+    a torchvision ``targets``) is faster read whole: ``label_key`` / ``group_key`` name the attribute or column
+    (``dataset.name`` or ``dataset[name]``), and no example is read. ``IID``, ``QuantitySkew`` and ``Explicit``
+    (index lists) need neither.
 
     Example (YAML: ``data: {class_path: lightfed.data.LightningDataSource, init_args: {datamodule: {class_path:
     my.DataModule, init_args: {...}}, partitioner: {...}, key_fn: my.speaker_of}}``)::
@@ -240,6 +244,8 @@ class LightningDataSource(FederatedDataModule):
         partitioner: How its training set is split into clients.
         label_fn: Class id of a training example (for label-skew partitioners).
         key_fn: Natural group key of a training example (for :class:`~lightfed.data.partition.Natural`).
+        label_key: The dataset's attribute or column of class ids (instead of ``label_fn``).
+        group_key: The dataset's attribute or column of natural keys (instead of ``key_fn``).
         val_fraction: Fraction of each client's examples held out as its own validation split.
         batch_size: Batch size of the centralised training loader (:meth:`train_dataloader`).
         seed: Seed of the partition and the validation splits.
@@ -248,16 +254,19 @@ class LightningDataSource(FederatedDataModule):
     def __init__(
         self, datamodule: L.LightningDataModule, partitioner: Partitioner,
         label_fn: Callable[[Any], int] | None = None, key_fn: Callable[[Any], Any] | None = None,
+        label_key: str | None = None, group_key: str | None = None,
         val_fraction: float = 0.0, batch_size: int = 64, seed: int = 0,
     ) -> None:
         super().__init__(partitioner, val_fraction, batch_size, seed)
         if not isinstance(datamodule, L.LightningDataModule):
             raise TypeError(f"data.datamodule must be a LightningDataModule, got {type(datamodule).__name__}.")
         name = type(partitioner).__name__
-        if partitioner.needs_groups and key_fn is None:
-            raise ValueError(f"data.partitioner is {name}, which gives one client per natural key, but data.key_fn "
-                             f"is not set: give a function example -> key (user, speaker, hospital).")
+        if partitioner.needs_groups and key_fn is None and group_key is None:
+            raise ValueError(f"data.partitioner is {name}, which gives one client per natural key, but neither "
+                             f"data.key_fn (a function example -> key: user, speaker, hospital) nor data.group_key "
+                             f"(the dataset's attribute or column of keys) is set.")
         self.datamodule, self.label_fn, self.key_fn = datamodule, label_fn, key_fn
+        self.label_key, self.group_key = label_key, group_key
         self.dataset: Any = None
         self.labels = torch.zeros(0, dtype=torch.long)
         self.settings = LoaderSettings()
@@ -292,9 +301,24 @@ class LightningDataSource(FederatedDataModule):
         self._require_setup()
         return self.labels, None
 
+    def _column(self, name: str, n: int, field: str) -> Any:
+        """The dataset's per-example attribute or column ``name`` (``dataset.name`` or ``dataset[name]``)."""
+        column = getattr(self.dataset, name, None)
+        if column is None:
+            try:
+                column = self.dataset[name]
+            except Exception:  # noqa: BLE001 - an int-indexed dataset refuses a string key in its own way
+                column = None
+        if column is None or not hasattr(column, "__len__") or len(column) != n:
+            raise ValueError(f"data.{field}={name!r}: {type(self.dataset).__name__} has no attribute or column "
+                             f"{name!r} with one value per training example ({n}).")
+        return column
+
     def _labels(self, n: int) -> Tensor:
         if self.label_fn is not None:
             return torch.as_tensor([int(self.label_fn(self.dataset[i])) for i in range(n)], dtype=torch.long)
+        if self.label_key is not None:
+            return torch.as_tensor(np.asarray(self._column(self.label_key, n, "label_key")), dtype=torch.long)
         targets = getattr(self.dataset, "targets", None)
         if targets is not None and len(targets) == n:
             return torch.as_tensor(targets, dtype=torch.long).reshape(-1)
@@ -306,10 +330,14 @@ class LightningDataSource(FederatedDataModule):
         return torch.zeros(n, dtype=torch.long)  # only the count is read
 
     def _groups(self, n: int) -> Tensor | None:
-        if self.key_fn is None:
-            return None
-        codes: dict[Any, int] = {}
-        return torch.as_tensor([codes.setdefault(self.key_fn(self.dataset[i]), len(codes)) for i in range(n)])
+        if self.key_fn is not None:
+            codes: dict[Any, int] = {}
+            return torch.as_tensor([codes.setdefault(self.key_fn(self.dataset[i]), len(codes)) for i in range(n)])
+        if self.group_key is not None:
+            keys = self._column(self.group_key, n, "group_key")
+            keys = keys.cpu().numpy() if isinstance(keys, Tensor) else np.asarray(keys)
+            return torch.from_numpy(np.unique(keys, return_inverse=True)[1].reshape(-1).astype(np.int64))
+        return None
 
     def _require_setup(self) -> None:  # type: ignore[override]
         if self.partition is None:

@@ -35,6 +35,17 @@ class SpeakerExamples(Dataset):
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def speakers(self) -> Tensor:
+        """Every example's speaker, computed at once (a column: ``group_key="speakers"`` reads no example)."""
+        return (torch.arange(self.n) + self.offset) % self.num_speakers
+
+    @property
+    def targets(self) -> Tensor:
+        """Every example's class (torchvision's attribute name: label-skew partitioners read it)."""
+        i = torch.arange(self.n) + self.offset
+        return (i * 7 + i % self.num_speakers) % self.num_classes
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = int(i) + self.offset
         speaker = i % self.num_speakers

@@ -35,11 +35,30 @@ def test_iid_dirichlet_and_explicit_lists_partition_by_index():
     assert given.client_train(1).indices.tolist() == [7, 9]
 
 
+def test_labels_and_keys_read_from_a_column_equal_the_per_example_functions():
+    by_fn = LightningDataSource(SpeakersDataModule(num_examples=90, num_speakers=7), Natural(), key_fn=speaker_of)
+    by_column = LightningDataSource(SpeakersDataModule(num_examples=90, num_speakers=7), Natural(), group_key="speakers")
+    by_fn.setup(), by_column.setup()
+    assert by_fn.num_clients == 7 and torch.equal(by_fn.partition.indices, by_column.partition.indices)
+    assert torch.equal(by_fn.partition.offsets, by_column.partition.offsets)
+    skew_fn = LightningDataSource(SpeakersDataModule(num_examples=90), Dirichlet(3, alpha=0.3), label_fn=label_of)
+    skew_targets = LightningDataSource(SpeakersDataModule(num_examples=90), Dirichlet(3, alpha=0.3))
+    skew_fn.setup(), skew_targets.setup()
+    assert torch.equal(skew_fn.partition.indices, skew_targets.partition.indices)
+    with pytest.raises(ValueError, match="group_key='speaker'.*no attribute or column"):
+        LightningDataSource(SpeakersDataModule(), Natural(), group_key="speaker").setup()
+
+
 def test_what_a_partitioner_needs_is_asked_for_by_name():
-    with pytest.raises(ValueError, match="key_fn is not set"):
+    with pytest.raises(ValueError, match="neither data.key_fn"):
         LightningDataSource(SpeakersDataModule(), Natural())
+    class NoTargets(SpeakersDataModule):
+        def setup(self, stage=None):
+            super().setup(stage)
+            self.train_set = torch.utils.data.Subset(self.train_set, range(len(self.train_set)))
+
     with pytest.raises(ValueError, match="label_fn is not set"):
-        LightningDataSource(SpeakersDataModule(), Dirichlet(2)).setup()
+        LightningDataSource(NoTargets(), Dirichlet(2)).setup()
     with pytest.raises(ValueError, match="disjoint"):
         LightningDataSource(SpeakersDataModule(num_examples=10), Explicit([[0, 1], [1]])).setup()
 
