@@ -138,9 +138,9 @@ def test_batch_sizes_are_counted_from_the_structure():
 def test_lightnings_demo_modules_train_unchanged_on_their_own_datasets():
     from lightning.pytorch.demos.boring_classes import RandomDataset
 
-    from lightfed import client
+    from lightfed import lightning_hooks
 
-    client._NOT_EVALUATED.discard(DemoModel)  # said once per class and process
+    lightning_hooks._NOT_EVALUATED.discard(DemoModel)  # said once per class and process
     for cls in (BoringModel, DemoModel):
         torch.manual_seed(0)
         module = cls()

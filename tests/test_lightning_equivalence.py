@@ -23,7 +23,7 @@ from lightfed.data.client_data import ClientData, DatasetClientData
 from lightfed.data.datamodule import FederatedDataModule
 from lightfed.data.partition import IID
 from lightfed.data.speakers import SpeakersClassifier, SpeakersDataModule
-from lightfed.lightning_compat import ModuleHookError
+from lightfed.lightning_hooks import ModuleHookError
 from tests.test_client_hooks import lightfed_fit, lightning_fit
 
 
@@ -225,9 +225,9 @@ def test_errors_in_user_hooks_name_the_hook_and_keep_the_message():
 
 
 def test_a_module_without_evaluation_steps_trains_says_so_and_evaluates_to_nothing():
-    from lightfed import client
+    from lightfed import lightning_hooks
 
-    client._NOT_EVALUATED.discard(DemoModel)  # said once per class and process
+    lightning_hooks._NOT_EVALUATED.discard(DemoModel)  # said once per class and process
     with pytest.warns(UserWarning, match="neither validation_step nor test_step"):
         local, params = lightfed_fit(DemoModel(), DatasetClientData(RandomDataset(32, 16), torch.arange(16)), 4, 1)
     assert local.evaluate(DatasetClientData(RandomDataset(32, 8), torch.arange(8)), params) == {}
