@@ -73,3 +73,19 @@ def test_plain_datasets_and_the_federated_trainer_run_end_to_end(tmp_path):
                                default_root_dir=str(tmp_path), checkpoint_every=0, fed_eval_fraction=0.0)
     history = trainer.fit(SpeakersClassifier(), source)
     assert len(history) == 2 and 0.0 <= history[-1]["central/test_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["BoringModel", "DemoModel"])
+def test_lightnings_demo_modules_run_unchanged_through_the_federated_trainer(name, tmp_path):
+    from lightning.pytorch.demos import boring_classes
+
+    from lightfed.trainer import FederatedTrainer
+
+    data = FederatedDataModule.from_datasets(boring_classes.RandomDataset(32, 64), IID(4),
+                                             test=boring_classes.RandomDataset(32, 16), val_fraction=0.25)
+    trainer = FederatedTrainer(rounds=2, clients_per_round=2, batch_size=4, logger=False, checkpoint_every=0,
+                               default_root_dir=str(tmp_path), fed_eval_fraction=0.5)
+    history = trainer.fit(getattr(boring_classes, name)(), data)  # DemoModel: warned once, no evaluation step
+    assert len(history) == 2 and history[-1]["round/update_norm"] > 0
+    assert not any(k.startswith(("central/", "federated/")) for k in history[-1])  # they log nothing when evaluated
+
