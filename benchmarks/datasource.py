@@ -72,7 +72,8 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--examples", str(n), "--one", kind],
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{'partitioner':<18} {'examples':>9} {'clients':>7} {'setup s':>8} {'RSS growth MiB':>15} {'1st batch ms':>12}")
+    header = ("partitioner", "examples", "clients", "setup s", "RSS growth MiB", "1st batch ms")
+    print(f"{header[0]:<18} {header[1]:>9} {header[2]:>7} {header[3]:>8} {header[4]:>15} {header[5]:>12}")
     for r in rows:
         print(f"{r['partitioner']:<18} {r['examples']:>9} {r['clients']:>7} {r['setup_s']:>8.2f} "
               f"{r['growth_mib']:>15.1f} {r['first_batch_ms']:>12.2f}")

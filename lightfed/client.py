@@ -69,7 +69,9 @@ def seed_device_rng(seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
 
 
-def seed_batch_order(generator: torch.Generator, seed: int, round_idx: int, client_id: int, epoch: int) -> torch.Generator:
+def seed_batch_order(
+    generator: torch.Generator, seed: int, round_idx: int, client_id: int, epoch: int
+) -> torch.Generator:
     """``generator`` seeded for client ``client_id``'s batch order in local epoch ``epoch`` of round ``round_idx``.
 
     The one rule every executor follows: the order is ``ClientData.order(generator)`` (a ``randperm`` of the

@@ -47,7 +47,8 @@ class Net(L.LightningModule):
 class OneCycle(Net):
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.2)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -210,7 +211,8 @@ def test_errors_in_user_hooks_name_the_hook_and_keep_the_message():
         def configure_optimizers(self):
             raise KeyError("lr missing from hparams")
 
-    with pytest.raises(ModuleHookError, match=r"^Broken\.configure_optimizers raised KeyError: 'lr missing from hparams'$"):
+    message = r"^Broken\.configure_optimizers raised KeyError: 'lr missing from hparams'$"
+    with pytest.raises(ModuleHookError, match=message):
         lightfed_fit(Broken(), examples(), 8, 1)
 
     class Deep(Net):

@@ -359,5 +359,7 @@ class Explicit(Partitioner):
                 f"data.partitioner.clients holds indices outside [0, {n}) (the training set has {n} examples)."
             )
         if len(torch.unique(idx)) != len(idx):
-            raise ValueError("data.partitioner.clients lists some examples for two clients; the lists must be disjoint.")
+            raise ValueError(
+                "data.partitioner.clients lists some examples for two clients; the lists must be disjoint."
+            )
         return part

@@ -6,7 +6,7 @@ it with :class:`~lightfed.data.datamodule.LightningDataSource` and a natural par
 (``experiments/speakers_natural.yaml``). Examples are computed from their index when read (nothing is
 stored), so the dataset can be as large as the benchmark wants (``benchmarks/datasource.py``: 1M examples).
 
-Example ``i`` has speaker ``i mod S``, class ``(i * 7 + speaker) mod C`` and features
+Example ``i`` has speaker ``i mod S``, class ``(3 floor(i / S) + speaker) mod C`` and features
 ``x = e_y + 0.3 sin((i + 1) * (k + 1))`` over feature index ``k`` (``e_y``: the class's unit vector, repeated
 over the features), so the task is learnable and every speaker sees every class with its own mix.
 """
@@ -44,12 +44,12 @@ class SpeakerExamples(Dataset):
     def targets(self) -> Tensor:
         """Every example's class (torchvision's attribute name: label-skew partitioners read it)."""
         i = torch.arange(self.n) + self.offset
-        return (i * 7 + i % self.num_speakers) % self.num_classes
+        return (3 * (i // self.num_speakers) + i % self.num_speakers) % self.num_classes
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = int(i) + self.offset
         speaker = i % self.num_speakers
-        y = (i * 7 + speaker) % self.num_classes
+        y = (3 * (i // self.num_speakers) + speaker) % self.num_classes
         x = self._onehot[y] + 0.3 * torch.sin((i + 1) * self._k)
         return {"x": x, "y": y, "speaker": speaker}
 

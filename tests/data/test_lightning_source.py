@@ -37,7 +37,8 @@ def test_iid_dirichlet_and_explicit_lists_partition_by_index():
 
 def test_labels_and_keys_read_from_a_column_equal_the_per_example_functions():
     by_fn = LightningDataSource(SpeakersDataModule(num_examples=90, num_speakers=7), Natural(), key_fn=speaker_of)
-    by_column = LightningDataSource(SpeakersDataModule(num_examples=90, num_speakers=7), Natural(), group_key="speakers")
+    by_column = LightningDataSource(SpeakersDataModule(num_examples=90, num_speakers=7), Natural(),
+                                    group_key="speakers")
     by_fn.setup(), by_column.setup()
     assert by_fn.num_clients == 7 and torch.equal(by_fn.partition.indices, by_column.partition.indices)
     assert torch.equal(by_fn.partition.offsets, by_column.partition.offsets)
