@@ -189,4 +189,4 @@ def test_vmap_refuses_dataset_and_dict_batches_naming_the_fix():
         ex.setup(local)
         start = local.spec.flatten(local.tensors).clone()
         with pytest.raises(VmapUnsupportedError, match=f"{match}.*executor: sequential"):
-            list(ex.run(0, [0], lambda c: data, start, {}, lambda c: {}))
+            list(ex.run(0, [0], lambda c, data=data: data, start, {}, lambda c: {}))

@@ -122,7 +122,7 @@ class TwoOptimizers(Net):
 
     def training_step(self, batch, batch_idx):
         first, second = self.optimizers()
-        for opt, part in ((first, self.net[0]), (second, self.net[2])):
+        for opt in (first, second):
             self.toggle_optimizer(opt)
             loss = F.cross_entropy(self.net(batch[0]), batch[1])
             opt.zero_grad()
@@ -248,6 +248,7 @@ def test_the_cli_prints_a_hook_error_on_one_line(capsys):
 
 
 def test_manual_optimization_is_refused_by_dpsgd_and_vmap_and_composes_with_client_dp_and_secagg(tmp_path):
+    from lightfed.client import LocalTrainer
     from lightfed.executors.support import VmapUnsupportedError
     from lightfed.executors.vmap import VmapExecutor
     from lightfed.params import ParamSpec
@@ -255,7 +256,6 @@ def test_manual_optimization_is_refused_by_dpsgd_and_vmap_and_composes_with_clie
     from lightfed.sampling import FullParticipation
     from lightfed.secagg import SecAggPlus
     from lightfed.strategy import FedAvg
-    from lightfed.client import LocalTrainer
     from lightfed.trainer import FederatedTrainer
 
     module = Manual()

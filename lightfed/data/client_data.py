@@ -136,6 +136,9 @@ class ClientData:
         return n // batch_size if drop_last else -(-n // batch_size)
 
 
+CPU = torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class LoaderSettings:
     """The ``DataLoader`` settings of a user's dataset that lightfed keeps when it batches a client's part.
@@ -190,7 +193,7 @@ class DatasetClientData:
     dataset: Any
     indices: Tensor
     settings: LoaderSettings = LoaderSettings()
-    device: torch.device = torch.device("cpu")
+    device: torch.device = CPU
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -229,7 +232,7 @@ class LoaderData:
     ``batches`` iterates the loader as it is (its batch size, its collate function); ``batch_size`` is ignored.
     """
 
-    def __init__(self, make_loader: Callable[[], Iterable[Any]], device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, make_loader: Callable[[], Iterable[Any]], device: torch.device = CPU) -> None:
         self.make_loader, self.device = make_loader, device
 
     def __len__(self) -> int:
