@@ -190,3 +190,30 @@ def test_vmap_refuses_dataset_and_dict_batches_naming_the_fix():
         start = local.spec.flatten(local.tensors).clone()
         with pytest.raises(VmapUnsupportedError, match=f"{match}.*executor: sequential"):
             list(ex.run(0, [0], lambda c, data=data: data, start, {}, lambda c: {}))
+
+
+def test_a_datamodule_with_keys_gives_dict_batches_to_clients_and_to_evaluation(tmp_path):
+    from lightfed.data.datamodule import FederatedArrays, FederatedDataModule
+    from lightfed.data.partition import IID
+    from lightfed.trainer import FederatedTrainer
+
+    class Keyed(FederatedDataModule):
+        def load(self):
+            x, y = tensors(60)
+            return FederatedArrays((x[:40], y[:40]), (x[40:], y[40:]), y[:40], num_classes=3, keys=("x", "y"))
+
+    data = Keyed(IID(4), val_fraction=0.25)
+    batch = next(data.client_train(0).batches(4))
+    assert set(batch) == {"x", "y"} and batch["x"].shape == (4, 6)
+    trainer = FederatedTrainer(rounds=2, clients_per_round=2, batch_size=4, logger=False, checkpoint_every=0,
+                               default_root_dir=str(tmp_path), fed_eval_fraction=0.5)
+    history = trainer.fit(DictNet(), data)
+    assert 0 <= history[-1]["central/test_acc"] <= 1 and "federated/test_acc_mean" in history[-1]
+
+    class OneKeyTooFew(FederatedDataModule):
+        def load(self):
+            x, y = tensors(8)
+            return FederatedArrays((x, y), (x, y), y, keys=("x",))
+
+    with pytest.raises(ValueError, match=r"keys \['x'\] must name each of the 2 training and 2 test tensors"):
+        OneKeyTooFew(IID(2)).setup()

@@ -31,7 +31,9 @@ class FederatedArrays:
     partitioners; ``groups`` (one integer key per training example: writer, speaker, hospital) drives
     natural partitions. With ``num_classes`` set, the targets are class ids in ``[0, num_classes)`` (or
     ``-100``, ``F.cross_entropy``'s ignored position); leave it ``None`` for other targets (regression).
-    :func:`check_arrays` enforces this when a datamodule is set up.
+    :func:`check_arrays` enforces this when a datamodule is set up. With ``keys`` (one name per tensor of
+    ``train`` and ``test``, e.g. ``("input_ids", "attention_mask", "labels")``) the client loop's batches are
+    dicts ``{key: tensor}``, what Hugging Face models take; without, tuples.
     """
 
     train: tuple[Tensor, ...]
@@ -39,6 +41,7 @@ class FederatedArrays:
     labels: Tensor
     groups: Tensor | None = None
     num_classes: int | None = None
+    keys: tuple[str, ...] | None = None
 
 
 class FederatedDataModule(L.LightningDataModule):
@@ -168,12 +171,12 @@ class FederatedDataModule(L.LightningDataModule):
     def client_train(self, client_id: int) -> ClientData:
         arrays = self._require_setup()
         assert self.train_part is not None
-        return ClientData(arrays.train, self.train_part.client(client_id))
+        return ClientData(arrays.train, self.train_part.client(client_id), arrays.keys)
 
     def client_val(self, client_id: int) -> ClientData:
         arrays = self._require_setup()
         assert self.val_part is not None
-        return ClientData(arrays.train, self.val_part.client(client_id))
+        return ClientData(arrays.train, self.val_part.client(client_id), arrays.keys)
 
     def client_num_examples(self) -> Tensor:
         """Training examples per client."""
@@ -184,7 +187,7 @@ class FederatedDataModule(L.LightningDataModule):
     def test_data(self) -> ClientData:
         arrays = self._require_setup()
         n = len(arrays.test[0])
-        return ClientData(arrays.test, torch.arange(n, device=arrays.test[0].device))
+        return ClientData(arrays.test, torch.arange(n, device=arrays.test[0].device), arrays.keys)
 
     def to(self, device: torch.device | str) -> FederatedDataModule:
         """Move the pooled tensors (and index vectors) to ``device`` once."""
@@ -447,6 +450,10 @@ def check_arrays(arrays: FederatedArrays, source: str) -> None:
         if isinstance(t, Tensor) and n is not None and len(t) != n:
             problems.append(f"{len(t)} {name} for {n} training examples; give one per training example")
     problems += _label_problems(arrays.labels, arrays.num_classes)
+    keys = arrays.keys
+    if keys is not None and (len(set(keys)) != len(keys) or {len(keys)} != {len(arrays.train), len(arrays.test)}):
+        problems.append(f"keys {list(keys)} must name each of the {len(arrays.train)} training and "
+                        f"{len(arrays.test)} test tensors once")
     if problems:
         listed = "".join(f"\n  - {p}" for p in problems)
         raise ValueError(f"{source}: the data cannot be trained on:{listed}")
