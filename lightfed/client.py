@@ -5,7 +5,8 @@ small client's whole training). One worker module is reused; the global weights 
 the client's data is already on the device. A visit is one Lightning ``fit`` of one client from the global
 weights: the module's hooks run in Lightning's order for automatic optimization (which ones, and how a visit
 differs from ``Trainer.fit``, is listed in ``docs/lightning_contract.md`` and :data:`TRAIN_HOOKS`), with
-``self.trainer`` a small stand-in (:class:`~lightfed.context.ClientTrainer`). Hooks a module does not override
+``self.trainer`` a small stand-in (:class:`~lightfed.lightning_compat.ClientTrainer`; the hook tables and
+what is refused are in :mod:`lightfed.lightning_hooks`). Hooks a module does not override
 cost nothing per step: which ones it does is read once, when the :class:`LocalTrainer` is built.
 
 The loop has three named seams a local-training variant overrides instead of copying the loop (DP-SGD does):
@@ -17,7 +18,6 @@ The loop has three named seams a local-training variant overrides instead of cop
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -28,18 +28,20 @@ from torch.optim import Optimizer
 from lightfed.context import ClientContext, LogSink, step_loss
 from lightfed.data.client_data import ClientData
 from lightfed.lean_optim import LeanOptimizer
-from lightfed.lightning_compat import (
+from lightfed.lightning_compat import ClientStrategy, ClientTrainer, LogCapture, batch_size_of
+from lightfed.lightning_hooks import (
     EVAL_HOOKS,
     REFUSED_HOOKS,
     REUSABLE_OPTIMIZERS,
     TRAIN_HOOKS,
-    ClientStrategy,
-    ClientTrainer,
+    BoundHooks,
     ModuleHooks,
     SchedulerConfig,
-    batch_size_of,
+    check_manual,
+    eval_step,
     hook_error,
     parse_optimizers,
+    say_not_evaluated,
 )
 from lightfed.messages import ClientUpdate
 from lightfed.params import ParamSpec
@@ -50,36 +52,6 @@ __all__ = [
     "EVAL_HOOKS", "REFUSED_HOOKS", "REUSABLE_OPTIMIZERS", "TRAIN_HOOKS", "LocalTrainer", "LogCapture", "LogSink",
     "ModuleHooks", "parse_optimizers", "seed_batch_order",
 ]
-
-
-class LogCapture(LogSink):
-    """The client loop's log sink: what a visit's steps log becomes the client's metrics.
-
-    Values are accumulated on their device (no host sync per step) and averaged over batches weighted by
-    batch size; a logged torchmetrics ``Metric`` is computed once at the end and reset.
-    """
-
-    def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.weights: dict[str, float] = {}
-        self.metrics: dict[str, Any] = {}
-        self.batch_size = 1
-
-    def log(self, name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
-        if hasattr(value, "compute") and hasattr(value, "reset"):  # torchmetrics.Metric
-            self.metrics[name] = value
-            return
-        w = float(batch_size or self.batch_size)
-        v = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
-        self.sums[name] = self.sums[name] + v * w if name in self.sums else v * w
-        self.weights[name] = self.weights.get(name, 0.0) + w
-
-    def results(self) -> dict[str, float]:
-        out = {k: float(s) / self.weights[k] for k, s in self.sums.items()}
-        for k, m in self.metrics.items():
-            out[k] = float(m.compute())
-            m.reset()
-        return out
 
 
 def seed_device_rng(seed: int, device: torch.device) -> None:
@@ -97,7 +69,9 @@ def seed_device_rng(seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
 
 
-def seed_batch_order(generator: torch.Generator, seed: int, round_idx: int, client_id: int, epoch: int) -> torch.Generator:
+def seed_batch_order(
+    generator: torch.Generator, seed: int, round_idx: int, client_id: int, epoch: int
+) -> torch.Generator:
     """``generator`` seeded for client ``client_id``'s batch order in local epoch ``epoch`` of round ``round_idx``.
 
     The one rule every executor follows: the order is ``ClientData.order(generator)`` (a ``randperm`` of the
@@ -164,9 +138,9 @@ class LocalTrainer:
             raise ValueError(f"accumulate_grad_batches must be an integer >= 1, got {accumulate_grad_batches}.")
         self.hooks = ModuleHooks.of(module)
         if self.hooks.manual:
-            _check_manual(module, strategy, gradient_clip_val, int(accumulate_grad_batches))
+            check_manual(module, strategy, gradient_clip_val, int(accumulate_grad_batches))
         if not self.hooks.evaluable:
-            _say_not_evaluated(module)
+            say_not_evaluated(module)
         self.module = module
         self.spec = spec
         self.strategy = strategy
@@ -187,7 +161,7 @@ class LocalTrainer:
         self._detached: list[Tensor] = []
         self._flat_views: list[Tensor] | None = None
         self._batch_gen = torch.Generator()  # reseeded per (round, client, epoch); ClientData.batches is eager
-        self._calls = _Hooks(module, self.hooks)
+        self._calls = BoundHooks(module, self.hooks)
         self._strategy_loss = "client_loss" in strategy.client_hooks
         self._strategy_grads = "on_before_optimizer_step" in strategy.client_hooks
         # Fabric's 32-bit Precision only forwards the calls: skipped on the hot path
@@ -614,7 +588,7 @@ class LocalTrainer:
     def _evaluate(self, data: ClientData, params: Tensor, stage: str, batch_size: int) -> dict[str, float]:
         module = self.module
         self.spec.assign(self.tensors, params)
-        name, step = _eval_step(module, stage)
+        name, step = eval_step(module, stage)
         stage_name = name.removesuffix("_step")
         hook = self._eval_hooks(stage_name)
         modes = [m.training for m in self._submodules]
@@ -656,71 +630,7 @@ class LocalTrainer:
         return call
 
 
-#: Module classes already told that they are not evaluated (said once per class and process).
-_NOT_EVALUATED: set[type] = set()
-
-
-def _say_not_evaluated(module: nn.Module) -> None:
-    cls = type(module)
-    if cls in _NOT_EVALUATED:
-        return
-    _NOT_EVALUATED.add(cls)
-    warnings.warn(
-        f"lightfed: {cls.__name__} defines neither validation_step nor test_step, so the global model is not "
-        f"evaluated (no central/ or federated/ metrics); it trains as usual. Add a test_step that logs e.g. "
-        f"self.log('test_acc', acc) to evaluate it.",
-        UserWarning, stacklevel=3,
-    )
-
-
-def _check_manual(module: nn.Module, strategy: Strategy, clip: float | None, accumulate: int) -> None:
-    """Refuse what manual optimization cannot honour (Lightning refuses the first two too)."""
-    name = type(module).__name__
-    if clip:
-        raise ValueError(
-            f"{name} uses manual optimization (automatic_optimization=False) with gradient_clip_val={clip}: "
-            f"the loop does not step its optimizers. Call self.clip_gradients(opt, ...) in training_step instead."
-        )
-    if accumulate != 1:
-        raise ValueError(
-            f"{name} uses manual optimization (automatic_optimization=False) with accumulate_grad_batches="
-            f"{accumulate}: the loop does not step its optimizers. Accumulate in training_step instead."
-        )
-    if "client_loss" in strategy.client_hooks:
-        raise ValueError(
-            f"strategy {type(strategy).__name__} changes the training loss (client_loss), but {name} uses manual "
-            f"optimization: its training_step backpropagates its own losses. Use automatic optimization or a "
-            f"strategy without a client loss (FedAvg, FedAdam, ...)."
-        )
-
-
-class _Hooks:
-    """The module's overridden training hooks as bound methods (``None``: not overridden), for one run."""
-
-    def __init__(self, module: nn.Module, hooks: ModuleHooks) -> None:
-        for name in TRAIN_HOOKS:
-            setattr(self, name, hooks.bound(module, name))
-        self.transfer = any(
-            hooks.bound(module, n) is not None
-            for n in ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
-        )
-
-
 def _fabric_precision() -> type:
     from lightning.fabric.plugins.precision.precision import Precision
 
     return Precision
-
-
-def _eval_step(module: nn.Module, stage: str) -> tuple[str, Any]:
-    import lightning as L
-
-    order = ["test_step", "validation_step"] if stage == "test" else ["validation_step", "test_step"]
-    for name in order:
-        fn = getattr(type(module), name, None)
-        if fn is not None and fn is not getattr(L.LightningModule, name, None):
-            return name, getattr(module, name)
-    raise ValueError(
-        f"{type(module).__name__} defines neither test_step nor validation_step: lightfed evaluates the global "
-        f"model with them. Add a step that logs e.g. self.log('{stage}_acc', acc)."
-    )

@@ -43,6 +43,8 @@ def evaluate_federated(trainer: FederatedTrainer, round_idx: int) -> dict[str, f
             continue
         params = trainer.strategy.eval_params(cid, trainer.client_states.get(cid, {}), trainer.global_params)
         metrics = trainer.local.evaluate(data, params, "val", trainer.eval_batch_size)
+        if not metrics:  # a module that logs nothing when evaluated, or has no evaluation step (it was told)
+            continue
         key = key or metric_key(metrics, trainer.fed_eval_metric)
         values.append(metrics[key])
     if not values or key is None:

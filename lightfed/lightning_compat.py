@@ -1,74 +1,31 @@
 """What a LightningModule sees of Lightning during a client visit, without a ``lightning.Trainer``.
 
 The client loop (:mod:`lightfed.client`) builds no Trainer per visit. This module holds what stands in for
-one and what reads a module the way Lightning does:
+one (which hooks run, and what is refused, is :mod:`lightfed.lightning_hooks`):
 
-* the hook tables (:data:`TRAIN_HOOKS`, :data:`EVAL_HOOKS`, :data:`REFUSED_HOOKS`) and :class:`ModuleHooks`,
-  which of them a module overrides, read once per run;
-* :func:`parse_optimizers`: ``configure_optimizers``'s return value, in every form Lightning documents;
 * :class:`ClientTrainer`: ``self.trainer`` during a visit, with :class:`ClientStrategy` as its
   ``strategy`` (what ``self.optimizers()``, ``manual_backward`` and ``LightningOptimizer.step`` call);
+* :class:`LogCapture`: ``self.log`` during a visit (batch-size-weighted means become the client's metrics);
 * :func:`batch_size_of` and :func:`to_device` for batches of any structure (a tensor, a tuple, a dict, a
-  ``BatchEncoding``, nested), with Lightning's own utilities behind a fast path for tuples of tensors;
-* :class:`ModuleHookError`: an exception raised inside one of the module's hooks, named by the hook.
+  ``BatchEncoding``, nested), with Lightning's own utilities behind a fast path for tuples of tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightfed.context import Attached
+from lightfed.context import Attached, LogSink
+from lightfed.lightning_hooks import SchedulerConfig
 
 __all__ = [
-    "EVAL_HOOKS", "REFUSED_HOOKS", "REUSABLE_OPTIMIZERS", "TRAIN_HOOKS", "ClientStrategy", "ClientTrainer",
-    "GradientClipper", "ModuleHookError", "ModuleHooks", "RecordingTrainer", "SchedulerConfig",
-    "TrainerStandInError", "batch_size_of", "hook_error", "parse_optimizers", "to_device",
+    "ClientStrategy", "ClientTrainer", "GradientClipper", "LogCapture", "RecordingTrainer", "TrainerStandInError",
+    "batch_size_of", "to_device",
 ]
-
-#: LightningModule hooks the client loop calls during a visit when the module overrides them, in the order
-#: ``lightning.Trainer.fit`` calls them (automatic optimization, one optimizer).
-TRAIN_HOOKS = (
-    "on_fit_start", "on_train_start", "on_train_epoch_start", "on_before_batch_transfer",
-    "transfer_batch_to_device", "on_after_batch_transfer", "on_train_batch_start", "on_before_zero_grad",
-    "optimizer_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
-    "configure_gradient_clipping", "lr_scheduler_step", "on_train_batch_end", "on_train_epoch_end",
-    "on_train_end", "on_fit_end",
-)
-
-#: Hooks called around evaluation (``{stage}`` is ``validation`` or ``test``, after the step that runs).
-EVAL_HOOKS = (
-    "on_{stage}_model_eval", "on_{stage}_start", "on_{stage}_epoch_start", "on_{stage}_batch_start",
-    "on_{stage}_batch_end", "on_{stage}_epoch_end", "on_{stage}_end", "on_{stage}_model_train",
-)
-
-_IN_INIT = "lightfed builds the payload from the module's parameters before any visit; create layers in __init__"
-
-#: Hooks that change training and that the client loop cannot honour, with what to do instead.
-REFUSED_HOOKS = {
-    "optimizer_step": "lightfed steps the optimizer itself; put per-step changes in on_before_optimizer_step or "
-                      "on_train_batch_start, use an LR scheduler with interval 'step', or manual optimization",
-    "backward": "lightfed runs loss.backward() itself (through the precision plugin); use on_before_backward / "
-                "on_after_backward",
-    "setup": _IN_INIT,
-    "configure_model": _IN_INIT,
-    "teardown": "lightfed has no per-client setup/teardown; use on_fit_end (called at the end of each visit)",
-    "configure_callbacks": "Lightning callbacks need a lightning.Trainer; use a lightfed.Callback (trainer.callbacks)",
-    "on_save_checkpoint": "lightfed checkpoints hold the module's state_dict(); keep extra state in buffers",
-    "on_load_checkpoint": "lightfed checkpoints hold the module's state_dict(); keep extra state in buffers",
-}
-
-#: Optimizers whose whole state lives in ``optimizer.state``, created lazily by ``step()``: clearing it and
-#: restoring the groups' hyper-parameters gives exactly a fresh optimizer (tested bit for bit).
-REUSABLE_OPTIMIZERS = (
-    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adamax,
-    torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adadelta,
-)
 
 
 # ---------------------------------------------------------------------------------------- batches
@@ -105,170 +62,35 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return move_data_to_device(batch, device)
 
 
-# ---------------------------------------------------------------------------------------- errors
-class ModuleHookError(ValueError):
-    """An exception raised inside one of the LightningModule's own hooks during a visit or an evaluation.
+# ---------------------------------------------------------------------------------------- self.log
+class LogCapture(LogSink):
+    """The client loop's log sink: what a visit's steps log becomes the client's metrics.
 
-    The message names the module, the hook and the original exception (kept as ``__cause__``), on one
-    line: ``MyModule.configure_optimizers raised KeyError: 'lr'``. lightfed's CLI prints it as
-    ``lightfed: error: ...`` (``LIGHTFED_TRACEBACK=1`` shows the traceback).
-
-    Attributes:
-        hook: The hook's name (``training_step``, ``configure_optimizers``, ...).
-        module: The module's class name.
+    Values are accumulated on their device (no host sync per step) and averaged over batches weighted by
+    batch size; a logged torchmetrics ``Metric`` is computed once at the end and reset.
     """
 
-    def __init__(self, module: str, hook: str, original: BaseException) -> None:
-        self.module, self.hook, self.original = module, hook, original
-        message = " ".join(str(original).split()) or "(no message)"
-        super().__init__(f"{module}.{hook} raised {type(original).__name__}: {message}")
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.weights: dict[str, float] = {}
+        self.metrics: dict[str, Any] = {}
+        self.batch_size = 1
 
+    def log(self, name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+        if hasattr(value, "compute") and hasattr(value, "reset"):  # torchmetrics.Metric
+            self.metrics[name] = value
+            return
+        w = float(batch_size or self.batch_size)
+        v = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
+        self.sums[name] = self.sums[name] + v * w if name in self.sums else v * w
+        self.weights[name] = self.weights.get(name, 0.0) + w
 
-#: Methods of a LightningModule that Lightning calls (any of them may raise the user's error).
-_USER_HOOKS = frozenset(
-    {*TRAIN_HOOKS, "configure_optimizers", "training_step", "validation_step", "test_step", "forward",
-     *(h.format(stage=s) for h in EVAL_HOOKS for s in ("validation", "test"))}
-)
-
-
-def hook_error(err: BaseException, modules: tuple[nn.Module, ...]) -> ModuleHookError | None:
-    """The :class:`ModuleHookError` for ``err`` if it was raised inside a hook of one of ``modules``.
-
-    Reads the traceback (no cost while nothing fails): the outermost frame that is a Lightning hook method
-    (:data:`_USER_HOOKS`) whose ``self`` is one of ``modules`` names the hook. ``None`` when the error did not
-    come from the module's code (lightfed's own checks keep their message), or is already a hook error.
-    """
-    if isinstance(err, ModuleHookError):
-        return None
-    tb = err.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        name = frame.f_code.co_name
-        if name in _USER_HOOKS and any(frame.f_locals.get("self") is m for m in modules):
-            return ModuleHookError(type(frame.f_locals["self"]).__name__, name, err)
-        tb = tb.tb_next
-    return None
-
-
-# ---------------------------------------------------------------------------------------- optimizers
-@dataclass
-class SchedulerConfig:
-    """One LR scheduler of ``configure_optimizers``, with Lightning's ``interval`` / ``frequency`` keys."""
-
-    scheduler: Any
-    interval: str = "epoch"
-    frequency: int = 1
-    monitor: str | None = None
-
-
-def parse_optimizers(out: Any, manual: bool = False) -> tuple[list[Optimizer], list[SchedulerConfig]]:
-    """Normalise what ``configure_optimizers`` returned into its optimizers and schedulers.
-
-    Accepts the forms Lightning documents: an optimizer, a list/tuple of them, ``([opts], [scheds])``, a
-    dict ``{"optimizer": ..., "lr_scheduler": ...}`` (whose scheduler may be a dict with ``interval``
-    (``"epoch"``/``"step"``) and ``frequency``), or a list of such dicts.
-
-    Args:
-        out: What ``configure_optimizers`` returned.
-        manual: Manual optimization (``automatic_optimization = False``): several optimizers are allowed.
-
-    Raises:
-        ValueError: Several optimizers under automatic optimization, ``ReduceLROnPlateau`` (it monitors a
-            metric no client visit produces), an unknown ``interval``, or anything else.
-    """
-    opts: list[Any]
-    scheds: list[Any] = []
-    if isinstance(out, dict):
-        opts, scheds = [out["optimizer"]], [s for s in [out.get("lr_scheduler")] if s is not None]
-    elif isinstance(out, Optimizer):
-        opts = [out]
-    elif isinstance(out, (list, tuple)) and len(out) == 2 and isinstance(out[0], (list, tuple)):
-        opts, scheds = list(out[0]), list(out[1])
-    elif isinstance(out, (list, tuple)) and out and all(isinstance(o, dict) for o in out):
-        parsed = [parse_optimizers(o, manual=True) for o in out]
-        opts, scheds = [o for p in parsed for o in p[0]], [s for p in parsed for s in p[1]]
-    elif isinstance(out, (list, tuple)) and out and all(isinstance(o, Optimizer) for o in out):
-        opts = list(out)
-    else:
-        raise ValueError(
-            f"configure_optimizers must return an optimizer (optionally with LR schedulers), a list of them or a "
-            f"dict with 'optimizer'; got {type(out).__name__}."
-        )
-    if len(opts) != 1 and not manual:
-        raise ValueError(
-            f"configure_optimizers returned {len(opts)} optimizers: automatic optimization steps exactly one. Set "
-            f"self.automatic_optimization = False and step them in training_step (manual optimization)."
-        )
-    configs = [s if isinstance(s, SchedulerConfig) else _scheduler_config(s) for s in scheds]
-    return opts, configs
-
-
-def _scheduler_config(s: Any) -> SchedulerConfig:
-    keys = ("scheduler", "interval", "frequency", "monitor")
-    cfg = SchedulerConfig(**{k: v for k, v in s.items() if k in keys}) if isinstance(s, dict) else SchedulerConfig(s)
-    if cfg.interval not in ("epoch", "step"):
-        raise ValueError(f"lr_scheduler interval must be 'epoch' or 'step', got {cfg.interval!r}.")
-    if isinstance(cfg.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        raise ValueError(
-            "configure_optimizers returned ReduceLROnPlateau: it monitors a validation metric, and a client "
-            "visit runs no validation. Use a schedule of epochs or steps for clients."
-        )
-    return cfg
-
-
-# ---------------------------------------------------------------------------------------- hooks
-@dataclass(frozen=True)
-class ModuleHooks:
-    """Which LightningModule hooks a module overrides (read once per run; the loop skips the others).
-
-    Attributes:
-        overridden: Names from :data:`TRAIN_HOOKS` and the evaluation hooks the module's class overrides.
-        lightning_modules: The model's LightningModules (the module and any nested ones: ``self.trainer``).
-        manual: The module uses manual optimization (``automatic_optimization = False``).
-        steps: Which of ``training_step``, ``validation_step``, ``test_step`` the module defines.
-    """
-
-    overridden: frozenset[str]
-    lightning_modules: tuple[nn.Module, ...]
-    manual: bool = False
-    steps: frozenset[str] = frozenset({"training_step", "validation_step", "test_step"})
-
-    @classmethod
-    def of(cls, module: nn.Module) -> ModuleHooks:
-        """Read ``module``'s hooks; refuse :data:`REFUSED_HOOKS` naming the hook.
-
-        Raises:
-            ValueError: The module overrides a hook the loop cannot honour.
-        """
-        import lightning as L
-
-        manual = getattr(module, "automatic_optimization", True) is False
-        if not isinstance(module, L.LightningModule):
-            return cls(frozenset(), (), manual)
-        stages = ("validation", "test")
-        names = set(TRAIN_HOOKS) | {h.format(stage=s) for h in EVAL_HOOKS for s in stages} | set(REFUSED_HOOKS)
-        base, cls_ = L.LightningModule, type(module)
-        overridden = {n for n in names if getattr(cls_, n, None) is not getattr(base, n, None)}
-        refused = sorted(overridden & set(REFUSED_HOOKS))
-        if refused:
-            name = refused[0]
-            raise ValueError(
-                f"{cls_.__name__} overrides LightningModule.{name}, which lightfed's client loop does not call: "
-                f"{REFUSED_HOOKS[name]}. See docs/lightning_contract.md."
-            )
-        steps = {n for n in ("training_step", "validation_step", "test_step")
-                 if getattr(cls_, n, None) is not getattr(base, n, None)}
-        modules = tuple(m for m in module.modules() if isinstance(m, L.LightningModule))
-        return cls(frozenset(overridden), modules, manual, frozenset(steps))
-
-    def bound(self, module: nn.Module, name: str) -> Any:
-        """The module's bound hook ``name`` if it overrides it, else ``None`` (one check per call site)."""
-        return getattr(module, name) if name in self.overridden else None
-
-    @property
-    def evaluable(self) -> bool:
-        """Whether the module defines ``validation_step`` or ``test_step`` (what evaluation runs)."""
-        return bool(self.steps & {"validation_step", "test_step"})
+    def results(self) -> dict[str, float]:
+        out = {k: float(s) / self.weights[k] for k, s in self.sums.items()}
+        for k, m in self.metrics.items():
+            out[k] = float(m.compute())
+            m.reset()
+        return out
 
 
 # ---------------------------------------------------------------------------------------- self.trainer

@@ -19,8 +19,9 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lightfed.client import EVAL_HOOKS, REUSABLE_OPTIMIZERS, TRAIN_HOOKS, LocalTrainer
-from lightfed.lightning_compat import ModuleHookError, TrainerStandInError
 from lightfed.data.client_data import ClientData
+from lightfed.lightning_compat import TrainerStandInError
+from lightfed.lightning_hooks import ModuleHookError
 from lightfed.params import ParamSpec
 from lightfed.seeding import make_generator
 from lightfed.strategy import FedAvg

@@ -9,6 +9,8 @@ from lightfed._lazy import lazy_exports
 
 _WHERE = {
     "ClientData": "lightfed.data.client_data", "Partition": "lightfed.data.client_data",
+    "DatasetClientData": "lightfed.data.client_data", "LightningDataSource": "lightfed.data.datamodule",
+    "Explicit": "lightfed.data.partition",
     "FederatedArrays": "lightfed.data.datamodule", "FederatedDataModule": "lightfed.data.datamodule",
     "DigitsDataModule": "lightfed.data.datasets", "FashionMNISTDataModule": "lightfed.data.datasets",
     "TensorDataModule": "lightfed.data.datasets", "read_idx": "lightfed.data.datasets",

@@ -106,7 +106,8 @@ class ClientData:
         stop = n - n % batch_size if drop_last else n
         keys = self.keys
         if keys is not None:
-            return ({k: t[start : start + batch_size] for k, t in zip(keys, local)} for start in range(0, stop, batch_size))
+            starts = range(0, stop, batch_size)
+            return ({k: t[start : start + batch_size] for k, t in zip(keys, local)} for start in starts)
         if 0 < n <= batch_size and stop == n:
             return iter((local,))
         return (tuple(t[start : start + batch_size] for t in local) for start in range(0, stop, batch_size))
@@ -135,6 +136,9 @@ class ClientData:
         return n // batch_size if drop_last else -(-n // batch_size)
 
 
+CPU = torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class LoaderSettings:
     """The ``DataLoader`` settings of a user's dataset that lightfed keeps when it batches a client's part.
@@ -157,7 +161,8 @@ class LoaderSettings:
         workers = int(getattr(loader, "num_workers", 0) or 0)
         return cls(
             collate_fn=getattr(loader, "collate_fn", None), num_workers=workers,
-            pin_memory=bool(getattr(loader, "pin_memory", False)), worker_init_fn=getattr(loader, "worker_init_fn", None),
+            pin_memory=bool(getattr(loader, "pin_memory", False)),
+            worker_init_fn=getattr(loader, "worker_init_fn", None),
             timeout=float(getattr(loader, "timeout", 0) or 0),
             multiprocessing_context=getattr(loader, "multiprocessing_context", None),
             prefetch_factor=getattr(loader, "prefetch_factor", None) if workers else None,
@@ -188,7 +193,7 @@ class DatasetClientData:
     dataset: Any
     indices: Tensor
     settings: LoaderSettings = LoaderSettings()
-    device: torch.device = torch.device("cpu")
+    device: torch.device = CPU
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -199,7 +204,9 @@ class DatasetClientData:
             return self.indices
         return self.indices.index_select(0, torch.randperm(len(self), generator=generator))
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False) -> Iterator[Any]:
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False
+    ) -> Iterator[Any]:
         """Collated batches in the order of :meth:`order` (the generator is consumed when this is called)."""
         order = self.order(generator).tolist()
         loader = self.settings.loader(self.dataset, batch_size, order, drop_last)
@@ -225,15 +232,18 @@ class LoaderData:
     ``batches`` iterates the loader as it is (its batch size, its collate function); ``batch_size`` is ignored.
     """
 
-    def __init__(self, make_loader: Callable[[], Iterable[Any]], device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, make_loader: Callable[[], Iterable[Any]], device: torch.device = CPU) -> None:
         self.make_loader, self.device = make_loader, device
 
     def __len__(self) -> int:
         loader = self.make_loader()
         dataset = getattr(loader, "dataset", None)
-        return len(dataset) if dataset is not None and hasattr(dataset, "__len__") else len(loader)  # type: ignore[arg-type]
+        sized = dataset if dataset is not None and hasattr(dataset, "__len__") else loader
+        return len(sized)  # type: ignore[arg-type]
 
-    def batches(self, batch_size: int = 0, generator: torch.Generator | None = None, drop_last: bool = False) -> Iterator[Any]:
+    def batches(
+        self, batch_size: int = 0, generator: torch.Generator | None = None, drop_last: bool = False
+    ) -> Iterator[Any]:
         for batch in self.make_loader():
             yield _to_device(batch, self.device)
 

@@ -6,17 +6,18 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from lightfed.data.client_data import ClientData, Partition
+from lightfed.data.client_data import ClientData, DatasetClientData, LoaderData, LoaderSettings, Partition
 from lightfed.data.partition import Partitioner
 from lightfed.seeding import make_generator
 
@@ -30,7 +31,9 @@ class FederatedArrays:
     partitioners; ``groups`` (one integer key per training example: writer, speaker, hospital) drives
     natural partitions. With ``num_classes`` set, the targets are class ids in ``[0, num_classes)`` (or
     ``-100``, ``F.cross_entropy``'s ignored position); leave it ``None`` for other targets (regression).
-    :func:`check_arrays` enforces this when a datamodule is set up.
+    :func:`check_arrays` enforces this when a datamodule is set up. With ``keys`` (one name per tensor of
+    ``train`` and ``test``, e.g. ``("input_ids", "attention_mask", "labels")``) the client loop's batches are
+    dicts ``{key: tensor}``, what Hugging Face models take; without, tuples.
     """
 
     train: tuple[Tensor, ...]
@@ -38,6 +41,7 @@ class FederatedArrays:
     labels: Tensor
     groups: Tensor | None = None
     num_classes: int | None = None
+    keys: tuple[str, ...] | None = None
 
 
 class FederatedDataModule(L.LightningDataModule):
@@ -88,8 +92,12 @@ class FederatedDataModule(L.LightningDataModule):
         with _announced_if_slow(f"preparing data {self.source_name()} ..."):
             arrays = self.load()
         check_arrays(arrays, self.source_name())
-        partition = self.partitioner.partition(arrays.labels, self.seed, arrays.groups)
-        _check_partition(partition, len(arrays.labels), type(self.partitioner).__name__)
+        self._accept(self.partitioner.partition(arrays.labels, self.seed, arrays.groups), len(arrays.labels))
+        self.arrays = arrays
+
+    def _accept(self, partition: Partition, pool: int) -> None:
+        """Check the partitioner's output and split each client's validation part off."""
+        _check_partition(partition, pool, type(self.partitioner).__name__)
         sizes = partition.sizes()
         if partition.num_clients == 0 or bool((sizes == 0).any()):
             empty = torch.nonzero(sizes == 0).flatten().tolist()[:10]
@@ -97,9 +105,29 @@ class FederatedDataModule(L.LightningDataModule):
                 f"the partition leaves clients {empty} empty; lower the number of clients or raise the "
                 f"partitioner's min_size / alpha."
             )
-        self.arrays = arrays
         self.partition = partition
         self.train_part, self.val_part = self._split_val(partition)
+
+    def partition_labels(self) -> tuple[Tensor, int | None]:
+        """The training examples' class ids the partitioner saw, and the number of classes (if known)."""
+        arrays = self._require_setup()
+        return arrays.labels, arrays.num_classes
+
+    @classmethod
+    def from_datamodule(
+        cls, datamodule: L.LightningDataModule, partitioner: Partitioner, **kwargs: Any
+    ) -> LightningDataSource:
+        """Your own LightningDataModule as federated data (:class:`LightningDataSource`; ``kwargs``: its options)."""
+        return LightningDataSource(datamodule, partitioner, **kwargs)
+
+    @classmethod
+    def from_datasets(
+        cls, train: Dataset, partitioner: Partitioner, test: Dataset | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None, **kwargs: Any,
+    ) -> LightningDataSource:
+        """Map-style datasets as federated data: ``train`` is partitioned, ``test`` serves central evaluation."""
+        return LightningDataSource(DatasetsModule(train, test, collate_fn, kwargs.get("batch_size", 64)), partitioner,
+                                   **kwargs)
 
     def _split_val(self, partition: Partition) -> tuple[Partition, Partition]:
         """Hold out ``floor(val_fraction * n)`` of each client's ``n`` examples (at most ``n - 1``) as its val split.
@@ -143,12 +171,12 @@ class FederatedDataModule(L.LightningDataModule):
     def client_train(self, client_id: int) -> ClientData:
         arrays = self._require_setup()
         assert self.train_part is not None
-        return ClientData(arrays.train, self.train_part.client(client_id))
+        return ClientData(arrays.train, self.train_part.client(client_id), arrays.keys)
 
     def client_val(self, client_id: int) -> ClientData:
         arrays = self._require_setup()
         assert self.val_part is not None
-        return ClientData(arrays.train, self.val_part.client(client_id))
+        return ClientData(arrays.train, self.val_part.client(client_id), arrays.keys)
 
     def client_num_examples(self) -> Tensor:
         """Training examples per client."""
@@ -159,7 +187,7 @@ class FederatedDataModule(L.LightningDataModule):
     def test_data(self) -> ClientData:
         arrays = self._require_setup()
         n = len(arrays.test[0])
-        return ClientData(arrays.test, torch.arange(n, device=arrays.test[0].device))
+        return ClientData(arrays.test, torch.arange(n, device=arrays.test[0].device), arrays.keys)
 
     def to(self, device: torch.device | str) -> FederatedDataModule:
         """Move the pooled tensors (and index vectors) to ``device`` once."""
@@ -189,6 +217,200 @@ class FederatedDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         arrays = self._require_setup()
         return DataLoader(TensorDataset(*(t.cpu() for t in arrays.test)), batch_size=self.batch_size)
+
+
+class LightningDataSource(FederatedDataModule):
+    """Your own LightningDataModule as federated data: its training set partitioned into clients, lazily.
+
+    At set-up it runs the datamodule's ``prepare_data`` and ``setup("fit")`` and reads its
+    ``train_dataloader()``: the loader's map-style ``dataset`` is partitioned by index, and its ``collate_fn``,
+    ``num_workers``, ``pin_memory`` and worker settings batch every client (:class:`LoaderSettings`); the batch
+    size and order are the client loop's. Nothing is materialised: a client is an index list
+    (:class:`~lightfed.data.client_data.DatasetClientData`). Central evaluation iterates the datamodule's own
+    ``test_dataloader()`` (after ``setup("test")``), or its ``val_dataloader()`` when it has no test loader.
+
+    Partitioners see the examples through two functions, called once per training example at set-up:
+    ``label_fn(example) -> class id`` for label skew (``Dirichlet``, ``Shards``; without it a dataset's
+    ``targets`` attribute is used), ``key_fn(example) -> key`` for a natural partition (``Natural``: one client
+    per user, speaker, hospital). A dataset that holds them as a column (a Hugging Face ``datasets.Dataset``,
+    a torchvision ``targets``) is faster read whole: ``label_key`` / ``group_key`` name the attribute or column
+    (``dataset.name`` or ``dataset[name]``), and no example is read. ``IID``, ``QuantitySkew`` and ``Explicit``
+    (index lists) need neither.
+
+    Example (YAML: ``data: {class_path: lightfed.data.LightningDataSource, init_args: {datamodule: {class_path:
+    my.DataModule, init_args: {...}}, partitioner: {...}, key_fn: my.speaker_of}}``)::
+
+        data = FederatedDataModule.from_datamodule(MyDataModule(root="..."), Natural(), key_fn=speaker_of)
+
+    Args:
+        datamodule: The LightningDataModule whose training set becomes the clients' data.
+        partitioner: How its training set is split into clients.
+        label_fn: Class id of a training example (for label-skew partitioners).
+        key_fn: Natural group key of a training example (for :class:`~lightfed.data.partition.Natural`).
+        label_key: The dataset's attribute or column of class ids (instead of ``label_fn``).
+        group_key: The dataset's attribute or column of natural keys (instead of ``key_fn``).
+        val_fraction: Fraction of each client's examples held out as its own validation split.
+        batch_size: Batch size of the centralised training loader (:meth:`train_dataloader`).
+        seed: Seed of the partition and the validation splits.
+    """
+
+    def __init__(
+        self, datamodule: L.LightningDataModule, partitioner: Partitioner,
+        label_fn: Callable[[Any], int] | None = None, key_fn: Callable[[Any], Any] | None = None,
+        label_key: str | None = None, group_key: str | None = None,
+        val_fraction: float = 0.0, batch_size: int = 64, seed: int = 0,
+    ) -> None:
+        super().__init__(partitioner, val_fraction, batch_size, seed)
+        if not isinstance(datamodule, L.LightningDataModule):
+            raise TypeError(f"data.datamodule must be a LightningDataModule, got {type(datamodule).__name__}.")
+        name = type(partitioner).__name__
+        if partitioner.needs_groups and key_fn is None and group_key is None:
+            raise ValueError(f"data.partitioner is {name}, which gives one client per natural key, but neither "
+                             f"data.key_fn (a function example -> key: user, speaker, hospital) nor data.group_key "
+                             f"(the dataset's attribute or column of keys) is set.")
+        self.datamodule, self.label_fn, self.key_fn = datamodule, label_fn, key_fn
+        self.label_key, self.group_key = label_key, group_key
+        self.dataset: Any = None
+        self.labels = torch.zeros(0, dtype=torch.long)
+        self.settings = LoaderSettings()
+        self.device = torch.device("cpu")
+        self._test_ready = False
+
+    def source_name(self) -> str:
+        return type(self.datamodule).__name__
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.partition is not None:
+            return
+        dm = self.datamodule
+        with _announced_if_slow(f"preparing data {self.source_name()} ..."):
+            dm.prepare_data()
+            dm.setup("fit")
+            loader = dm.train_dataloader()
+            dataset = getattr(loader, "dataset", loader)
+            if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+                raise ValueError(
+                    f"{self.source_name()}.train_dataloader() serves a {type(dataset).__name__}, not a map-style "
+                    f"dataset (with __len__ and __getitem__): lightfed partitions a training set by index. Return a "
+                    f"DataLoader over a map-style Dataset."
+                )
+            self.dataset, self.settings = dataset, LoaderSettings.from_loader(loader)
+            n = len(dataset)
+            self.labels, groups = self._labels(n), self._groups(n)
+            self._accept(self.partitioner.partition(self.labels, self.seed, groups), n)
+
+    def partition_labels(self) -> tuple[Tensor, int | None]:
+        """The class ids from ``label_fn`` or the dataset's ``targets`` (zeros when neither exists)."""
+        self._require_setup()
+        return self.labels, None
+
+    def _column(self, name: str, n: int, field: str) -> Any:
+        """The dataset's per-example attribute or column ``name`` (``dataset.name`` or ``dataset[name]``)."""
+        column = getattr(self.dataset, name, None)
+        if column is None:
+            try:
+                column = self.dataset[name]
+            except Exception:  # noqa: BLE001 - an int-indexed dataset refuses a string key in its own way
+                column = None
+        if column is None or not hasattr(column, "__len__") or len(column) != n:
+            raise ValueError(f"data.{field}={name!r}: {type(self.dataset).__name__} has no attribute or column "
+                             f"{name!r} with one value per training example ({n}).")
+        return column
+
+    def _labels(self, n: int) -> Tensor:
+        if self.label_fn is not None:
+            return torch.as_tensor([int(self.label_fn(self.dataset[i])) for i in range(n)], dtype=torch.long)
+        if self.label_key is not None:
+            return torch.as_tensor(np.asarray(self._column(self.label_key, n, "label_key")), dtype=torch.long)
+        targets = getattr(self.dataset, "targets", None)
+        if targets is not None and len(targets) == n:
+            return torch.as_tensor(targets, dtype=torch.long).reshape(-1)
+        if self.partitioner.needs_labels:
+            raise ValueError(
+                f"data.partitioner is {type(self.partitioner).__name__}, which splits by label, but data.label_fn is "
+                f"not set and {type(self.dataset).__name__} has no targets: give a function example -> class id."
+            )
+        return torch.zeros(n, dtype=torch.long)  # only the count is read
+
+    def _groups(self, n: int) -> Tensor | None:
+        if self.key_fn is not None:
+            codes: dict[Any, int] = {}
+            return torch.as_tensor([codes.setdefault(self.key_fn(self.dataset[i]), len(codes)) for i in range(n)])
+        if self.group_key is not None:
+            keys = self._column(self.group_key, n, "group_key")
+            keys = keys.cpu().numpy() if isinstance(keys, Tensor) else np.asarray(keys)
+            return torch.from_numpy(np.unique(keys, return_inverse=True)[1].reshape(-1).astype(np.int64))
+        return None
+
+    def _require_setup(self) -> None:  # type: ignore[override]
+        if self.partition is None:
+            self.setup()
+
+    # ------------------------------------------------------------------ federated access
+    def client_train(self, client_id: int) -> DatasetClientData:  # type: ignore[override]
+        self._require_setup()
+        assert self.train_part is not None
+        return DatasetClientData(self.dataset, self.train_part.client(client_id), self.settings, self.device)
+
+    def client_val(self, client_id: int) -> DatasetClientData:  # type: ignore[override]
+        self._require_setup()
+        assert self.val_part is not None
+        return DatasetClientData(self.dataset, self.val_part.client(client_id), self.settings, self.device)
+
+    def test_data(self) -> LoaderData:  # type: ignore[override]
+        """The datamodule's ``test_dataloader()`` (else ``val_dataloader()``, else nothing), on the run's device."""
+        return LoaderData(self._eval_loader, self.device)
+
+    def _eval_loader(self) -> Any:
+        dm, base = self.datamodule, L.LightningDataModule
+        if type(dm).test_dataloader is not base.test_dataloader:
+            if not self._test_ready:
+                dm.setup("test")
+                self._test_ready = True
+            return dm.test_dataloader()
+        if type(dm).val_dataloader is not base.val_dataloader:
+            return dm.val_dataloader()
+        return []
+
+    def to(self, device: torch.device | str) -> LightningDataSource:
+        """Batches are moved to ``device`` as they are built (the dataset stays where it is)."""
+        self._require_setup()
+        self.device = torch.device(device)
+        return self
+
+    # ------------------------------------------------------------------ centralised training
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        assert self.train_part is not None
+        return DataLoader(Subset(self.dataset, self.train_part.indices.tolist()), batch_size=self.batch_size,
+                          shuffle=True, collate_fn=self.settings.collate_fn,
+                          generator=make_generator(self.seed, "central_loader"))
+
+    def val_dataloader(self) -> DataLoader:
+        self._require_setup()
+        assert self.val_part is not None
+        return DataLoader(Subset(self.dataset, self.val_part.indices.tolist()), batch_size=self.batch_size,
+                          collate_fn=self.settings.collate_fn)
+
+    def test_dataloader(self) -> Any:
+        return self._eval_loader()
+
+
+class DatasetsModule(L.LightningDataModule):
+    """Map-style datasets as a LightningDataModule (what :meth:`FederatedDataModule.from_datasets` wraps)."""
+
+    def __init__(self, train: Dataset, test: Dataset | None = None,
+                 collate_fn: Callable[[list[Any]], Any] | None = None, batch_size: int = 64) -> None:
+        super().__init__()
+        self.train, self.test, self.collate_fn, self.batch_size = train, test, collate_fn, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=self.batch_size, collate_fn=self.collate_fn)
+
+    def test_dataloader(self) -> Any:
+        if self.test is None:
+            return []
+        return DataLoader(self.test, batch_size=self.batch_size, collate_fn=self.collate_fn)
 
 
 IGNORE_INDEX = -100  #: a target that is not scored (``F.cross_entropy``'s default ``ignore_index``)
@@ -228,6 +450,10 @@ def check_arrays(arrays: FederatedArrays, source: str) -> None:
         if isinstance(t, Tensor) and n is not None and len(t) != n:
             problems.append(f"{len(t)} {name} for {n} training examples; give one per training example")
     problems += _label_problems(arrays.labels, arrays.num_classes)
+    keys = arrays.keys
+    if keys is not None and (len(set(keys)) != len(keys) or {len(keys)} != {len(arrays.train), len(arrays.test)}):
+        problems.append(f"keys {list(keys)} must name each of the {len(arrays.train)} training and "
+                        f"{len(arrays.test)} test tensors once")
     if problems:
         listed = "".join(f"\n  - {p}" for p in problems)
         raise ValueError(f"{source}: the data cannot be trained on:{listed}")

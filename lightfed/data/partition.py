@@ -12,23 +12,30 @@ in every process. Clients are disjoint and each client's indices are sorted.
 :class:`Shards`           pathological label skew, a few label-sorted shards each (McMahan et al. 2017)
 :class:`Natural`          one client per natural group key (writer, speaker, hospital)
 :class:`QuantitySkew`     log-normal client sizes, IID labels
+:class:`Explicit`         client index lists given by the user
 ========================  =========================================================================
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from lightfed.checks import check_int
 from lightfed.data.client_data import Partition
 from lightfed.seeding import derive_seed
 
-__all__ = ["IID", "Dirichlet", "Natural", "Partitioner", "QuantitySkew", "Shards"]
+__all__ = ["IID", "Dirichlet", "Explicit", "Natural", "Partitioner", "QuantitySkew", "Shards"]
 
 
 class Partitioner:
     """Base class: map labels (and optional natural group keys) to a :class:`Partition`."""
+
+    #: Whether :meth:`partition` reads the labels' values (not only their number): label-skew partitioners.
+    needs_labels: bool = False
+    #: Whether :meth:`partition` needs natural group keys (``groups``).
+    needs_groups: bool = False
 
     def partition(self, labels: Tensor, seed: int, groups: Tensor | None = None) -> Partition:
         """Split examples ``0..len(labels)-1`` into clients; every client non-empty, all disjoint."""
@@ -105,6 +112,8 @@ class Dirichlet(Partitioner):
         max_retries: Draws to try before giving up (>= 1).
         self_balancing: Stop giving examples to clients above the mean size (see above).
     """
+
+    needs_labels = True
 
     def __init__(
         self,
@@ -186,6 +195,8 @@ class Shards(Partitioner):
         classes_per_client: Shards (hence labels) per client (>= 1).
     """
 
+    needs_labels = True
+
     def __init__(self, num_clients: int, classes_per_client: int = 2) -> None:
         self.num_clients = _check_int(num_clients, "num_clients", 1)
         self.classes_per_client = _check_int(classes_per_client, "classes_per_client", 1)
@@ -246,6 +257,8 @@ class Natural(Partitioner):
         min_size: Fewest examples a group needs to become a client (>= 1).
         max_clients: Keep at most this many clients (>= 1), or all if ``None``.
     """
+
+    needs_groups = True
 
     def __init__(self, min_size: int = 1, max_clients: int | None = None) -> None:
         self.min_size = _check_int(min_size, "min_size", 1)
@@ -316,3 +329,37 @@ class QuantitySkew(Partitioner):
         sizes = self.min_size + extra
         perm = rng.permutation(n)
         return _to_partition(np.split(perm, np.cumsum(sizes)[:-1]))
+
+
+# ---------------------------------------------------------------------------------------- Explicit
+class Explicit(Partitioner):
+    """Clients given as explicit lists of training-example indices (client ``i`` owns ``clients[i]``).
+
+    For a split decided elsewhere (a published client list, a split file). Lists must be non-empty and
+    disjoint; an example in no list belongs to no client.
+
+    Args:
+        clients: One list of training-example indices per client.
+    """
+
+    def __init__(self, clients: list[list[int]]) -> None:
+        if not clients or any(len(c) == 0 for c in clients):
+            raise ValueError("data.partitioner.clients must be a non-empty list of non-empty index lists.")
+        self.clients = clients
+
+    def __repr__(self) -> str:
+        return f"Explicit({len(self.clients)} clients)"
+
+    def partition(self, labels: Tensor, seed: int, groups: Tensor | None = None) -> Partition:
+        part = Partition.from_lists(self.clients)
+        n = len(labels)
+        idx = part.indices
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(
+                f"data.partitioner.clients holds indices outside [0, {n}) (the training set has {n} examples)."
+            )
+        if len(torch.unique(idx)) != len(idx):
+            raise ValueError(
+                "data.partitioner.clients lists some examples for two clients; the lists must be disjoint."
+            )
+        return part

@@ -36,9 +36,10 @@ _MATPLOTLIB_HINT = 'needs matplotlib: `pip install matplotlib` (or, in a checkou
 def _label_histogram(dm: FederatedDataModule) -> tuple[Tensor, int]:
     """``(clients x classes)`` label counts over each client's examples (train and val together)."""
     dm.setup()
-    assert dm.arrays is not None and dm.partition is not None
-    labels = dm.arrays.labels.cpu()
-    num_classes = dm.arrays.num_classes or int(labels.max()) + 1
+    assert dm.partition is not None
+    labels, num_classes = dm.partition_labels()
+    labels = labels.cpu()
+    num_classes = num_classes or int(labels.max()) + 1
     part = dm.partition
     client_of = torch.repeat_interleave(torch.arange(part.num_clients), part.sizes().cpu())
     flat = client_of * num_classes + labels[part.indices.cpu()]

@@ -46,6 +46,11 @@ def check_vectorisable(local: LocalTrainer) -> None:
         raise VmapUnsupportedError(
             f"accumulate_grad_batches={local.accumulate_grad_batches}: the vmap executor steps every batch. {FIX}"
         )
+    if local.hooks.manual:
+        raise VmapUnsupportedError(
+            f"{type(local.module).__name__} uses manual optimization (automatic_optimization=False); the vmap "
+            f"executor steps one SGD per client itself. {FIX}"
+        )
     hooks = [h for h in TRAIN_HOOKS if h in local.hooks.overridden]
     if hooks:
         raise VmapUnsupportedError(

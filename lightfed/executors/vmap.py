@@ -73,7 +73,13 @@ from lightfed.data.client_data import ClientData
 from lightfed.executors.base import Executor
 from lightfed.executors.functional import LogRecorder, SwapCall, gather, gather_each, swap_names
 from lightfed.executors.sgd import SGDHyper, sgd_hypers
-from lightfed.executors.support import FIX, VmapUnsupportedError, check_tensor_batches, check_vectorisable, overrides
+from lightfed.executors.support import (
+    FIX,
+    VmapUnsupportedError,
+    check_tensor_batches,
+    check_vectorisable,
+    overrides,
+)
 from lightfed.messages import ClientUpdate
 from lightfed.registry import EXECUTORS
 

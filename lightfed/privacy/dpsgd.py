@@ -329,7 +329,7 @@ class DPSGDLocalTrainer(LocalTrainer):
             yield self.poisson_batch(data, self._rate, ctx.round_idx, ctx.client_id, step)
 
     def training_loss(self, batch: Any, batch_idx: int) -> Tensor | None:
-        if self._empty:  # set by poisson_batch, which the loop consumed just before  # no example: no forward; the step is pure noise
+        if self._empty:  # set by poisson_batch just before: no example, no forward; the step is pure noise
             return torch.zeros((), device=self.tensors[0].device)
         loss = super().training_loss(batch, batch_idx)
         if loss is None:
