@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningCLI
 
-_PLUGIN_SECTIONS = ("strategy", "privacy", "secure_aggregation")
+from lightfed.registry import PLUGIN_SECTIONS as _PLUGIN_SECTIONS  # noqa: E402 - stdlib-only module
 
 #: Every ``lightfed`` subcommand and what it does (the top-level ``--help``).
 COMMANDS = {
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         if args[0] in ("strategies", "plugins"):
             print_plugins()
         elif args[0] == "new-strategy":
-            from lightfed.scaffold import main as new_strategy
+            from lightfed.strategy_template import main as new_strategy
 
             new_strategy(args[1:])
         elif args[0] == "data":
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
 
             audit_main(args[1:])
         elif args[0] == "central":
-            from lightfed.central import CentralCLI
-            from lightfed.central import main as central_main
+            from lightfed.baseline import CentralCLI
+            from lightfed.baseline import main as central_main
 
             central_main(args[1:], parser_kwargs=raising_parser_kwargs(CentralCLI))
         else:

@@ -17,13 +17,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightfed.callbacks import Callback
 from lightfed.data.datamodule import FederatedDataModule
 from lightfed.privacy.base import PrivacyMechanism
-from lightfed.registry import load_all_plugins
+from lightfed.registry import PLUGIN_SECTIONS, load_all_plugins
 from lightfed.secagg.base import SecureAggregation
 from lightfed.strategy import Strategy
 from lightfed.trainer import FederatedTrainer
-
-#: The top-level config sections that hold a plugin (a registered name or class_path / init_args).
-PLUGIN_SECTIONS = ("strategy", "privacy", "secure_aggregation")
 
 #: Modules whose public classes ``fit --help`` names as ready-made models and datamodules.
 _MODEL_MODULES = ("lightfed.models.vision", "lightfed.models.charlm", "lightfed.models.hf")

@@ -73,7 +73,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def quiet_cli(config: str, root: str, extra: list[str] = ()) -> Any:
     """A ``LightFedCLI`` of ``config`` without logger, progress bar, callbacks, audits or checkpoints, not yet run."""
-    from lightfed.cli import LightFedCLI
+    from lightfed.cli_lightning import LightFedCLI
 
     with contextlib.redirect_stdout(io.StringIO()), mock.patch.object(sys, "argv", sys.argv[:1]):
         return LightFedCLI(args=["--config", config, "--trainer.logger", "false", "--trainer.enable_progress_bar",
