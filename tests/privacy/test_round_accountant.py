@@ -22,7 +22,8 @@ POISSON = SamplingScheme("poisson", N, Q)
 
 def test_the_curve_is_dp_accounting_composing_one_round_at_a_time():
     # Prepare: dp-accounting's own accountant, given the round's event once per round
-    library = dpa.pld.PLDAccountant(dpa.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-3)
+    relation = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+    library = dpa.pld.PLDAccountant(relation, value_discretization_interval=1e-3)
     expected = []
     for _ in range(T):
         library.compose(dpa.PoissonSampledDpEvent(Q, dpa.GaussianDpEvent(Z)))
