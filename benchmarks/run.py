@@ -9,7 +9,8 @@
 Sections (``--only``):
 
 * ``startup``    fresh interpreter to the end of the first round, lightfed vs a plain script;
-* ``w1``         W1 through a plain PyTorch loop, lightfed's sequential and vmap executors;
+* ``w1``         W1 through a plain PyTorch loop, lightfed's sequential and vmap executors, and sequential
+                 with client-level DP (the DP row: clipping, noise and the accountant against ``sequential``);
 * ``issue2``     the issue-2 workload (100 IID clients of ~15 digits), lightfed vs plain;
 * ``w2``         W2 (32x32 digits, CNN) lightfed vs plain, with one and with two torch threads;
 * ``scaling``    W2 on one and on two processes (one torch thread each, gloo), cohorts of 5 and 6 clients;
@@ -91,6 +92,19 @@ def table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> N
 
 
 # ---------------------------------------------------------------------------------------- speed
+def dp_kwargs() -> dict[str, Any]:
+    """The DP row's trainer arguments: client-level DP with a fixed clip on W1's fixed-size cohort of 10.
+
+    FedAvg is uniform (client-level DP refuses example-count weights); against ``sequential`` it differs only
+    in one scalar weight per client, so the two rows compare the cost of DP: clipping, noise, accounting.
+    """
+    from lightfed.privacy import DPFixedClipping
+    from lightfed.strategy import FedAvg
+
+    return {"privacy": DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, verbose=False),
+            "strategy": FedAvg(weighted=False)}
+
+
 def speed(
     workload_name: str, methods: list[str], repeats: int, rounds: int | None, warmup: int | None, lockstep: bool = False
 ) -> dict[str, Any]:
@@ -112,6 +126,10 @@ def speed(
         if method == "sequential_channels_last":
             timing = run_lightfed(WORKLOADS[workload_name](**kwargs, channels_last=True), executor="sequential")
             timing.label = "lightfed sequential, channels-last"
+            return timing
+        if method == "sequential_dp":
+            timing = run_lightfed(workload, executor="sequential", **dp_kwargs())
+            timing.label = "lightfed sequential, DP (DPFixedClipping z=1, C=1, PLD accountant)"
             return timing
         return run_lightfed(workload, executor=method)
 
@@ -346,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name == "startup":
             results[name] = section_startup(args)
         elif name == "w1":
-            results[name] = speed("W1", ["plain", "plain_shuffled", "sequential", "vmap"], repeats, rounds, warmup, args.lockstep)
+            methods = ["plain", "plain_shuffled", "sequential", "sequential_dp", "vmap"]
+            results[name] = speed("W1", methods, repeats, rounds, warmup, args.lockstep)
         elif name == "issue2":
             results[name] = speed("issue2", ["plain", "plain_shuffled", "sequential", "vmap"], repeats, rounds, warmup, args.lockstep)
         elif name == "w2":

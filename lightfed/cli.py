@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         if args[0] in ("strategies", "plugins"):
             print_plugins()
         elif args[0] == "new-strategy":
-            from lightfed.scaffold import main as new_strategy
+            from lightfed.strategy_template import main as new_strategy
 
             new_strategy(args[1:])
         elif args[0] == "data":
@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> None:
 
             generate_main(args[1:])
         elif args[0] == "central":
-            from lightfed.central import CentralCLI
-            from lightfed.central import main as central_main
+            from lightfed.baseline import CentralCLI
+            from lightfed.baseline import main as central_main
 
             central_main(args[1:], parser_kwargs=raising_parser_kwargs(CentralCLI))
         else:

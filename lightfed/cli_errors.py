@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningCLI
 
+from lightfed.registry import PLUGIN_SECTIONS as _PLUGIN_SECTIONS  # noqa: E402 - stdlib-only module
+
 #: Set to 1 to see the full traceback of an error instead of one line.
 TRACEBACK_ENV = "LIGHTFED_TRACEBACK"
 
 #: Exit statuses: a bad config (argparse's own), a run that failed, an interrupt (128 + SIGINT).
 EXIT_CONFIG, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130
 
-#: The top-level config sections that hold a plugin (as :data:`lightfed.cli_lightning.PLUGIN_SECTIONS`).
-_PLUGIN_SECTIONS = ("strategy", "privacy", "secure_aggregation")
 
 #: Exceptions that a bad config raises where the bad value enters: jsonargparse's parse errors, and the
 #: ValueError / TypeError / FileNotFoundError that lightfed and its plugins raise while they are set up.

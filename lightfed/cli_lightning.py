@@ -21,13 +21,10 @@ from lightfed.cli_errors import unreadable_checkpoint, watch_run
 from lightfed.data.datamodule import FederatedDataModule
 from lightfed.noise_hint import NoiseHint
 from lightfed.privacy.base import PrivacyMechanism
-from lightfed.registry import load_all_plugins
+from lightfed.registry import PLUGIN_SECTIONS, load_all_plugins
 from lightfed.secagg.base import SecureAggregation
 from lightfed.strategy import Strategy
 from lightfed.trainer import FederatedTrainer
-
-#: The top-level config sections that hold a plugin (a registered name or class_path / init_args).
-PLUGIN_SECTIONS = ("strategy", "privacy", "secure_aggregation")
 
 #: The most rounds a run with a privacy mechanism may ask for: its accountant composes every round, and
 #: far beyond any real run (a million rounds) only exhausts memory (1e9 rounds asked numpy for 53 GiB).

@@ -224,6 +224,9 @@ EXECUTORS: Registry = Registry("executor", "lightfed.executors")
 #: Empirical privacy audits and attacks (:mod:`lightfed.audit`): callbacks that measure what a run leaks.
 AUDITS: Registry = Registry("audit", "lightfed.audits")
 
+#: The top-level config sections that hold a plugin (a registered name or class_path / init_args).
+PLUGIN_SECTIONS = ("strategy", "privacy", "secure_aggregation")
+
 
 def load_all_plugins() -> None:
     """Import every installed plugin, so jsonargparse can resolve their class names too."""

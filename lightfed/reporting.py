@@ -92,8 +92,10 @@ def summary_metrics(history: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def format_summary(trainer: FederatedTrainer, final: dict[str, float], seconds: float, run_dir: Path | None = None) -> str:
-    """A few lines that say how the run ended and where its files are (``run_dir``: default ``trainer.log_dir``)."""
+def format_summary(
+    trainer: FederatedTrainer, final: dict[str, float], seconds: float, run_dir: Path | None = None
+) -> str:
+    """A few lines that say how the run ended and where its files are (``run_dir``: ``trainer.log_dir``)."""
     lines = [f"lightfed: {len(trainer.history)} rounds in {seconds:.1f} s"]
     for k in sorted(k for k in final if k.startswith("final/central/")):
         name = k.split("/", 1)[1]

@@ -98,8 +98,9 @@ def collect(trainer: FederatedTrainer) -> dict[str, Any]:
 
 
 def callback_keys(callbacks: list[Callback]) -> list[str]:
-    """Each callback's checkpoint key: its :attr:`~lightfed.callbacks.Callback.state_key`, with ``#2``, ``#3``
-    ... added to the second and later callbacks that share one (so their states never overwrite each other)."""
+    """Each callback's checkpoint key: its :attr:`~lightfed.callbacks.Callback.state_key`, with ``#2``,
+    ``#3`` ... added to the second and later callbacks sharing one (their states never overwrite each other).
+    """
     keys: list[str] = []
     for cb in callbacks:
         key, n = cb.state_key, 1
@@ -241,4 +242,7 @@ def restore(trainer: FederatedTrainer, path: str | Path) -> None:
     trainer.round_idx = int(state["progress"]["round"])
 
 
-__all__ = ["FORMAT", "callback_keys", "callback_states", "check_compatible", "collect", "config_changes", "digest", "fingerprint", "read", "restore"]
+__all__ = [
+    "FORMAT", "callback_keys", "callback_states", "check_compatible", "collect", "config_changes", "digest",
+    "fingerprint", "read", "restore",
+]

@@ -321,14 +321,17 @@ def check_privacy_mechanism(plugin: str | type | Callable[[], PrivacyMechanism],
     w = torch.zeros(numel)
     cohort = list(range(0, POPULATION, 2))
     for r in range(2):
-        w = run_server_round(strategy, w, _random_updates(r, cohort, numel), r, privacy=mechanism).global_params
+        updates = _random_updates(r, cohort, numel)
+        w = run_server_round(strategy, w, updates, r, privacy=mechanism).global_params
         assert bool(torch.isfinite(w).all()), f"round {r} under {type(mechanism).__name__} gave a non-finite model"
     saved = round_trip(mechanism.state_dict())
     restored = make()
     _set_up_privacy(restored, FedAvg(weighted=False))
     restored.load_state_dict(saved)
-    outs = [run_server_round(FedAvg(weighted=False), w, _random_updates(2, cohort, numel), 2, privacy=m).global_params
-            for m in (mechanism, restored)]
+    outs = []
+    for m in (mechanism, restored):
+        outcome = run_server_round(FedAvg(weighted=False), w, _random_updates(2, cohort, numel), 2, privacy=m)
+        outs.append(outcome.global_params)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0,
                                msg=lambda m: f"a restored {type(mechanism).__name__} released another round: {m}")
     _refused_or_accepted(lambda: _set_up_privacy(make(), _NeedsAllUpdates()), f"{type(mechanism).__name__} with a strategy that needs every update")

@@ -390,9 +390,12 @@ class FederatedTrainer:
         for cb in self._all:
             cb.on_round_start(self, round_idx, cohort)
         rank, world_size = self.fabric.global_rank, self.fabric.world_size
-        return self.play_round(round_idx, cohort, rank, world_size, self._all_reduce if world_size > 1 else None)
+        reduce = self._all_reduce if world_size > 1 else None
+        return self.play_round(round_idx, cohort, rank, world_size, reduce)
 
-    def play_round(self, round_idx: int, cohort: list[int], rank: int, world_size: int, reduce: Reduce | None) -> RoundResult:
+    def play_round(
+        self, round_idx: int, cohort: list[int], rank: int, world_size: int, reduce: Reduce | None
+    ) -> RoundResult:
         """Rank ``rank`` of ``world_size``: its clients train (the executor) while the server sums them."""
         assert self.global_params is not None and self.datamodule is not None
         mine = shard_cohort(cohort, self._client_sizes, world_size, rank)
@@ -441,7 +444,7 @@ class FederatedTrainer:
             self._lock = None
 
     def _export_adapters(self, directory: Path) -> dict[str, Path] | None:
-        """A LoRA run also writes ``directory/adapter`` (peft's format) and ``directory/merged`` (a plain model)."""
+        """A LoRA run also writes ``directory/adapter`` (peft's format) and ``directory/merged`` (plain)."""
         if not self.is_global_zero or self.module is None or "lightfed.models.hf" not in sys.modules:
             return None
         from lightfed.models.hf import export_peft, has_lora
@@ -477,8 +480,9 @@ def _check_history_released(history: list[dict[str, float]], max_failed: int, st
         streak += 1
     if history and (streak == len(history) or streak >= max_failed or (stop_on_failed and streak > 0)):
         raise RunFailedError(
-            f"the checkpoint's last {streak} round(s) released no client update: the run failed and its model is "
-            f"not exported. Start the run again (check the client training or secure aggregation's dropouts)."
+            f"the checkpoint's last {streak} round(s) released no client update: the run failed and its "
+            f"model is not exported. Start the run again (check the client training or secure "
+            f"aggregation's dropouts)."
         )
 
 

@@ -107,9 +107,10 @@ class Counter(Callback):
 
 
 def _fit(tmp_path, callbacks, rounds, **kw):
-    trainer = FederatedTrainer(rounds=rounds, sampler=FullParticipation(), logger=False, enable_progress_bar=False,
-                               default_root_dir=str(tmp_path), fed_eval_fraction=0, callbacks=callbacks,
-                               checkpoint_every=1)
+    trainer = FederatedTrainer(
+        rounds=rounds, sampler=FullParticipation(), logger=False, enable_progress_bar=False,
+        default_root_dir=str(tmp_path), fed_eval_fraction=0, callbacks=callbacks, checkpoint_every=1,
+    )
     trainer.fit(boring_model(), BoringFederatedData(IID(num_clients=3), n=60), **kw)
     return trainer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightfed import central
+from lightfed import baseline
 from lightfed.checkpoint import load_into, load_state_dict_file
 from lightfed.cli import LightFedCLI
 from lightfed.models import MLPClassifier
@@ -34,7 +34,7 @@ trainer:
 """
 
 
-def baseline(out: str) -> dict[str, float]:
+def reported(out: str) -> dict[str, float]:
     line = next(ln for ln in out.splitlines() if ln.startswith("centralised baseline"))
     return {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", line)}
 
@@ -42,12 +42,12 @@ def baseline(out: str) -> dict[str, float]:
 def test_central_fit_exports_the_model_and_reports_the_baseline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cfg = tmp_path / "digits.yaml"
     cfg.write_text(DIGITS.format(root=tmp_path))
-    central.main(["fit", "--config", str(cfg)])
+    baseline.main(["fit", "--config", str(cfg)])
     out = capsys.readouterr().out
     exported = tmp_path / "model.safetensors"
     assert f"model weights: {exported}" in out and exported.is_file()
     assert "Lightning checkpoint: " in out
-    metrics = baseline(out)
+    metrics = reported(out)
     assert metrics["test_acc"] > 0.85
     # the exported weights are the model that scored: recompute its accuracy by hand
     model = MLPClassifier(in_features=64, hidden=[32])
@@ -63,7 +63,7 @@ def test_central_fit_exports_the_model_and_reports_the_baseline(tmp_path: Path, 
     assert acc == pytest.approx(metrics["test_acc"], abs=1e-4)
     # `lightfed central test --ckpt_path <printed checkpoint>` scores the same model
     ckpt = next(ln for ln in out.splitlines() if ln.startswith("Lightning checkpoint: ")).split(": ", 1)[1]
-    cli = central.CentralCLI(args=["test", "--config", str(cfg), "--ckpt_path", ckpt])
+    cli = baseline.CentralCLI(args=["test", "--config", str(cfg), "--ckpt_path", ckpt])
     assert float(cli.trainer.callback_metrics["test_acc"]) == pytest.approx(metrics["test_acc"], abs=1e-4)
 
 
@@ -71,16 +71,17 @@ def test_central_export_path_and_bad_init_checkpoint(tmp_path: Path) -> None:
     cfg = tmp_path / "digits.yaml"
     cfg.write_text(DIGITS.format(root=tmp_path))
     target = tmp_path / "elsewhere" / "weights.pt"
-    central.main(["fit", "--config", str(cfg), "--trainer.max_epochs", "1", "--export", str(target)])
+    baseline.main(["fit", "--config", str(cfg), "--trainer.max_epochs", "1", "--export", str(target)])
     assert set(load_state_dict_file(target)) == set(MLPClassifier(in_features=64, hidden=[32]).state_dict())
     with pytest.raises(FileNotFoundError, match="init_checkpoint"):
-        central.main(["fit", "--config", str(cfg), "--init_checkpoint", str(tmp_path / "missing.safetensors")])
+        missing = str(tmp_path / "missing.safetensors")
+        baseline.main(["fit", "--config", str(cfg), "--init_checkpoint", missing])
 
 
 def test_pretrain_on_fashion_then_federate_on_animals(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """experiments/pretrain_fashion.yaml -> model.safetensors -> experiments/animal_head.yaml, on a tiny budget."""
     small = ["--model.init_args.width", "8", "--model.init_args.hidden", "32"]
-    central.main([
+    baseline.main([
         "fit", "--config", "experiments/pretrain_fashion.yaml", *small,
         "--data.init_args.train_subset", "1500", "--trainer.max_epochs", "2",
         "--trainer.default_root_dir", str(tmp_path / "pretrain"), "--trainer.enable_progress_bar", "false",
@@ -88,7 +89,7 @@ def test_pretrain_on_fashion_then_federate_on_animals(tmp_path: Path, capsys: py
     out = capsys.readouterr().out
     pretrained_path = tmp_path / "pretrain" / "model.safetensors"
     assert f"model weights: {pretrained_path}" in out
-    assert baseline(out)["test_acc"] > 0.4  # 1,500 Fashion-MNIST images, two epochs: well above chance (0.1)
+    assert reported(out)["test_acc"] > 0.4  # 1,500 Fashion-MNIST images, two epochs: well above chance (0.1)
     pretrained = load_state_dict_file(pretrained_path)
 
     cli = LightFedCLI(args=[
@@ -112,7 +113,7 @@ def test_pretrain_on_fashion_then_federate_on_animals(tmp_path: Path, capsys: py
     assert 0.0 <= trainer.history[-1]["central/test_acc"] <= 1.0
 
     # the centralised baseline of the same fine-tuning: same checkpoint, same trainable head, pooled data
-    central.main([
+    baseline.main([
         "fit", "--config", "experiments/animal_central.yaml", *small,
         "--init_checkpoint", str(pretrained_path), "--trainer.max_steps", "20",
         "--trainer.default_root_dir", str(tmp_path / "baseline"), "--trainer.enable_progress_bar", "false",
@@ -138,14 +139,14 @@ FEDERATED = {  # the CLI tests' federated config, with the trainer settings thes
 
 def test_federated_config_translates_to_its_baseline():
     # Execute
-    config, ignored = central.federated_to_central(FEDERATED, "experiments/digits_fedavg.yaml")
+    config, ignored = baseline.federated_to_central(FEDERATED, "experiments/digits_fedavg.yaml")
     # Assert: federated-only sections dropped and named, schedule kept for the round clock, clients' batch size
     assert "strategy" not in config and "privacy" not in config and ignored == ["strategy", "trainer.fed_eval_fraction", "trainer.checkpoint_every"]
     assert config["federated"] == {"rounds": 4, "clients_per_round": 5, "local_epochs": 1, "batch_size": 8,
                                    "eval_every": 2, "name": "digits_fedavg"}
     assert config["trainer"] == {"enable_progress_bar": False, "max_epochs": -1}
     assert config["data"]["init_args"]["batch_size"] == 8
-    assert central.is_federated(FEDERATED) and not central.is_federated({"trainer": {"max_epochs": 3}})
+    assert baseline.is_federated(FEDERATED) and not baseline.is_federated({"trainer": {"max_epochs": 3}})
 
 
 def test_central_fit_reads_a_federated_config_and_logs_the_federated_tags_and_steps(tmp_path, capsys):
@@ -164,7 +165,7 @@ def test_central_fit_reads_a_federated_config_and_logs_the_federated_tags_and_st
     out, err = capsys.readouterr()
     # Assert: the baseline ran for the federated run's work, logged next to it under the same tags and steps
     assert "is a federated config; training its centralised baseline (ignored: strategy" in err
-    assert baseline(out)["test_acc"] > 0.5
+    assert reported(out)["test_acc"] > 0.5
     runs = {p.parent.parent.name: p.parent for p in tmp_path.glob("*/version_0/events.*")}
     assert set(runs) == {"digits_fed", "digits_fed_central"}
     steps = {}

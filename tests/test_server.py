@@ -80,7 +80,8 @@ def test_reduce_sees_this_process_shard_and_its_merge_is_what_is_released():
         0, [0, 9], [make_update(0, [2.0, 0.0])], torch.zeros(2), reduce=reduce
     )
     assert len(seen) == 1
-    torch.testing.assert_close(outcome.global_params, torch.tensor([1.0, 2.0]), rtol=0, atol=0)  # ([2,0]+[0,4])/2
+    # ([2, 0] + [0, 4]) / 2
+    torch.testing.assert_close(outcome.global_params, torch.tensor([1.0, 2.0]), rtol=0, atol=0)
     assert outcome.result.num_updates == 2
 
 

@@ -79,7 +79,7 @@ def test_run_server_round_is_the_public_server_step():
     updates = [make_update(0, [4.0, 0.0], num_examples=3), make_update(1, [0.0, 8.0], num_examples=1)]
     # Execute
     outcome = run_server_round(STRATEGIES.create("FedAvg"), torch.tensor([1.0, 1.0]), updates)
-    # Assert: w + (3 * [4, 0] + 1 * [0, 8]) / 4 = [1 + 3, 1 + 2]; the released sums are 3 * [4, 0] + [0, 8] over 4
+    # Assert: w + (3 * [4, 0] + 1 * [0, 8]) / 4 = [1 + 3, 1 + 2]; released: 3 * [4, 0] + [0, 8] over 4
     torch.testing.assert_close(outcome.global_params, torch.tensor([4.0, 3.0]))
     torch.testing.assert_close(outcome.aggregate.delta_sum, torch.tensor([12.0, 8.0]))
     assert outcome.aggregate.weight_sum == 4.0 and outcome.result.num_updates == 2

@@ -398,7 +398,9 @@ def released_update(
 
     local = LocalTrainer(module, spec, FedAvg(weighted=False), local_steps=local_steps, batch_size=batch_size, seed=seed)
     updates = [local.fit_client(cid, round_idx, data, global_params) for cid, data in enumerate(clients)]
-    outcome = run_server_round(FedAvg(weighted=False), global_params, updates, round_idx, privacy, secure_aggregation)
+    outcome = run_server_round(
+        FedAvg(weighted=False), global_params, updates, round_idx, privacy, secure_aggregation
+    )
     if outcome.aggregate is None:  # nothing released (secure aggregation failed closed)
         return torch.zeros_like(global_params)
     return outcome.aggregate.delta_sum

@@ -59,8 +59,7 @@ def resolve_executor(executor: Executor | str) -> Executor:
         return executor
     if executor == "sequential":
         return SequentialExecutor()
-    import lightfed.executors  # noqa: F401 - registers the built-in executors (vmap)
-    try:
+    try:  # the package lightfed.executors, imported before this module, registered the built-in ones (vmap)
         return EXECUTORS.create(executor)
     except KeyError as err:
         raise ValueError(f"trainer.executor: {err.args[0]}") from None

@@ -181,16 +181,91 @@ def epsilon_for(
     accountant: AccountantName = "pld",
     pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
 ) -> float:
-    """Epsilon at ``delta`` after ``rounds`` rounds (``inf`` for ``z = 0``, ``0`` for no round)."""
+    """Epsilon at ``delta`` after ``rounds`` rounds (``inf`` for ``z = 0``, ``0`` for no round).
+
+    Raises:
+        ValueError: the PLD of ``rounds`` rounds would not fit in memory (use the RDP accountant).
+    """
     if rounds <= 0:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
+    base = one_round_pld(noise_multiplier, scheme, accountant, pld_discretization)
+    if base is not None:
+        return pld_epsilon(base, int(rounds), delta, pld_discretization)
     dpa = require_dp_accounting()
     acc = make_accountant(scheme, accountant, pld_discretization)
     with _quiet_absl():
         acc.compose(dpa.SelfComposedDpEvent(round_event(noise_multiplier, scheme, accountant), int(rounds)))
         return float(acc.get_epsilon(delta))
+
+
+def one_round_pld(
+    noise_multiplier: float, scheme: SamplingScheme, accountant: AccountantName, pld_discretization: float
+) -> Any:
+    """The privacy-loss distribution of one subsampled round, as dp-accounting's PLD accountant builds it.
+
+    Building it is most of the cost of an epsilon (a few hundred ms); composing it ``t`` times is the rest.
+    ``None`` when the round's event is not a subsampled Gaussian (RDP, full participation: cheap anyway).
+    """
+    if accountant != "pld" or noise_multiplier <= 0:
+        return None
+    event = round_event(noise_multiplier, scheme, accountant)
+    dpa = require_dp_accounting()
+    if not isinstance(event, dpa.PoissonSampledDpEvent):
+        return None
+    return dpa.pld.privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=event.event.noise_multiplier,
+        value_discretization_interval=pld_discretization,
+        sampling_prob=event.sampling_probability,
+        neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    )
+
+
+#: The most points a composed PLD may hold (complex128 FFT buffers: about 2 GiB at this size).
+MAX_PLD_POINTS = 2**27
+
+
+def pld_epsilon(base: Any, rounds: int, delta: float, pld_discretization: float) -> float:
+    """Epsilon at ``delta`` of ``base`` composed ``rounds`` times: exactly dp-accounting's PLD accountant
+    (the identity composed with ``base.self_compose(rounds)``), after checking the memory it needs.
+
+    Raises:
+        ValueError: the composition needs more than :data:`MAX_PLD_POINTS` points (say how many rounds fit).
+    """
+    dpa = require_dp_accounting()
+    points = _composed_points(base, rounds)
+    if points > MAX_PLD_POINTS:
+        raise ValueError(
+            f"the PLD privacy accountant cannot compose {rounds} rounds: it would hold {points:.3g} points "
+            f"(~{points * 16 / 2**30:.0f} GiB). Use privacy.init_args.accountant: rdp (any number of "
+            f"rounds), fewer trainer.rounds, or a coarser privacy.init_args.pld_discretization."
+        )
+    try:
+        pld = dpa.pld.privacy_loss_distribution.identity(value_discretization_interval=pld_discretization)
+        return float(pld.compose(base.self_compose(rounds)).get_epsilon_for_delta(delta))
+    except MemoryError as err:
+        raise ValueError(
+            f"the PLD privacy accountant ran out of memory composing {rounds} rounds; use privacy.init_args."
+            f"accountant: rdp or fewer trainer.rounds."
+        ) from err
+
+
+def _composed_points(base: Any, rounds: int) -> float:
+    """An upper estimate of the support of ``base`` composed ``rounds`` times (dp-accounting's own bounds)."""
+    try:
+        from dp_accounting.pld import common
+
+        pmfs = [getattr(base, "_pmf_remove", None), getattr(base, "_pmf_add", None)]
+        sizes = [0]
+        for pmf in pmfs:
+            probs = getattr(pmf, "_probs", None)
+            if probs is not None and len(probs) * rounds > MAX_PLD_POINTS:  # else the whole support fits
+                lo, hi = common.compute_self_convolve_bounds(probs, rounds, 1e-15)
+                sizes.append(hi - lo + 1)
+        return float(max(sizes))
+    except Exception:  # noqa: BLE001 - dp-accounting's internals moved: rely on the MemoryError guard
+        return 0.0
 
 
 def calibrate_noise_multiplier(
@@ -273,12 +348,24 @@ def _quiet_absl() -> Iterator[None]:
         logger.setLevel(level)
 
 
-class RoundAccountant:
-    """Client-level accountant: composes one event per round; checkpointable.
+#: The most rounds whose epsilon curve is computed in one go, round by round (beyond: one epsilon at a time).
+CURVE_ROUNDS = 1000
 
-    The state is the number of rounds composed plus the description of the mechanism; epsilon is
-    recomputed from it by dp-accounting, so a resumed run continues exactly where it stopped, and a
-    checkpoint written for another mechanism (noise, sampler, delta, accountant) is refused.
+
+class RoundAccountant:
+    """Client-level accountant: composes one event per round; checkpointable; free per round.
+
+    The state is the number of rounds composed plus the description of the mechanism; epsilon is computed
+    from it by dp-accounting, so a resumed run continues exactly where it stopped, and a checkpoint written
+    for another mechanism (noise, sampler, delta, accountant) is refused.
+
+    The noise schedule is fixed at set-up, so the epsilon after ``t`` rounds is a fixed curve. With the
+    planned ``rounds`` known, the whole curve is computed at the first request (at set-up, when the plan is
+    printed), composing one round at a time exactly as dp-accounting's PLD accountant does when it is given
+    the round's event once per round (:meth:`curve`); a round then costs a dictionary look-up, and the budget
+    stop (:meth:`within`) reads the same curve. Beyond the planned rounds or :data:`CURVE_ROUNDS` (a run of
+    10^9 rounds), epsilons are computed one at a time, only where they are read (the budget stop by doubling
+    then bisection), each from the privacy-loss distribution of a round built once, with a memory check.
 
     Args:
         noise_multiplier: ``z`` of every round.
@@ -286,6 +373,7 @@ class RoundAccountant:
         delta: The delta at which epsilon is reported.
         accountant: ``"pld"`` (default, tight) or ``"rdp"``.
         pld_discretization: Grid width of the PLD.
+        rounds: The planned number of rounds (``trainer.rounds``), if known.
     """
 
     def __init__(
@@ -295,6 +383,8 @@ class RoundAccountant:
         delta: float,
         accountant: AccountantName = "pld",
         pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+        *,
+        rounds: int | None = None,
     ) -> None:
         _check_accountant(accountant)
         self.noise_multiplier = float(noise_multiplier)
@@ -302,22 +392,84 @@ class RoundAccountant:
         self.delta = float(delta)
         self.accountant = accountant
         self.pld_discretization = pld_discretization
+        self.planned_rounds = rounds
         self.rounds = 0
         self._cache: dict[int, float] = {}
+        #: Per budget ``max_epsilon``: (most rounds known within it, fewest rounds known beyond it or None).
+        self._bounds: dict[float, tuple[int, int | None]] = {}
+        self._base: Any = None
+        self._chain: tuple[int, Any] | None = None  # (t, the PLD of t rounds composed one at a time)
 
     def epsilon(self, rounds: int | None = None) -> float:
-        """Epsilon after ``rounds`` rounds (default: the rounds composed so far)."""
+        """Epsilon after ``rounds`` rounds (default: the rounds composed so far), computed once."""
         t = self.rounds if rounds is None else int(rounds)
         if t not in self._cache:
-            self._cache[t] = epsilon_for(
+            horizon = min(self.planned_rounds or 0, CURVE_ROUNDS)
+            next_on_chain = self._chain is not None and t == self._chain[0] + 1
+            if 0 < t and self._one_round() is not None and (t <= horizon or next_on_chain):
+                self.curve(max(t, horizon))
+            else:
+                self._cache[t] = self._compute(t)
+        return self._cache[t]
+
+    def curve(self, rounds: int) -> list[float]:
+        """Epsilon after 1, 2, ..., ``rounds`` rounds, composing the round's PLD once per round.
+
+        Each value is what ``dp_accounting.pld.PLDAccountant`` reports after ``compose(round_event)`` was
+        called that many times (equal to the one-shot ``SelfComposedDpEvent`` of :func:`epsilon_for` to about
+        1e-10 relative: the two truncate the tails in another order).
+        """
+        base = self._one_round()
+        if base is None:
+            return [self.epsilon(t) for t in range(1, rounds + 1)]
+        t, pld = self._chain or (0, require_dp_accounting().pld.privacy_loss_distribution.identity(
+            value_discretization_interval=self.pld_discretization))
+        while t < rounds:
+            t, pld = t + 1, pld.compose(base)
+            self._cache.setdefault(t, float(pld.get_epsilon_for_delta(self.delta)))
+        self._chain = (t, pld)
+        return [self._cache[k] for k in range(1, rounds + 1)]
+
+    def _one_round(self) -> Any:
+        """The PLD of one round (``None``: RDP, full participation or no noise: dp-accounting is cheap)."""
+        if self._base is None and self.noise_multiplier > 0:
+            base = one_round_pld(self.noise_multiplier, self.scheme, self.accountant, self.pld_discretization)
+            self._base = base.self_compose(1) if base is not None else False  # what the accountant composes
+        return self._base or None
+
+    def _compute(self, t: int) -> float:
+        if t <= 0:
+            return 0.0
+        if self.noise_multiplier <= 0:
+            return math.inf
+        base = self._one_round()
+        if base is None:
+            return epsilon_for(
                 self.noise_multiplier, self.scheme, t, self.delta, self.accountant, self.pld_discretization
             )
-        return self._cache[t]
+        return pld_epsilon(base, t, self.delta, self.pld_discretization)
 
     def step(self, rounds: int = 1) -> float:
         """Compose ``rounds`` more rounds; return the epsilon spent so far."""
         self.rounds += int(rounds)
         return self.epsilon()
+
+    def within(self, max_epsilon: float, rounds: int) -> bool:
+        """Whether ``rounds`` rounds spend at most ``max_epsilon`` (the budget stop).
+
+        Epsilon grows with the rounds, so earlier answers bracket the stop: asked round by round, the bracket
+        doubles while within budget and bisects once beyond, about ``2 log2 T`` epsilons in a run of ``T``
+        rounds (look-ups in the curve when it was computed).
+        """
+        lo, hi = self._bounds.get(max_epsilon, (0, None))
+        while rounds > lo and (hi is None or rounds < hi):
+            probe = max(rounds, 2 * lo) if hi is None else (lo + hi) // 2
+            if self.epsilon(probe) <= max_epsilon:
+                lo = probe
+            else:
+                hi = probe
+        self._bounds[max_epsilon] = (lo, hi)
+        return rounds <= lo
 
     def describe(self) -> dict[str, Any]:
         return {

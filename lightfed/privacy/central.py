@@ -209,7 +209,7 @@ class DPFixedClipping(PrivacyMechanism):
             )
         self.z = float(z)
         self.accountant = RoundAccountant(
-            self.z, self.scheme, self.delta_used, self.accountant_name, self.pld_discretization
+            self.z, self.scheme, self.delta_used, self.accountant_name, self.pld_discretization, rounds=rounds
         )
         self.denominator = self._denominator(client_num_examples)
         self.update_noise_multiplier = self._update_noise_multiplier()
@@ -317,7 +317,7 @@ class DPFixedClipping(PrivacyMechanism):
         if self.max_epsilon is None:
             return True
         assert self.accountant is not None
-        return self.accountant.epsilon(self.accountant.rounds + 1) <= self.max_epsilon
+        return self.accountant.within(self.max_epsilon, self.accountant.rounds + 1)
 
     def after_round(self, round_idx: int, cohort: Sequence[int]) -> dict[str, float]:
         assert self.accountant is not None

@@ -11,26 +11,16 @@ from torch import Tensor
 from lightfed.checks import require
 from lightfed.messages import ClientUpdate
 from lightfed.params import ParamSpec
-from lightfed.strategy import Strategy
-
-
-class WeightedMean(Strategy):
-    """Base of the zoo's *linear* strategies: ``weighted`` picks the weights of the round's sums.
-
-    ``weighted=True`` weights client ``k`` by its number of examples ``n_k`` (as :class:`~lightfed.FedAvg`
-    does); ``weighted=False`` gives every client weight 1 (the uniform mean several papers write). The rule
-    itself is :meth:`lightfed.Strategy.client_weight`; a privacy mechanism may replace these weights.
-    """
-
-
-#: Hyper-parameter validation: lightfed's own check (``check(ok, message)`` raises ``ValueError``).
-check = require
 
 
 def check_fraction(value: float, name: str, owner: str, low: float, high: float, high_open: bool = True) -> float:
     """``value`` as a float if ``low <= value < high`` (``<= high`` with ``high_open=False``), else ``ValueError``."""
     ok = low <= value < high if high_open else low <= value <= high
-    require(ok, f"{owner} {name} must be in [{low}, {high}{')' if high_open else ']'}, got {value} (`strategy.init_args.{name}`).")
+    require(
+        ok,
+        f"{owner} {name} must be in [{low}, {high}{')' if high_open else ']'}, got {value} "
+        f"(`strategy.init_args.{name}`).",
+    )
     return float(value)
 
 

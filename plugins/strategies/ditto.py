@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from lightfed.checks import require
 from lightfed.context import ClientContext
 from lightfed.messages import ClientUpdate, RoundAggregate
 from lightfed.registry import STRATEGIES
-from lightfed_zoo.strategies.base import WeightedMean, check
+from lightfed.strategy import Strategy
 
 _PERSONAL = "personal"
 
 
 @STRATEGIES.register("Ditto")
-class Ditto(WeightedMean):
+class Ditto(Strategy):
     """Ditto (Li et al. 2021): FedAvg for the global model plus a personal model per client, pulled toward it.
 
     Each selected client ``k`` (i) trains the global model as in FedAvg and sends ``w_k - w^t``, and (ii)
@@ -50,12 +51,14 @@ class Ditto(WeightedMean):
     def __init__(
         self, lam: float = 0.1, personal_epochs: int = 1, server_lr: float = 1.0, weighted: bool = True
     ) -> None:
-        check(lam >= 0, f"Ditto lam must be >= 0, got {lam} (`strategy.init_args.lam`).")
-        check(
+        require(lam >= 0, f"Ditto lam must be >= 0, got {lam} (`strategy.init_args.lam`).")
+        require(
             isinstance(personal_epochs, int) and personal_epochs >= 1,
             f"Ditto personal_epochs must be an int >= 1, got {personal_epochs!r} (`strategy.init_args.personal_epochs`).",
         )
-        check(server_lr > 0, f"Ditto server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`).")
+        require(
+            server_lr > 0, f"Ditto server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`)."
+        )
         self.lam = float(lam)
         self.personal_epochs = personal_epochs
         self.server_lr = float(server_lr)

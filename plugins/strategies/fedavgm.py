@@ -7,14 +7,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightfed.checks import require
 from lightfed.messages import RoundAggregate
 from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
-from lightfed_zoo.strategies.base import WeightedMean, check, check_fraction, restore_tensor
+from lightfed.strategy import Strategy
+from lightfed_zoo.strategies.base import check_fraction, restore_tensor
 
 
 @STRATEGIES.register("FedAvgM")
-class FedAvgM(WeightedMean):
+class FedAvgM(Strategy):
     """FedAvgM (Hsu et al. 2019): FedAvg with heavy-ball momentum on the server.
 
     With the round's mean update ``Delta_t = sum_k w_k delta_k / sum_k w_k`` (``delta_k = local - global``):
@@ -37,7 +39,9 @@ class FedAvgM(WeightedMean):
     """
 
     def __init__(self, server_lr: float = 1.0, momentum: float = 0.9, weighted: bool = True) -> None:
-        check(server_lr > 0, f"FedAvgM server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`).")
+        require(
+            server_lr > 0, f"FedAvgM server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`)."
+        )
         self.server_lr = float(server_lr)
         self.momentum = check_fraction(momentum, "momentum", "FedAvgM", 0.0, 1.0)
         self.weighted = weighted

@@ -5,16 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightfed.checks import require
 from lightfed.context import ClientContext
 from lightfed.messages import ClientUpdate, RoundAggregate
 from lightfed.registry import STRATEGIES
-from lightfed_zoo.strategies.base import WeightedMean, check
+from lightfed.strategy import Strategy
 
 _TAU = "fednova_tau"
 
 
 @STRATEGIES.register("FedNova")
-class FedNova(WeightedMean):
+class FedNova(Strategy):
     """FedNova (Wang et al. 2020): each client's update is divided by its local work ||a_i||_1 before averaging.
 
     A client that runs more local steps moves further; plain averaging then optimises a skewed objective
@@ -47,7 +48,9 @@ class FedNova(WeightedMean):
     """
 
     def __init__(self, server_lr: float = 1.0, weighted: bool = True) -> None:
-        check(server_lr > 0, f"FedNova server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`).")
+        require(
+            server_lr > 0, f"FedNova server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`)."
+        )
         self.server_lr = float(server_lr)
         self.weighted = weighted
 

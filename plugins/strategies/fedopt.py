@@ -8,10 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightfed.checks import require
 from lightfed.messages import RoundAggregate
 from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
-from lightfed_zoo.strategies.base import WeightedMean, check, check_fraction, restore_tensor
+from lightfed.strategy import Strategy
+from lightfed_zoo.strategies.base import check_fraction, restore_tensor
 
 
 def adaptive_step(
@@ -33,7 +35,7 @@ def adam_second_moment(v: Tensor, delta_sq: Tensor, beta2: float) -> Tensor:
     return beta2 * v + (1 - beta2) * delta_sq
 
 
-class FedOpt(WeightedMean):
+class FedOpt(Strategy):
     """Adaptive Federated Optimization (Reddi et al. 2021, Algorithm 2), shared by the three variants.
 
     The round's mean update is the (negated) pseudo-gradient ``Delta_t = sum_k w_k delta_k / sum_k w_k``;
@@ -62,8 +64,10 @@ class FedOpt(WeightedMean):
 
     def __init__(self, eta: float, beta1: float, beta2: float, tau: float, weighted: bool) -> None:
         name = self.label
-        check(eta > 0, f"{name} eta (server learning rate) must be > 0, got {eta} (`strategy.init_args.eta`).")
-        check(tau > 0, f"{name} tau (adaptivity) must be > 0, got {tau} (`strategy.init_args.tau`).")
+        require(
+            eta > 0, f"{name} eta (server learning rate) must be > 0, got {eta} (`strategy.init_args.eta`)."
+        )
+        require(tau > 0, f"{name} tau (adaptivity) must be > 0, got {tau} (`strategy.init_args.tau`).")
         self.eta = float(eta)
         self.beta1 = check_fraction(beta1, "beta1", name, 0.0, 1.0)
         self.beta2 = check_fraction(beta2, "beta2", name, 0.0, 1.0)

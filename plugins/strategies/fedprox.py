@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from lightfed.checks import require
 from lightfed.context import ClientContext
 from lightfed.messages import RoundAggregate
 from lightfed.registry import STRATEGIES
-from lightfed_zoo.strategies.base import WeightedMean, check
+from lightfed.strategy import Strategy
 
 
 @STRATEGIES.register("FedProx")
-class FedProx(WeightedMean):
+class FedProx(Strategy):
     """FedProx (Li et al. 2020): each client minimises its loss plus (mu/2)||w - w_global||^2.
 
     Client ``k`` approximately solves
@@ -39,8 +40,10 @@ class FedProx(WeightedMean):
     """
 
     def __init__(self, mu: float = 0.01, server_lr: float = 1.0, weighted: bool = True) -> None:
-        check(mu >= 0, f"FedProx mu must be >= 0 (0 is FedAvg), got {mu} (`strategy.init_args.mu`).")
-        check(server_lr > 0, f"FedProx server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`).")
+        require(mu >= 0, f"FedProx mu must be >= 0 (0 is FedAvg), got {mu} (`strategy.init_args.mu`).")
+        require(
+            server_lr > 0, f"FedProx server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`)."
+        )
         self.mu = float(mu)
         self.server_lr = float(server_lr)
         self.weighted = weighted

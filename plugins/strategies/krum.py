@@ -7,11 +7,12 @@ import warnings
 import torch
 from torch import Tensor
 
+from lightfed.checks import require
 from lightfed.messages import ClientUpdate
 from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
 from lightfed.strategy import Strategy
-from lightfed_zoo.strategies.base import check, coordinate_median, stack_deltas
+from lightfed_zoo.strategies.base import coordinate_median, stack_deltas
 
 
 def pairwise_sq_distances(x: Tensor) -> Tensor:
@@ -44,7 +45,7 @@ def krum_order(dist: Tensor, num_neighbours: int) -> Tensor:
 
 
 def _check_f(f: int, owner: str) -> int:
-    check(
+    require(
         isinstance(f, int) and not isinstance(f, bool) and f >= 0,
         f"{owner} f (Byzantine clients tolerated per round) must be an int >= 0, got {f!r} (`strategy.init_args.f`).",
     )
@@ -92,14 +93,14 @@ class Krum(Strategy):
         return self.f + 3
 
     def setup(self, spec: ParamSpec, num_clients: int, global_params: Tensor) -> None:
-        check(
+        require(
             num_clients >= self.min_updates(),
             f"{self.label} with f={self.f} needs at least f + 3 = {self.min_updates()} updates per round, but the data "
             f"has only {num_clients} clients; lower `strategy.init_args.f` or raise the number of clients.",
         )
 
     def check_cohort(self, cohort_size: float) -> None:
-        check(
+        require(
             cohort_size >= self.min_updates(),
             f"{self.label} with f={self.f} needs at least {self.min_updates()} updates per round, but the sampler gives "
             f"{cohort_size:g} clients per round; raise `trainer.clients_per_round` (or the sampling rate) or lower "
@@ -108,7 +109,7 @@ class Krum(Strategy):
 
     def check_round(self, n: int) -> None:
         """Raise if ``n`` updates are too few for the score; warn once if the guarantee ``n > 2f + 2`` fails."""
-        check(
+        require(
             n >= self.min_updates(),
             f"{self.label} with f={self.f} needs n - f - 2 >= 1, i.e. at least {self.min_updates()} updates, but the "
             f"round has n={n}; lower `strategy.init_args.f` or raise `trainer.clients_per_round`.",
@@ -160,7 +161,7 @@ class MultiKrum(Krum):
 
     def __init__(self, f: int = 1, m: int | None = None) -> None:
         super().__init__(f)
-        check(
+        require(
             m is None or (isinstance(m, int) and not isinstance(m, bool) and m >= 1),
             f"MultiKrum m (updates averaged) must be an int >= 1 or null (n - f), got {m!r} (`strategy.init_args.m`).",
         )
@@ -168,7 +169,7 @@ class MultiKrum(Krum):
 
     def select(self, order: Tensor, n: int) -> Tensor:
         m = self.m if self.m is not None else n - self.f
-        check(
+        require(
             m <= n,
             f"MultiKrum m={m} exceeds the round's {n} updates; lower `strategy.init_args.m` (or leave it null "
             f"for n - f) or raise `trainer.clients_per_round`.",
@@ -217,14 +218,14 @@ class Bulyan(Strategy):
         return 4 * self.f + 3
 
     def setup(self, spec: ParamSpec, num_clients: int, global_params: Tensor) -> None:
-        check(
+        require(
             num_clients >= self.min_updates(),
             f"Bulyan with f={self.f} needs n >= 4f + 3 = {self.min_updates()} updates per round, but the data has "
             f"only {num_clients} clients; lower `strategy.init_args.f` or raise the number of clients.",
         )
 
     def check_cohort(self, cohort_size: float) -> None:
-        check(
+        require(
             cohort_size >= self.min_updates(),
             f"Bulyan with f={self.f} needs n >= 4f + 3 = {self.min_updates()} updates per round, but the sampler gives "
             f"{cohort_size:g} clients per round; raise `trainer.clients_per_round` (or the sampling rate) or lower "
@@ -235,7 +236,7 @@ class Bulyan(Strategy):
         self, global_params: Tensor, updates: list[ClientUpdate], weights: list[float], round_idx: int
     ) -> Tensor:
         n, f = len(updates), self.f
-        check(
+        require(
             n >= self.min_updates(),
             f"Bulyan with f={f} needs n >= 4f + 3 = {self.min_updates()} updates, but the round has n={n}; lower "
             f"`strategy.init_args.f` or raise `trainer.clients_per_round`.",

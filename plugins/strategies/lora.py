@@ -34,13 +34,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightfed.checks import require
 from lightfed.context import ClientContext
 from lightfed.messages import ClientUpdate, RoundAggregate
 from lightfed.models.lora import LoRALayout, RankTiers
 from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
 from lightfed.seeding import make_generator
-from lightfed_zoo.strategies.base import WeightedMean, check, check_fraction, restore_tensor
+from lightfed.strategy import Strategy
+from lightfed_zoo.strategies.base import check_fraction, restore_tensor
 from lightfed_zoo.strategies.fedopt import adam_second_moment, adaptive_step
 
 log = logging.getLogger("lightfed")
@@ -48,7 +50,7 @@ log = logging.getLogger("lightfed")
 _SCRATCH = "lora"
 
 
-class _LoRAStrategy(WeightedMean):
+class _LoRAStrategy(Strategy):
     """Shared part of the LoRA strategies: the payload layout, rank tiers and the server step.
 
     The server step turns the round's aggregate update ``Delta`` into the new global model: ``"sgd"``
@@ -100,10 +102,12 @@ class _LoRAStrategy(WeightedMean):
         tau: float = 1e-3,
     ) -> None:
         name = type(self).__name__
-        check(server_lr > 0, f"{name} server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`).")
-        check(server_optimizer in ("sgd", "adam"),
+        require(
+            server_lr > 0, f"{name} server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`)."
+        )
+        require(server_optimizer in ("sgd", "adam"),
               f"{name} server_optimizer must be 'sgd' or 'adam', got {server_optimizer!r} (`strategy.init_args.server_optimizer`).")
-        check(tau > 0, f"{name} tau (Adam's adaptivity) must be > 0, got {tau} (`strategy.init_args.tau`).")
+        require(tau > 0, f"{name} tau (Adam's adaptivity) must be > 0, got {tau} (`strategy.init_args.tau`).")
         self.server_lr = float(server_lr)
         self.server_optimizer = server_optimizer
         self.beta1 = check_fraction(beta1, "beta1", name, 0.0, 1.0)

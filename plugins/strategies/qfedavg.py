@@ -5,17 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightfed.checks import require
 from lightfed.context import ClientContext
 from lightfed.messages import ClientUpdate, RoundAggregate
 from lightfed.registry import STRATEGIES
-from lightfed_zoo.strategies.base import WeightedMean, check, local_lr
+from lightfed.strategy import Strategy
+from lightfed_zoo.strategies.base import local_lr
 
 _H = "qfedavg_h"
 _EPS = 1e-10  # added to F_k, as in the authors' code, so that F_k^(q-1) stays finite at F_k = 0
 
 
 @STRATEGIES.register("QFedAvg")
-class QFedAvg(WeightedMean):
+class QFedAvg(Strategy):
     """q-FedAvg (Li et al. 2020): clients with a higher loss get more weight, for a fairer accuracy spread.
 
     It minimises the q-FFL objective ``sum_k p_k F_k^{q+1}(w) / (q + 1)``. Client ``k`` measures its loss
@@ -48,8 +50,8 @@ class QFedAvg(WeightedMean):
     """
 
     def __init__(self, q: float = 1.0, lipschitz: float | None = None, weighted: bool = True) -> None:
-        check(q >= 0, f"QFedAvg q must be >= 0 (0 is FedAvg), got {q} (`strategy.init_args.q`).")
-        check(
+        require(q >= 0, f"QFedAvg q must be >= 0 (0 is FedAvg), got {q} (`strategy.init_args.q`).")
+        require(
             lipschitz is None or lipschitz > 0,
             f"QFedAvg lipschitz must be > 0 or null (1 / local lr), got {lipschitz} (`strategy.init_args.lipschitz`).",
         )

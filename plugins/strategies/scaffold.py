@@ -7,17 +7,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightfed.checks import require
 from lightfed.context import ClientContext
 from lightfed.messages import ClientUpdate, RoundAggregate
 from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
-from lightfed_zoo.strategies.base import WeightedMean, check, local_lr, parameter_mask, restore_tensor
+from lightfed.strategy import Strategy
+from lightfed_zoo.strategies.base import local_lr, parameter_mask, restore_tensor
 
 _C = "scaffold_c"
 
 
 @STRATEGIES.register("SCAFFOLD")
-class SCAFFOLD(WeightedMean):
+class SCAFFOLD(Strategy):
     """SCAFFOLD (Karimireddy et al. 2020): local gradients corrected by control variates c - c_i (option II).
 
     The server keeps a control variate ``c`` and sends it with the model; client ``i`` keeps its own
@@ -67,7 +69,10 @@ class SCAFFOLD(WeightedMean):
     uses_client_state = True
 
     def __init__(self, server_lr: float = 1.0, weighted: bool = True) -> None:
-        check(server_lr > 0, f"SCAFFOLD server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`).")
+        require(
+            server_lr > 0,
+            f"SCAFFOLD server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`).",
+        )
         self.server_lr = float(server_lr)
         self.weighted = weighted
         self.c: Tensor | None = None

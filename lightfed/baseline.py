@@ -1,4 +1,4 @@
-"""``lightfed central``: ordinary centralised training of the same model and data, with ``lightning.Trainer``.
+"""The centralised baseline, ``lightfed central``: the same model and data trained by ``lightning.Trainer``.
 
 Two jobs in a federated fine-tuning study:
 
