@@ -121,7 +121,7 @@ def test_disk_full_during_the_final_export_is_one_line_with_the_checkpoint(tmp_p
 def test_read_only_peft_directory_is_one_line(tmp_path, capsys, monkeypatch):
     from lightfed.trainer import FederatedTrainer
 
-    def read_only(self):
+    def read_only(self, *args):
         raise PermissionError(errno.EACCES, "Permission denied", str(self.log_dir / "peft" / "adapter"))
 
     monkeypatch.setattr(FederatedTrainer, "_export_adapters", read_only)

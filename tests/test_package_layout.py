@@ -97,18 +97,20 @@ def _graph() -> dict[str, set[str]]:
 #: The layers of the package, lowest first: a module imports its own layer and those below, never one above.
 #: A name covers the module and, for a package, everything under it; the longest matching name wins.
 LAYERS: list[tuple[str, ...]] = [
-    # 0. foundations: messages, flat parameters, seeds, registries, files
+    # 0. foundations: messages, flat parameters, seeds, registries, files, exact sums, the hook contracts
     ("lightfed._lazy", "lightfed.seeding", "lightfed.checks", "lightfed.registry", "lightfed.messages",
-     "lightfed.params", "lightfed.lean_optim", "lightfed.assets", "lightfed.checkpoint"),
-    # 1. data, models, sampling and the sums
-    ("lightfed.data", "lightfed.models", "lightfed.sampling", "lightfed.aggregation"),
-    # 2. the client side: strategy contract, context, the local loop, executors
-    ("lightfed.context", "lightfed.strategy", "lightfed.client", "lightfed.executors"),
+     "lightfed.params", "lightfed.lean_optim", "lightfed.assets", "lightfed.checkpoint", "lightfed.integrity",
+     "lightfed.exact_sum", "lightfed.lightning_hooks", "lightfed.callbacks"),
+    # 1. data, models, sampling, the sums and what a LightningModule sees of a client (context, stand-in)
+    ("lightfed.data", "lightfed.models", "lightfed.sampling", "lightfed.aggregation", "lightfed.context",
+     "lightfed.lightning_compat"),
+    # 2. the client side: strategy contract, the local loop, executors
+    ("lightfed.strategy", "lightfed.client", "lightfed.executors"),
     # 3. privacy and secure aggregation (post-processing around the sum)
     ("lightfed.privacy", "lightfed.secagg"),
     # 4. the server side of a round and the trainer's parts
-    ("lightfed.server", "lightfed.distributed", "lightfed.callbacks", "lightfed.evaluation",
-     "lightfed.reporting", "lightfed.resume"),
+    ("lightfed.server", "lightfed.distributed", "lightfed.evaluation", "lightfed.reporting", "lightfed.resume",
+     "lightfed.simtime", "lightfed.noise_hint"),
     # 5. the loop, and what runs on top of it (the plugin kit, the centralised baseline, audits)
     ("lightfed.trainer", "lightfed.testing", "lightfed.baseline", "lightfed.audit"),
     # 6. entry points

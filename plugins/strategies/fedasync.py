@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from lightfed.checks import require
 from lightfed.registry import STRATEGIES
 from lightfed.simtime.staleness import StalenessKind
-from lightfed_zoo.strategies.base import check
 from lightfed_zoo.strategies.fedbuff import FedBuff
 
 
@@ -44,7 +44,7 @@ class FedAsync(FedBuff):
         staleness_a: float = 0.5,
         staleness_b: int = 4,
     ) -> None:
-        check(0 < alpha <= 1, f"FedAsync alpha must be in (0, 1], got {alpha} (`strategy.init_args.alpha`).")
+        require(0 < alpha <= 1, f"FedAsync alpha must be in (0, 1], got {alpha} (`strategy.init_args.alpha`).")
         super().__init__(
             server_lr=alpha, staleness=staleness, staleness_a=staleness_a, staleness_b=staleness_b
         )

@@ -7,16 +7,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightfed.checks import require
 from lightfed.messages import ClientUpdate, RoundAggregate
 from lightfed.params import ParamSpec
 from lightfed.registry import STRATEGIES
 from lightfed.simtime.staleness import StalenessKind, check_staleness, staleness_of, staleness_weight
-from lightfed_zoo.strategies.base import WeightedMean, check, check_fraction, restore_tensor
+from lightfed.strategy import Strategy
+from lightfed_zoo.strategies.base import check_fraction, restore_tensor
 from lightfed_zoo.strategies.fedopt import adam_second_moment, adaptive_step
 
 
 @STRATEGIES.register("FedBuff")
-class FedBuff(WeightedMean):
+class FedBuff(Strategy):
     """FedBuff (Nguyen et al. 2022): the server steps once per ``K`` buffered, staleness-weighted updates.
 
     A flush of the buffer ``B`` (``|B| = K``, filled by the asynchronous engine ``trainer.clock:
@@ -71,12 +73,12 @@ class FedBuff(WeightedMean):
         tau: float = 1e-3,
     ) -> None:
         owner = type(self).__name__
-        check(server_lr > 0,
+        require(server_lr > 0,
               f"{owner} server_lr must be > 0, got {server_lr} (`strategy.init_args.server_lr`).")
-        check(server_optimizer in ("sgd", "momentum", "adam"),
+        require(server_optimizer in ("sgd", "momentum", "adam"),
               f"{owner} server_optimizer must be 'sgd', 'momentum' or 'adam', got {server_optimizer!r} "
               f"(`strategy.init_args.server_optimizer`).")
-        check(tau > 0, f"{owner} tau must be > 0, got {tau} (`strategy.init_args.tau`).")
+        require(tau > 0, f"{owner} tau must be > 0, got {tau} (`strategy.init_args.tau`).")
         check_staleness(staleness, staleness_a, staleness_b, owner)
         self.server_lr = float(server_lr)
         self.staleness, self.staleness_a, self.staleness_b = staleness, float(staleness_a), int(staleness_b)
