@@ -296,7 +296,10 @@ def _save_classifier(work: HFSequenceClassifier, encoder: nn.Module, directory: 
     ``classifier_dropout`` and an ``auto_map`` to the classes), ``model.safetensors`` (keys ``encoder.*``, ``head.*``), the class's code
     and the tokenizer files of the base folder.
     """
-    from lightfed.models.hf_pooled_classifier import PooledEncoderConfig, PooledEncoderForSequenceClassification
+    from lightfed.models.hf_pooled_classifier import (
+        PooledEncoderConfig,
+        PooledEncoderForSequenceClassification,
+    )
 
     code = _POOLED_CODE.stem
     config = PooledEncoderConfig(
