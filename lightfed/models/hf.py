@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 HF_INSTALL = 'pip install -e ".[hf]"'  # in a checkout of lightfed (it is not on an index)
-PACKAGED_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"  #: what the packaged MiniLM is on the Hugging Face hub
+PACKAGED_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"  #: the packaged MiniLM on the Hugging Face hub
 _POOLED_CODE = Path(__file__).with_name("hf_pooled_classifier.py")  # copied beside an exported classifier
 
 
@@ -212,8 +212,9 @@ def export_peft(
     * ``<directory>/merged``: the adapters merged into the weights (``merge_and_unload``), a plain model.
       For :class:`HFSequenceClassifier` the whole classifier in Hugging Face format, with the tokenizer files:
       ``AutoModelForSequenceClassification.from_pretrained(merged, trust_remote_code=True)`` builds
-      :class:`~lightfed.models.hf_pooled_classifier.PooledEncoderForSequenceClassification` from the copy of its
-      code saved beside the weights (named in the config's ``auto_map``) and gives the classifier's logits.
+      :class:`~lightfed.models.hf_pooled_classifier.PooledEncoderForSequenceClassification` from the copy
+      of its code saved beside the weights (named in the config's ``auto_map``) and gives the classifier's
+      logits.
       For other modules (``LoRACNNClassifier``) ``model.safetensors``, the plain module's state dict.
 
     A strategy that merges into the base weights (FLoRA) leaves zero adapters: its model is the merged one.
@@ -275,7 +276,7 @@ def export_peft(
 def base_reference(model_dir: str | Path | None) -> str:
     """How an export names its base model: the hub name of the packaged MiniLM, else the base folder's name.
 
-    Never an absolute path of the training machine: a user loads the base from wherever it lies (or from the hub).
+    Never an absolute path of the training machine: a user loads the base from wherever it lies (or the hub).
     """
     if model_dir is None:
         return PACKAGED_HUB_NAME
@@ -283,17 +284,20 @@ def base_reference(model_dir: str | Path | None) -> str:
 
 
 def write_base_reference(config_file: Path, name: str) -> None:
-    """Set ``base_model_name_or_path`` of a saved ``adapter_config.json`` to ``name`` (no path of this machine)."""
+    """Set ``base_model_name_or_path`` of a saved ``adapter_config.json`` to ``name`` (no local path)."""
     config = json.loads(config_file.read_text())
     config["base_model_name_or_path"] = name
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _save_classifier(work: HFSequenceClassifier, encoder: nn.Module, directory: Path, base: str | None) -> None:
-    """Write ``encoder`` (merged, no pooler) and ``work``'s head as a Hugging Face folder of the pooled classifier.
+def _save_classifier(
+    work: HFSequenceClassifier, encoder: nn.Module, directory: Path, base: str | None
+) -> None:
+    """Write ``encoder`` (merged, no pooler) and ``work``'s head as a Hugging Face folder of the classifier.
 
-    The folder holds ``config.json`` (a ``PooledEncoderConfig``: the encoder's config, ``num_labels``, ``pooling``,
-    ``classifier_dropout`` and an ``auto_map`` to the classes), ``model.safetensors`` (keys ``encoder.*``, ``head.*``), the class's code
+    The folder holds ``config.json`` (a ``PooledEncoderConfig``: the encoder's config, ``num_labels``,
+    ``pooling``, ``classifier_dropout`` and an ``auto_map`` to the classes), ``model.safetensors`` (keys
+    ``encoder.*``, ``head.*``), the class's code
     and the tokenizer files of the base folder.
     """
     from lightfed.models.hf_pooled_classifier import (
@@ -305,8 +309,10 @@ def _save_classifier(work: HFSequenceClassifier, encoder: nn.Module, directory: 
     config = PooledEncoderConfig(
         encoder_config=copy.deepcopy(encoder.config), pooling=work.pooling, classifier_dropout=work.dropout.p,
         num_labels=work.num_classes, architectures=[PooledEncoderForSequenceClassification.__name__],
-        auto_map={"AutoConfig": f"{code}.{PooledEncoderConfig.__name__}",
-                  "AutoModelForSequenceClassification": f"{code}.{PooledEncoderForSequenceClassification.__name__}"},
+        auto_map={
+            "AutoConfig": f"{code}.{PooledEncoderConfig.__name__}",
+            "AutoModelForSequenceClassification": f"{code}.{PooledEncoderForSequenceClassification.__name__}",
+        },
     )
     if base is not None:
         config._name_or_path = config.encoder_config._name_or_path = base

@@ -1,16 +1,16 @@
-"""A pooled-encoder sequence classifier that Hugging Face's Auto classes load: lightfed's classifier, without lightfed.
+"""lightfed's sequence classifier (an encoder, pooling, a linear head) as Hugging Face's Auto classes load it.
 
 :func:`lightfed.models.hf.export_peft` copies this file beside the merged weights and names it in the config's
 ``auto_map``, so ``AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)`` builds
 :class:`PooledEncoderForSequenceClassification` from the folder alone. It therefore imports only ``torch`` and
 ``transformers`` (Hugging Face copies it into its module cache and imports it there).
 
-The model is the one :class:`lightfed.models.hf.HFSequenceClassifier` trains: any ``AutoModel`` encoder without
-its ``[CLS]`` pooler, the sentence embedding
+The model is the one :class:`lightfed.models.hf.HFSequenceClassifier` trains: any ``AutoModel`` encoder
+without its ``[CLS]`` pooler, the sentence embedding
 
 .. math::
 
-    e = \\frac{\\sum_t m_t h_t}{\\max(1, \\sum_t m_t)} \\quad (\\text{mean}), \\qquad e = h_0 \\quad (\\text{cls}),
+    e = \\frac{\\sum_t m_t h_t}{\\max(1, \\sum_t m_t)} \\ (\\text{mean}), \\qquad e = h_0 \\ (\\text{cls}),
 
 of the last hidden states ``h`` under the attention mask ``m`` (sentence-transformers' mean pooling, Reimers
 and Gurevych, "Sentence-BERT", EMNLP 2019), dropout, and logits ``W e + b``. BERT's own
@@ -38,7 +38,7 @@ POOLINGS = ("mean", "cls")
 
 
 def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
-    """The sentence embedding ``(B, H)`` of hidden states ``(B, T, H)``: masked mean or the first token's state."""
+    """The sentence embedding ``(B, H)`` of hidden states ``(B, T, H)``: masked mean or first token."""
     if pooling == "cls":
         return hidden[:, 0]
     m = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -102,8 +102,8 @@ class PooledEncoderForSequenceClassification(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        """The encoder's own initialisation for its modules (buffers such as BERT's ``position_ids`` included)."""
-        encoder = self.__dict__.get("_modules", {}).get("encoder")
+        """The encoder's own initialisation of its modules (BERT's ``position_ids`` buffer included)."""
+        encoder = getattr(self, "encoder", None)  # None while PreTrainedModel.__init__ runs
         if encoder is not None and hasattr(encoder, "_init_weights"):
             encoder._init_weights(module)
         else:

@@ -291,7 +291,7 @@ def test_merged_export_loads_with_auto_model_for_sequence_classification(
     pooling: str, tmp_path: Path, capfd: pytest.CaptureFixture[str], transformers_log: TransformersLog,
     no_network: None,
 ) -> None:
-    """Issue 24: the merged export used to need the head rebuilt by hand and printed a 'pooler MISSING' report."""
+    """Issue 24: the merged export needed the head rebuilt by hand and printed a 'pooler MISSING' report."""
     import transformers
 
     L.seed_everything(0, verbose=False)
@@ -303,9 +303,11 @@ def test_merged_export_loads_with_auto_model_for_sequence_classification(
     # Prepare: the final model, as the trainer holds it (its payload assigned)
     spec.assign(spec.tensors(model), params)
     model.eval()
-    ids, mask = tokenize(["Now is the winter of our discontent", "Fair is foul", "Out, damned spot!"], None, 24)
+    texts = ["Now is the winter of our discontent", "Fair is foul", "Out, damned spot!"]
+    ids, mask = tokenize(texts, None, 24)
     # Execute: a user's two lines, without lightfed
-    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(str(merged), trust_remote_code=True)
+    auto = transformers.AutoModelForSequenceClassification
+    loaded = auto.from_pretrained(str(merged), trust_remote_code=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(merged), trust_remote_code=True)
     # Assert: no load report, no lightfed code, the classifier's logits
     out = capfd.readouterr()
@@ -313,20 +315,20 @@ def test_merged_export_loads_with_auto_model_for_sequence_classification(
     assert type(loaded).__name__ == "PooledEncoderForSequenceClassification" and not loaded.training
     assert "lightfed" not in type(loaded).__module__ and loaded.config.pooling == pooling
     assert not any("lora" in n or "pooler" in n for n in loaded.state_dict())
-    batch = tokenizer(["Now is the winter of our discontent", "Fair is foul", "Out, damned spot!"],
-                      padding="max_length", max_length=24, return_tensors="pt")
+    batch = tokenizer(texts, padding="max_length", max_length=24, return_tensors="pt")
     assert torch.equal(batch["input_ids"], ids)
     with torch.no_grad():
         ours = model(ids, mask)
         theirs = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         torch.testing.assert_close(theirs.logits, ours, atol=1e-5, rtol=1e-5)
-        loss = loaded(**batch, labels=torch.tensor([0, 3, 5])).loss
-        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(ours, torch.tensor([0, 3, 5])), atol=1e-5,
-                                   rtol=1e-5)
+        labels = torch.tensor([0, 3, 5])
+        loss = loaded(**batch, labels=labels).loss
+        expected = torch.nn.functional.cross_entropy(ours, labels)
+        torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     assert float(ours.std()) > 0.01  # the head and the adapters are not the zero/initial ones
     # without trust_remote_code the folder is refused, not read as BERT's classifier with every weight missing
     with pytest.raises(ValueError, match="trust_remote_code=True"):
-        transformers.AutoModelForSequenceClassification.from_pretrained(str(merged), trust_remote_code=False)
+        auto.from_pretrained(str(merged), trust_remote_code=False)
 
 
 def test_adapter_names_its_base_without_a_path_and_loads_after_moving(
