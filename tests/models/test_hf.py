@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -257,36 +260,134 @@ def test_rank_above_the_layer_width_and_base_in_payload() -> None:
     assert sum(n.endswith("base_layer.weight") for n in spec.names) == 12
 
 
-def test_export_peft_adapters_and_merged_model_load_without_lightfed(tmp_path: Path) -> None:
+class TransformersLog(logging.Handler):
+    """Every record of ``transformers``' loggers at WARNING or above (its load report is one)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_log() -> TransformersLog:
+    handler, logger = TransformersLog(), logging.getLogger("transformers")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+def randomised_payload(model: HFSequenceClassifier, seed: int = 7) -> tuple[torch.Tensor, ParamSpec]:
+    """A payload with non-zero B's and a random head, as after training (B starts at zero)."""
+    spec = ParamSpec.from_module(model)
+    generator = torch.Generator().manual_seed(seed)
+    return 0.05 * torch.randn(spec.numel, generator=generator), spec
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_merged_export_loads_with_auto_model_for_sequence_classification(
+    pooling: str, tmp_path: Path, capfd: pytest.CaptureFixture[str], transformers_log: TransformersLog,
+    no_network: None,
+) -> None:
+    """Issue 24: the merged export needed the head rebuilt by hand and printed a 'pooler MISSING' report."""
+    import transformers
+
+    L.seed_everything(0, verbose=False)
+    model = HFSequenceClassifier(num_classes=6, lora=LORA, pooling=pooling, dropout=0.2)
+    params, spec = randomised_payload(model)
+    merged = hf.export_peft(model, tmp_path / "export", params, spec)["merged"]
+    capfd.readouterr()
+    transformers_log.messages.clear()
+    # Prepare: the final model, as the trainer holds it (its payload assigned)
+    spec.assign(spec.tensors(model), params)
+    model.eval()
+    texts = ["Now is the winter of our discontent", "Fair is foul", "Out, damned spot!"]
+    ids, mask = tokenize(texts, None, 24)
+    # Execute: a user's two lines, without lightfed
+    auto = transformers.AutoModelForSequenceClassification
+    loaded = auto.from_pretrained(str(merged), trust_remote_code=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(merged), trust_remote_code=True)
+    # Assert: no load report, no lightfed code, the classifier's logits
+    out = capfd.readouterr()
+    assert transformers_log.messages == [] and "MISSING" not in out.err + out.out
+    assert type(loaded).__name__ == "PooledEncoderForSequenceClassification" and not loaded.training
+    assert "lightfed" not in type(loaded).__module__ and loaded.config.pooling == pooling
+    assert not any("lora" in n or "pooler" in n for n in loaded.state_dict())
+    batch = tokenizer(texts, padding="max_length", max_length=24, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], ids)
+    with torch.no_grad():
+        ours = model(ids, mask)
+        theirs = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        torch.testing.assert_close(theirs.logits, ours, atol=1e-5, rtol=1e-5)
+        labels = torch.tensor([0, 3, 5])
+        loss = loaded(**batch, labels=labels).loss
+        expected = torch.nn.functional.cross_entropy(ours, labels)
+        torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    assert float(ours.std()) > 0.01  # the head and the adapters are not the zero/initial ones
+    # without trust_remote_code the folder is refused, not read as BERT's classifier with every weight missing
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        auto.from_pretrained(str(merged), trust_remote_code=False)
+
+
+def test_adapter_names_its_base_without_a_path_and_loads_after_moving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None
+) -> None:
+    """Issue 24: ``base_model_name_or_path`` was an absolute path of the training machine."""
     import peft
     import transformers
-    from safetensors.torch import load_file
 
     model = lora_model()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or name.startswith("head."):
-                p.normal_(std=0.05)
-    paths = hf.export_peft(model, tmp_path / "export")
-    assert hf.has_lora(model) and not hf.has_lora(torch.nn.Linear(2, 2))
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in paths["adapter"].iterdir()}
-    ids, mask = tokenize(["Now is the winter of our discontent", "Fair is foul"], None, 16)
+    params, spec = randomised_payload(model, seed=3)
+    paths = hf.export_peft(model, tmp_path / "run" / "peft", params, spec)
+    texts = [p.read_text() for p in (tmp_path / "run").rglob("*.json")]
+    assert len(texts) >= 4 and not any(str(tmp_path) in t or str(packaged_model_dir()) in t for t in texts)
+    assert json.loads((paths["adapter"] / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "sentence-transformers/all-MiniLM-L6-v2"
+    )
+    # Prepare: another machine: the adapter moved, the base under its hub name in the working directory
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sentence-transformers").mkdir(parents=True)
+    (elsewhere / "sentence-transformers" / "all-MiniLM-L6-v2").symlink_to(packaged_model_dir())
+    shutil.move(str(tmp_path / "run"), str(elsewhere / "run"))
+    monkeypatch.chdir(elsewhere)
+    # Execute: the three documented lines
+    config = peft.PeftConfig.from_pretrained("run/peft/adapter")
+    base = transformers.AutoModel.from_pretrained(config.base_model_name_or_path)
+    adapted = peft.PeftModel.from_pretrained(base, "run/peft/adapter").eval()
+    # Assert: the final model's hidden states
+    spec.assign(spec.tensors(model), params)
     model.eval()
+    ids, mask = tokenize(["Now is the winter of our discontent", "Fair is foul"], None, 16)
     with torch.no_grad():
         ours = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        # peft's own loader over the packaged base model
-        base = transformers.AutoModel.from_pretrained(str(packaged_model_dir()), local_files_only=True)
-        adapted = peft.PeftModel.from_pretrained(base, str(paths["adapter"])).eval()
-        torch.testing.assert_close(adapted(input_ids=ids, attention_mask=mask).last_hidden_state, ours, atol=1e-5, rtol=1e-5)
-        # the merged plain model (AutoModel) + the head: the classifier's logits
-        merged = transformers.AutoModel.from_pretrained(str(paths["merged"]), local_files_only=True).eval()
-        assert not any("lora" in n for n, _ in merged.named_parameters())
-        hidden = merged(input_ids=ids, attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).float()
-        head = load_file(str(paths["merged"] / "head.safetensors"))
-        logits = ((hidden * m).sum(1) / m.sum(1)) @ head["weight"].T + head["bias"]
-        torch.testing.assert_close(logits, model(ids, mask), atol=1e-4, rtol=1e-4)
-    assert (paths["merged"] / "tokenizer.json").is_file()
+        theirs = adapted(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert hf.base_reference(tmp_path / "models" / "my-bert") == "my-bert" and hf.base_reference(None) == (
+        hf.PACKAGED_HUB_NAME
+    )
+
+
+def test_export_peft_of_the_cnn_and_of_a_module_without_adapters(tmp_path: Path) -> None:
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["head.1"], "modules_to_save": ["head.3"]}
+    L.seed_everything(0, verbose=False)
+    model = hf.LoRACNNClassifier(lora=lora)
+    assert hf.has_lora(model) and not hf.has_lora(torch.nn.Linear(2, 2))
+    params, spec = 0.05 * torch.randn(ParamSpec.from_module(model).numel), ParamSpec.from_module(model)
+    paths = hf.export_peft(model, tmp_path / "export", params, spec)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in paths["adapter"].iterdir()}
+    from lightfed.models import CNNClassifier
+
+    plain = CNNClassifier()
+    load_into(plain, load_state_dict_file(paths["merged"] / "model.safetensors"))
+    spec.assign(spec.tensors(model), params)
+    x = torch.randn(3, 1, 28, 28)
+    plain.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="has no LoRA adapters"):
+        hf.export_peft(CNNClassifier(), tmp_path / "none")
 
 
 LORA_VARIANTS = {
