@@ -194,7 +194,7 @@ def test_a_cnn_on_one_two_and_three_processes_gives_the_same_bits(tmp_path):
 
 
 def reference_bins(terms: list[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, int]:
-    """The unbuffered cut, term by term, as ExactSum.add did before the buffer: the bins (carried) and block."""
+    """Each term cut on the whole vector, as ExactSum.add did before chunking: the bins (carried), block."""
     from lightfed.exact_sum import BIN_BITS, NUM_BINS, _carried, _shifted
 
     bins, block = torch.zeros(NUM_BINS, terms[0][0].numel(), dtype=torch.float64), MIN_BLOCK
@@ -224,7 +224,8 @@ def test_chunked_sums_leave_the_bins_and_bits_of_the_whole_vector_reference(monk
     monkeypatch.setattr(es, "CHUNK", chunk)
     gen = torch.Generator().manual_seed(2)
     for trial in range(12):
-        n, numel = int(torch.randint(1, 40, (1,), generator=gen)), int(torch.randint(1, 700, (1,), generator=gen))
+        n = int(torch.randint(1, 40, (1,), generator=gen))
+        numel = int(torch.randint(1, 700, (1,), generator=gen))
         dtype = torch.float64 if trial % 4 == 3 else torch.float32
         scales = 2.0 ** torch.randint(-40, 20, (n,), generator=gen).double()
         terms = []
