@@ -226,12 +226,12 @@ def sum_cost(repeats: int, before_exact: str | None = None) -> dict:
 
         times: dict[str, list[float]] = {"float32": [], "exact": [], "tensor": [], "tensor_before": []}
         before = _before_exact_sum(before_exact) if before_exact else None
-        for _ in range(repeats):
+        for repeat in range(repeats):
             times["float32"].append(one_round(FloatSum))
             times["exact"].append(one_round(StreamingSum))
-            if before is not None:
-                times["tensor"].append(tensor_sum(ExactSum))
-                times["tensor_before"].append(tensor_sum(before))
+            if before is not None:  # each goes first every other repeat
+                for label, cls in [("tensor", ExactSum), ("tensor_before", before)][:: 1 - 2 * (repeat % 2)]:
+                    times[label].append(tensor_sum(cls))
         f, e = median(times["float32"]) * 1e3, median(times["exact"]) * 1e3
         out[workload.name] = {
             "numel": numel,
