@@ -6,7 +6,9 @@
    interpreter (``--run``); with ``--processes 2`` Lightning Fabric's launcher re-executes it for rank 1.
 2. **The sum's cost per round**, W1 and W2 shapes, one thread, same run: the cohort's updates (W1: 10 of the
    MLP's 4,810 parameters; W2: 5 of the CNN's) added to the old float32 ``StreamingSum`` (kept below as
-   :class:`FloatSum`) and to the exact one, then ``result()``; interleaved repeats, medians.
+   :class:`FloatSum`) and to the exact one, then ``result()``; interleaved repeats, medians. With
+   ``--before-exact FILE`` (an older ``lightfed/exact_sum.py``: ``git show 6decd53:lightfed/exact_sum.py``),
+   its ``ExactSum`` is timed in the same loop too, against this tree's (adds plus ``value()``).
 3. **W1 whole rounds**, the trainer with the exact sum against the same trainer with :class:`FloatSum`
    (interleaved repeats, median seconds per round).
 
@@ -174,9 +176,21 @@ def w2_processes(before_tree: str | None, rounds: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- 2. the sum alone
-def sum_cost(repeats: int) -> dict:
+def _before_exact_sum(path: str):
+    """``ExactSum`` of an older ``exact_sum.py`` (loaded from ``path``), to time against this tree's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exact_sum_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ExactSum
+
+
+def sum_cost(repeats: int, before_exact: str | None = None) -> dict:
     """Milliseconds to add a round's updates and release the sums: float32 against exact, W1 and W2 shapes."""
     import torch
+
+    from lightfed.exact_sum import ExactSum
 
     torch.set_num_threads(1)
     from workloads import w1, w2
@@ -202,10 +216,22 @@ def sum_cost(repeats: int) -> dict:
             agg.result()
             return time.perf_counter() - start
 
-        times: dict[str, list[float]] = {"float32": [], "exact": []}
-        for _ in range(repeats):
+        def tensor_sum(cls, updates=updates) -> float:
+            start = time.perf_counter()
+            acc = cls(updates[0].delta)
+            for u in updates:
+                acc.add(u.delta, float(u.num_examples))
+            acc.value()
+            return time.perf_counter() - start
+
+        times: dict[str, list[float]] = {"float32": [], "exact": [], "tensor": [], "tensor_before": []}
+        before = _before_exact_sum(before_exact) if before_exact else None
+        for repeat in range(repeats):
             times["float32"].append(one_round(FloatSum))
             times["exact"].append(one_round(StreamingSum))
+            if before is not None:  # each goes first every other repeat
+                for label, cls in [("tensor", ExactSum), ("tensor_before", before)][:: 1 - 2 * (repeat % 2)]:
+                    times[label].append(tensor_sum(cls))
         f, e = median(times["float32"]) * 1e3, median(times["exact"]) * 1e3
         out[workload.name] = {
             "numel": numel,
@@ -214,6 +240,9 @@ def sum_cost(repeats: int) -> dict:
             "exact_ms": e,
             "ratio": e / f,
         }
+        if before is not None:
+            now, then = median(times["tensor"]) * 1e3, median(times["tensor_before"]) * 1e3
+            out[workload.name].update(exact_sum_ms=now, exact_sum_before_ms=then, before_over_now=then / now)
     return out
 
 
@@ -251,6 +280,9 @@ def main() -> None:
     parser.add_argument(
         "--before-tree", help="a checkout of lightfed with the old float32 sum (for the 'before')"
     )
+    parser.add_argument(
+        "--before-exact", help="an older lightfed/exact_sum.py: time its ExactSum against this tree's"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", nargs="*", default=["processes", "cost", "w1"])
@@ -264,7 +296,7 @@ def main() -> None:
         return
     result: dict = {"load": os.getloadavg()}
     if "cost" in args.only:
-        result["sum_cost_per_round"] = sum_cost(args.repeats)
+        result["sum_cost_per_round"] = sum_cost(args.repeats, args.before_exact)
     if "w1" in args.only:
         result["w1_rounds"] = w1_rounds(max(args.repeats // 2, 1))
     if "processes" in args.only:

@@ -175,14 +175,20 @@ class ExactSum:
         self.bins += _shifted(bins.reshape(NUM_BINS, -1).to(self.bins.device, torch.float64), top - block)
 
     def value(self) -> Tensor:
-        """The sum as a tensor of the terms' dtype: within one ulp of the exact sum (see the module)."""
-        # carried, the lower bins are in [0, 2^32), so the top bin has the sign of the sum
-        negative = _carried(self.bins.clone())[0] < 0
-        bins = _carried(torch.where(negative, -self.bins, self.bins))  # |sum|: every bin >= 0
-        out = bins[NUM_BINS - 1] * 2.0 ** (BIN_BITS * (self.block - NUM_BINS))
-        for k in reversed(range(NUM_BINS - 1)):  # smallest first, all of one sign: no cancellation
-            out.add_(bins[k], alpha=2.0 ** (BIN_BITS * (self.block - 1 - k)))
-        out = torch.where(negative, -out, out)
+        """The sum as a tensor of the terms' dtype: within one ulp of the exact sum (see the module).
+
+        Elementwise, in chunks of :data:`CHUNK` coordinates: the temporaries stay in cache (on a large model
+        whole-vector temporaries cost more than the adds).
+        """
+        out = torch.empty(self.bins.shape[1], dtype=torch.float64, device=self.bins.device)
+        for bins, piece in zip(self.bins.split(CHUNK, dim=1), out.split(CHUNK)):
+            # carried, the lower bins are in [0, 2^32), so the top bin has the sign of the sum
+            negative = _carried(bins.clone())[0] < 0
+            bins = _carried(torch.where(negative, -bins, bins))  # |sum|: every bin >= 0
+            torch.mul(bins[NUM_BINS - 1], 2.0 ** (BIN_BITS * (self.block - NUM_BINS)), out=piece)
+            for k in reversed(range(NUM_BINS - 1)):  # smallest first, all of one sign: no cancellation
+                piece.add_(bins[k], alpha=2.0 ** (BIN_BITS * (self.block - 1 - k)))
+            piece.copy_(torch.where(negative, -piece, piece))
         return out.to(self.device, self.dtype).reshape(self.shape)
 
 

@@ -191,3 +191,77 @@ def test_a_cnn_on_one_two_and_three_processes_gives_the_same_bits(tmp_path):
         assert models[n].keys() == models[1].keys()
         for k in models[1]:
             assert torch.equal(models[n][k], models[1][k]), (n, k)
+
+
+def reference_bins(terms: list[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, int]:
+    """Each term cut on the whole vector, as ExactSum.add did before chunking: the bins (carried), block."""
+    from lightfed.exact_sum import BIN_BITS, NUM_BINS, _carried, _shifted
+
+    bins, block = torch.zeros(NUM_BINS, terms[0][0].numel(), dtype=torch.float64), MIN_BLOCK
+    for x, w in terms:
+        t = x.double().reshape(-1) * w
+        magnitude = float(t.abs().max())
+        if magnitude == 0.0:
+            continue
+        new = max(block, block_of(magnitude))
+        bins, block = _shifted(bins, new - block), new
+        for k in range(NUM_BINS):
+            unit = 2.0 ** (BIN_BITS * (block - 1 - k))
+            digit = torch.round(t * (1.0 / unit))
+            bins[k] += digit
+            t = t - digit * unit
+    return _carried(bins), block
+
+
+@pytest.mark.parametrize("chunk", [300, 2**16])
+def test_chunked_sums_leave_the_bins_and_bits_of_the_whole_vector_reference(monkeypatch, chunk):
+    """Chunked adds and a chunked ``value`` against whole-vector references (the cut term by term, and the
+    sign-carry-round of ``value`` on the whole vector), on random scales over 60 binades, weights, orders
+    and shardings: the same integer in the bins (carried), the same block and the same bits."""
+    import lightfed.exact_sum as es
+
+    # Prepare: chunks smaller than a term (several chunks), or larger (one)
+    monkeypatch.setattr(es, "CHUNK", chunk)
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(12):
+        n = int(torch.randint(1, 40, (1,), generator=gen))
+        numel = int(torch.randint(1, 700, (1,), generator=gen))
+        dtype = torch.float64 if trial % 4 == 3 else torch.float32
+        scales = 2.0 ** torch.randint(-40, 20, (n,), generator=gen).double()
+        terms = []
+        for i in range(n):
+            x = (torch.randn(numel, generator=gen, dtype=torch.float64) * scales[i]).to(dtype)
+            if i % 5 == 4:
+                x.zero_()
+            weight = [1.0, float(i + 1), 0.3 * i - 2.7, 2.0**-9][i % 4]
+            terms.append((x, weight))
+        expected_bins, expected_block = reference_bins(terms)
+        # Execute: every term in a random order, in 1-3 shards merged as merge_in_process does
+        order = torch.randperm(n, generator=gen).tolist()
+        shards = int(torch.randint(1, 4, (1,), generator=gen))
+        sums = [ExactSum(terms[0][0]) for _ in range(shards)]
+        for j, i in enumerate(order):
+            sums[j % shards].add(*terms[i])
+        top = max(s.block for s in sums)
+        merged = ExactSum(terms[0][0])
+        merged.merge(torch.stack([s.packed(top) for s in sums]).sum(0), top, sum(s.terms for s in sums))
+        # Assert
+        assert merged.block == expected_block
+        assert torch.equal(es._carried(merged.bins.clone()), expected_bins)
+        one = ExactSum(terms[0][0])
+        for x, w in terms:
+            one.add(x, w)
+        assert torch.equal(one.value(), merged.value())
+        assert torch.equal(merged.value(), reference_value(merged.bins, merged.block).to(dtype))
+
+
+def reference_value(bins: torch.Tensor, block: int) -> torch.Tensor:
+    """``ExactSum.value`` before it was chunked: the whole vector at once."""
+    from lightfed.exact_sum import BIN_BITS, NUM_BINS, _carried
+
+    negative = _carried(bins.clone())[0] < 0
+    bins = _carried(torch.where(negative, -bins, bins))
+    out = bins[NUM_BINS - 1] * 2.0 ** (BIN_BITS * (block - NUM_BINS))
+    for k in reversed(range(NUM_BINS - 1)):
+        out.add_(bins[k], alpha=2.0 ** (BIN_BITS * (block - 1 - k)))
+    return torch.where(negative, -out, out)
