@@ -99,10 +99,10 @@ def _refuse_keyword_setup(cls: type) -> None:
     if setup is None or not callable(setup):
         return
     try:
-        names = set(inspect.signature(setup).parameters)
+        names = list(inspect.signature(setup).parameters)
     except (TypeError, ValueError):
         return
-    old = sorted(names & _RUN_INFO_FIELDS)
+    old = [name for name in names if name in _RUN_INFO_FIELDS]
     if old:
         raise TypeError(
             f"lightfed: error: {cls.__qualname__}.setup takes the keywords {', '.join(old)}; "
