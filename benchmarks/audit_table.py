@@ -303,13 +303,15 @@ def ideal_mechanism(dimension: int, rounds: int, epsilons: list[float], seeds: i
 
     from lightfed import PoissonSampler
     from lightfed.audit.estimators import GaussianFit, epsilon_two_gaussians
+    from lightfed.messages import RunInfo
     from lightfed.privacy import DPFixedClipping
     from lightfed.strategy import FedAvg
 
     delta, lines = 400**-1.1, []
     for eps in epsilons:
         privacy = DPFixedClipping(clip_norm=1.0, target_epsilon=eps, verbose=False)
-        privacy.setup(num_clients=400, sampler=PoissonSampler(0.2), rounds=rounds, strategy=FedAvg(weighted=False), seed=0)
+        privacy.setup(RunInfo(num_clients=400, sampler=PoissonSampler(0.2), rounds=rounds,
+                              strategy=FedAvg(weighted=False), seed=0))
         z, est = privacy.z, {"final model": [], "all iterates": []}
         for seed in range(seeds):
             rng = np.random.default_rng(seed)
@@ -348,6 +350,7 @@ def ideal_nulls(dimension: int, rounds: int, epsilons: list[float], seeds: int, 
 
     from lightfed import PoissonSampler
     from lightfed.audit.estimators import GaussianFit, epsilon_two_gaussians
+    from lightfed.messages import RunInfo
     from lightfed.privacy import DPFixedClipping
     from lightfed.strategy import FedAvg
 
@@ -355,7 +358,8 @@ def ideal_nulls(dimension: int, rounds: int, epsilons: list[float], seeds: int, 
     null = GaussianFit(0.0, null_std, 10**9)
     for eps in epsilons:
         privacy = DPFixedClipping(clip_norm=1.0, target_epsilon=eps, verbose=False)
-        privacy.setup(num_clients=400, sampler=PoissonSampler(0.2), rounds=rounds, strategy=FedAvg(weighted=False), seed=0)
+        privacy.setup(RunInfo(num_clients=400, sampler=PoissonSampler(0.2), rounds=rounds,
+                              strategy=FedAvg(weighted=False), seed=0))
         est: dict[str, list[float]] = {"fitted": [], "closed": [], "shift": []}
         for seed in range(seeds):
             rng = np.random.default_rng(seed)
@@ -436,6 +440,7 @@ def reconstruction_table(targets: list[str], cohorts: int, iterations: int) -> s
     from lightfed import PoissonSampler
     from lightfed.audit.reconstruction import attack_update, released_update
     from lightfed.data.client_data import ClientData
+    from lightfed.messages import RunInfo
     from lightfed.privacy import DPFixedClipping
     from lightfed.secagg import SecAggPlus
     from lightfed.strategy import FedAvg
@@ -452,7 +457,8 @@ def reconstruction_table(targets: list[str], cohorts: int, iterations: int) -> s
                 privacy = protocol = None
                 if eps is not None:  # the digits DP configs' mechanism: 400 clients, Poisson q = 0.2, 50 rounds, C = 0.5
                     privacy = DPFixedClipping(clip_norm=0.5, target_epsilon=eps, verbose=False)
-                    privacy.setup(num_clients=400, sampler=PoissonSampler(0.2), rounds=50, strategy=FedAvg(weighted=False), seed=c)
+                    privacy.setup(RunInfo(num_clients=400, sampler=PoissonSampler(0.2), rounds=50,
+                                          strategy=FedAvg(weighted=False), seed=c))
                     zs[eps] = privacy.z
                 if secagg:
                     protocol = SecAggPlus(clip=1.0)

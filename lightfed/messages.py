@@ -5,9 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # messages sit below the strategy and the samplers; they only carry them
+    from lightfed.sampling import ClientSampler
+    from lightfed.strategy import Strategy
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
@@ -32,6 +37,46 @@ def _finite_sum(t: Tensor) -> bool:
     if t.is_complex():
         t = torch.view_as_real(t)
     return not t.is_floating_point() or math.isfinite(float(t.detach().sum()))
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The facts of a run that every set-up receives, written once.
+
+    :meth:`lightfed.privacy.base.PrivacyMechanism.setup` and :meth:`lightfed.server.RoundServer.setup` take
+    one ``RunInfo`` (the trainer builds it once per run), so a new fact is one new field, not a keyword
+    added to every implementation.
+
+    Attributes:
+        num_clients: ``N``, the size of the client population.
+        sampler: How each round's cohort is drawn (a privacy accountant derives its sampling rate from it).
+        rounds: ``T``, the number of rounds the run is configured for.
+        strategy: The run's strategy (a mechanism checks that it can make it private).
+        seed: The run's seed; randomness derives from (seed, round, client id).
+        client_num_examples: ``n_k``, training examples per client (length ``N``), when known; the weighted
+            DP estimator needs them for its fixed denominator ``q W``, DP-SGD for each client's schedule.
+
+    Raises:
+        ValueError: ``client_num_examples`` does not have one entry per client.
+    """
+
+    num_clients: int
+    sampler: ClientSampler
+    rounds: int
+    strategy: Strategy
+    seed: int = 0
+    client_num_examples: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        sizes = self.client_num_examples
+        if sizes is not None:
+            sizes = tuple(int(n) for n in sizes)
+            object.__setattr__(self, "client_num_examples", sizes)
+            if len(sizes) != self.num_clients:
+                raise ValueError(
+                    f"RunInfo.client_num_examples has {len(sizes)} entries but num_clients is "
+                    f"{self.num_clients}: give one example count per client."
+                )
 
 
 @dataclass

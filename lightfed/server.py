@@ -40,10 +40,9 @@ import torch
 from torch import Tensor
 
 from lightfed.aggregation import Aggregator, CollectAll, ShardResult, StreamingSum
-from lightfed.messages import ClientUpdate, RoundAggregate, RoundResult, all_finite
+from lightfed.messages import ClientUpdate, RoundAggregate, RoundResult, RunInfo, all_finite
 from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism
-from lightfed.sampling import ClientSampler
 from lightfed.secagg.base import SecureAggregation
 from lightfed.strategy import Strategy
 
@@ -114,17 +113,23 @@ class RoundServer:
         #: Warn when the updates carry no training (no loss logged, no step taken): trained clients only.
         self.expect_training = True
 
-    def setup(
-        self, spec: ParamSpec, global_params: Tensor, sampler: ClientSampler, rounds: int, seed: int,
-        client_num_examples: list[int],
-    ) -> None:
+    def setup(self, spec: ParamSpec, global_params: Tensor, info: RunInfo) -> None:
         """Set up strategy, privacy and secure aggregation together; refuse what cannot compose, up front.
+
+        Args:
+            spec: The flat layout of the payload.
+            global_params: The initial global payload.
+            info: The run's facts (``info.strategy`` must be this server's strategy).
 
         Raises:
             ValueError: naming the reason (distributed noise without secure aggregation, a cohort too small
                 for the strategy, a strategy the mechanism cannot make private, ...).
         """
-        num_clients = len(client_num_examples)
+        if info.strategy is not self.strategy:
+            raise ValueError(
+                f"RunInfo.strategy is a {type(info.strategy).__name__}, not this server's "
+                f"{type(self.strategy).__name__}: build the RunInfo with strategy=server.strategy."
+            )
         self.numel, self.num_bytes = spec.numel, spec.num_bytes
         plan = self.privacy.noise_plan() if self.privacy is not None else None
         if plan is not None and plan.placement == "distributed" and self.secure_aggregation is None:
@@ -133,17 +138,14 @@ class RoundServer:
                 "secure_aggregation section is configured: the sum would carry no noise. Add one or use "
                 "server noise."
             )
-        self.strategy.setup(spec, num_clients, global_params)
+        self.strategy.setup(spec, info.num_clients, global_params)
         if not self.strategy.samples_own_cohort:
-            self.strategy.check_cohort(sampler.expected_cohort(num_clients))
+            self.strategy.check_cohort(info.sampler.expected_cohort(info.num_clients))
         if self.privacy is not None:
-            self.privacy.setup(
-                num_clients=num_clients, sampler=sampler, rounds=rounds, strategy=self.strategy, seed=seed,
-                client_num_examples=client_num_examples,
-            )
+            self.privacy.setup(info)
         if self.secure_aggregation is not None:
             self.secure_aggregation.setup(
-                strategy=self.strategy, privacy=self.privacy, numel=spec.numel, seed=seed
+                strategy=self.strategy, privacy=self.privacy, numel=spec.numel, seed=info.seed
             )
 
     # ------------------------------------------------------------------ before the round

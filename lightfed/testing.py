@@ -24,7 +24,6 @@ refused with a ``ValueError`` that says why (never another exception, never sile
 from __future__ import annotations
 
 import copy
-import inspect
 import io
 import math
 from collections.abc import Callable, Sequence
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 
 from lightfed.client import LocalTrainer
 from lightfed.data.client_data import ClientData
-from lightfed.messages import ClientUpdate
+from lightfed.messages import ClientUpdate, RunInfo
 from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.registry import PRIVACY, SECURE_AGGREGATION, STRATEGIES, Registry
@@ -295,13 +294,19 @@ def _refused_or_accepted(action: Callable[[], Any], what: str) -> bool:
     return False
 
 
+def run_info(strategy: Strategy, rounds: int = 3, seed: int = 0) -> RunInfo:
+    """The :class:`~lightfed.messages.RunInfo` the kit sets mechanisms up with.
+
+    :data:`POPULATION` clients of ``5 + k % 3`` examples each, a Poisson sampler of rate 0.5.
+    """
+    return RunInfo(
+        num_clients=POPULATION, sampler=PoissonSampler(0.5), rounds=rounds, strategy=strategy, seed=seed,
+        client_num_examples=[5 + cid % 3 for cid in range(POPULATION)],
+    )
+
+
 def _set_up_privacy(mechanism: PrivacyMechanism, strategy: Strategy, rounds: int = 3, seed: int = 0) -> None:
-    params = inspect.signature(mechanism.setup).parameters
-    kwargs: dict[str, Any] = {"num_clients": POPULATION, "sampler": PoissonSampler(0.5), "rounds": rounds,
-                              "strategy": strategy, "seed": seed}
-    if "client_num_examples" in params:
-        kwargs["client_num_examples"] = [5 + cid % 3 for cid in range(POPULATION)]
-    mechanism.setup(**kwargs)
+    mechanism.setup(run_info(strategy, rounds, seed))
 
 
 def check_privacy_mechanism(plugin: str | type | Callable[[], PrivacyMechanism], numel: int = 6) -> None:
@@ -375,5 +380,5 @@ __all__ = [
     "POPULATION", "STRATEGY_CHECKS", "TinyRegressor", "check_client_order_does_not_matter", "check_defaults",
     "check_identical_updates", "check_privacy_mechanism", "check_secure_aggregation", "check_state_round_trips",
     "check_strategy", "check_zero_updates_are_a_fixed_point", "copies", "factory", "make_update",
-    "regression_clients", "round_trip", "run_server_round", "set_up_strategy", "train_clients",
+    "regression_clients", "round_trip", "run_info", "run_server_round", "set_up_strategy", "train_clients",
 ]

@@ -35,7 +35,7 @@ from lightfed.data.datamodule import FederatedDataModule, check_model_classes
 from lightfed.distributed import merge_round, shard_cohort
 from lightfed.evaluation import Evaluation, evaluate_central
 from lightfed.executors.base import Executor, resolve_executor
-from lightfed.messages import RoundResult
+from lightfed.messages import RoundResult, RunInfo
 from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.reporting import Reporting, format_summary, summary_metrics
@@ -262,8 +262,11 @@ class FederatedTrainer:
         self.global_params = self.spec.flatten(self.spec.tensors(model)).to(device)
         self.num_clients = num_clients
         self.server = RoundServer(self.strategy, self.privacy, self.secure_aggregation, self.spec.numel)
-        self.server.setup(self.spec, self.global_params, self.sampler, self.rounds, self.seed,
-                          self._client_sizes.tolist())
+        sizes = self._client_sizes.tolist()
+        info = RunInfo(num_clients=len(sizes), sampler=self.sampler, rounds=self.rounds,
+                       strategy=self.strategy,
+                       seed=self.seed, client_num_examples=sizes)
+        self.server.setup(self.spec, self.global_params, info)
         self.local = LocalTrainer(
             model, self.spec, self.strategy, self.fabric.strategy.precision, self.local_epochs,
             self.local_steps, self.batch_size, self.seed, **self.loop_flags,

@@ -20,6 +20,7 @@ from lightfed.data.client_data import ClientData, DatasetClientData, LoaderSetti
 from lightfed.executors.support import VmapUnsupportedError
 from lightfed.executors.vmap import VmapExecutor
 from lightfed.lightning_compat import batch_size_of
+from lightfed.messages import RunInfo
 from lightfed.params import ParamSpec
 from lightfed.strategy import FedAvg
 
@@ -173,7 +174,7 @@ def test_dpsgd_takes_dict_batches():
                          (DictNet(), DatasetClientData(Examples(lambda a, b: {"x": a, "y": b}), torch.arange(37)))):
         base = LocalTrainer(module, ParamSpec.from_module(module), FedAvg(), None, 1, None, 8, seed=0)
         mech = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, verbose=False)
-        mech.setup(num_clients=1, sampler=FullParticipation(), rounds=1, strategy=FedAvg(), seed=0)
+        mech.setup(RunInfo(num_clients=1, sampler=FullParticipation(), rounds=1, strategy=FedAvg(), seed=0))
         local = mech.wrap_local_trainer(base)
         runs.append(local.fit_client(0, 0, data, local.spec.flatten(local.tensors).clone()))
     assert torch.allclose(runs[0].delta, runs[1].delta, atol=1e-6)

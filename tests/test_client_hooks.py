@@ -22,6 +22,7 @@ from lightfed.client import EVAL_HOOKS, REUSABLE_OPTIMIZERS, TRAIN_HOOKS, LocalT
 from lightfed.data.client_data import ClientData
 from lightfed.lightning_compat import TrainerStandInError
 from lightfed.lightning_hooks import ModuleHookError
+from lightfed.messages import RunInfo
 from lightfed.params import ParamSpec
 from lightfed.seeding import make_generator
 from lightfed.strategy import FedAvg
@@ -349,7 +350,7 @@ def _dpsgd(local: LocalTrainer):
     from lightfed.sampling import FullParticipation
 
     mech = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, verbose=False)
-    mech.setup(num_clients=1, sampler=FullParticipation(), rounds=1, strategy=FedAvg(), seed=0)
+    mech.setup(RunInfo(num_clients=1, sampler=FullParticipation(), rounds=1, strategy=FedAvg(), seed=0))
     return mech.wrap_local_trainer(local)
 
 

@@ -24,6 +24,7 @@ from lightfed.data.datamodule import FederatedDataModule
 from lightfed.data.partition import IID
 from lightfed.data.speakers import SpeakersClassifier, SpeakersDataModule
 from lightfed.lightning_hooks import ModuleHookError
+from lightfed.messages import RunInfo
 from tests.test_client_hooks import lightfed_fit, lightning_fit
 
 
@@ -261,7 +262,7 @@ def test_manual_optimization_is_refused_by_dpsgd_and_vmap_and_composes_with_clie
     module = Manual()
     local = LocalTrainer(module, ParamSpec.from_module(module), FedAvg())
     mech = DPSGD(noise_multiplier=1.0, verbose=False)
-    mech.setup(num_clients=1, sampler=FullParticipation(), rounds=1, strategy=FedAvg(), seed=0)
+    mech.setup(RunInfo(num_clients=1, sampler=FullParticipation(), rounds=1, strategy=FedAvg(), seed=0))
     with pytest.raises(ValueError, match="manual optimization.*DPSGD"):
         mech.wrap_local_trainer(local)
     with pytest.raises(VmapUnsupportedError, match="manual optimization.*executor: sequential"):

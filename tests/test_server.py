@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightfed.aggregation import ShardResult, StreamingSum
-from lightfed.messages import ClientUpdate
+from lightfed.messages import ClientUpdate, RunInfo
 from lightfed.privacy import DPFixedClipping
 from lightfed.sampling import PoissonSampler
 from lightfed.server import RoundOutcome, RoundServer, run_server_round
@@ -90,7 +90,7 @@ def test_dp_epsilon_after_n_rounds_equals_dp_accounting():
     z, q, n, delta, rounds = 1.1, 0.5, 20, 1e-4, 4
     mech = DPFixedClipping(clip_norm=1.0, noise_multiplier=z, delta=delta, verbose=False)
     strategy = FedAvg(weighted=False)
-    mech.setup(num_clients=n, sampler=PoissonSampler(q), rounds=rounds, strategy=strategy, seed=0)
+    mech.setup(RunInfo(num_clients=n, sampler=PoissonSampler(q), rounds=rounds, strategy=strategy, seed=0))
     server = RoundServer(strategy, mech, numel=2)
     w = torch.zeros(2)
     # Execute

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightfed import ClientUpdate, PrivacyMechanism, RoundAggregate, SecureAggregation, Strategy
 from lightfed.cli import main
+from lightfed.messages import RunInfo
 from lightfed.privacy import DPSGD, DPAdaptiveClipping, DPFixedClipping, LocalDP
 from lightfed.registry import STRATEGIES
 from lightfed.secagg import SecAggPlus
@@ -115,8 +116,8 @@ class GlobalRngNoise(PrivacyMechanism):
 class CrashesOnRobust(PrivacyMechanism):
     """Refuses a robust strategy with the wrong exception and no reason."""
 
-    def setup(self, *, strategy: Strategy, **kwargs) -> None:
-        if strategy.needs_all_updates:
+    def setup(self, info: RunInfo) -> None:
+        if info.strategy.needs_all_updates:
             raise RuntimeError("no")
 
 

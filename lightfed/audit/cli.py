@@ -47,6 +47,7 @@ from lightfed.audit.membership import (
     plot_roc,
     roc_curve,
 )
+from lightfed.messages import RunInfo
 from lightfed.seeding import derive_seed, make_generator
 
 
@@ -300,8 +301,8 @@ def reconstruction_report(
                 f"{type(privacy).__name__}. Audit the same config with --privacy null for the undefended case."
             )
         mechanism = DPFixedClipping(clip_norm=privacy.current_clip, noise_multiplier=privacy.z, verbose=False)
-        mechanism.setup(num_clients=data.num_clients, sampler=trainer.sampler, rounds=trainer.rounds,
-                        strategy=FedAvg(weighted=False), seed=seed)
+        mechanism.setup(RunInfo(num_clients=data.num_clients, sampler=trainer.sampler, rounds=trainer.rounds,
+                                strategy=FedAvg(weighted=False), seed=seed))
     rows: dict[str, list[Any]] = {"truth": [], "analytic": [], "inversion": []}
     scores: dict[str, list[float]] = {"analytic": [], "inversion": [], "labels": []}
     for cid in range(min(clients, data.num_clients)):

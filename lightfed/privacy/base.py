@@ -17,15 +17,14 @@ A mechanism wraps the aggregation of any strategy whose aggregate is a mean, in 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightfed import checks
 from lightfed.client import LocalTrainer
-from lightfed.messages import ClientUpdate, RoundAggregate
-from lightfed.sampling import ClientSampler
-from lightfed.strategy import Strategy
+from lightfed.messages import ClientUpdate, RoundAggregate, RunInfo
 
 
 def check_positive(value: float, field: str) -> None:
@@ -85,23 +84,46 @@ class NoisePlan:
     clipping: Literal["none", "server", "client"] = "none"
 
 
+_RUN_INFO_FIELDS = frozenset(("num_clients", "sampler", "rounds", "strategy", "seed", "client_num_examples"))
+
+
+def _refuse_keyword_setup(cls: type) -> None:
+    """Refuse, when the class is defined, a ``setup`` written against the old keyword signature.
+
+    ``setup(self, *, num_clients, sampler, rounds, strategy, seed, client_num_examples=None)`` (lightfed
+    0.1.0) became ``setup(self, info: RunInfo)``. A shim would keep only mechanisms that define ``setup``
+    themselves working; one that subclasses a built-in and calls ``super().setup(num_clients=...)`` would
+    still fail, later and less clearly. So the plugin fails at import, naming the one-line fix.
+    """
+    setup = cls.__dict__.get("setup")
+    if setup is None or not callable(setup):
+        return
+    try:
+        names = list(inspect.signature(setup).parameters)
+    except (TypeError, ValueError):
+        return
+    old = [name for name in names if name in _RUN_INFO_FIELDS]
+    if old:
+        raise TypeError(
+            f"lightfed: error: {cls.__qualname__}.setup takes the keywords {', '.join(old)}; "
+            f"PrivacyMechanism.setup now takes one lightfed.messages.RunInfo: write "
+            f"`def setup(self, info: RunInfo) -> None` and read info.num_clients, info.sampler, info.rounds, "
+            f"info.strategy, info.seed, info.client_num_examples."
+        )
+
+
 class PrivacyMechanism:
     """Base class of ``privacy:`` plugins (registry group ``lightfed.privacy``)."""
 
-    def setup(
-        self,
-        *,
-        num_clients: int,
-        sampler: ClientSampler,
-        rounds: int,
-        strategy: Strategy,
-        seed: int,
-        client_num_examples: Sequence[int] | None = None,
-    ) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _refuse_keyword_setup(cls)
+
+    def setup(self, info: RunInfo) -> None:
         """Validate the combination (refuse robust strategies), calibrate noise, print the plan.
 
-        ``client_num_examples`` (training examples per client, when the trainer passes it) lets the
-        weighted estimator compute its fixed denominator ``q W``.
+        ``info`` holds the run's facts (population, sampler, rounds, strategy, seed, and the clients' sizes
+        when the trainer passes them: the weighted estimator's fixed denominator ``q W`` needs them).
         """
 
     def client_update(self, update: ClientUpdate, round_idx: int) -> ClientUpdate:

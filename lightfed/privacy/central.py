@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from lightfed.messages import ClientUpdate, RoundAggregate
+from lightfed.messages import ClientUpdate, RoundAggregate, RunInfo
 from lightfed.privacy.accounting import (
     DEFAULT_PLD_DISCRETIZATION,
     AccountantName,
@@ -40,7 +40,6 @@ from lightfed.privacy.accounting import (
 from lightfed.privacy.base import NoisePlan, PrivacyMechanism, check_noise_budget, check_positive
 from lightfed.privacy.clipping import clip_update, gaussian_like
 from lightfed.registry import PRIVACY
-from lightfed.sampling import ClientSampler
 from lightfed.seeding import make_generator
 from lightfed.strategy import Strategy
 
@@ -185,16 +184,11 @@ class DPFixedClipping(PrivacyMechanism):
         self.update_noise_multiplier = 0.0
 
     # ------------------------------------------------------------------ set-up
-    def setup(
-        self,
-        *,
-        num_clients: int,
-        sampler: ClientSampler,
-        rounds: int,
-        strategy: Strategy,
-        seed: int,
-        client_num_examples: Sequence[int] | None = None,
-    ) -> None:
+    def setup(self, info: RunInfo) -> None:
+        num_clients, sampler, rounds, strategy, seed = (
+            info.num_clients, info.sampler, info.rounds, info.strategy, info.seed
+        )
+        client_num_examples = info.client_num_examples
         check_dp_strategy(strategy, type(self).__name__, weighted_ok=self.weighted_estimator)
         check_delta(self.delta, num_clients)
         self.seed = seed

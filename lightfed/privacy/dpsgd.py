@@ -31,6 +31,7 @@ from lightfed.client import LocalTrainer
 from lightfed.context import ClientContext
 from lightfed.data.client_data import ClientData
 from lightfed.lightning_compat import SchedulerConfig
+from lightfed.messages import RunInfo
 from lightfed.privacy.accounting import (
     DEFAULT_PLD_DISCRETIZATION,
     AccountantName,
@@ -40,9 +41,7 @@ from lightfed.privacy.accounting import (
 )
 from lightfed.privacy.base import NoisePlan, PrivacyMechanism, check_noise_budget, check_positive
 from lightfed.registry import PRIVACY
-from lightfed.sampling import ClientSampler
 from lightfed.seeding import make_generator
-from lightfed.strategy import Strategy
 
 #: Metric a DP-SGD client reports: the number of noisy steps it took (the server's accountant reads it).
 STEPS_METRIC = "dp_steps"
@@ -131,16 +130,8 @@ class DPSGD(PrivacyMechanism):
         #: (batch_size, local_epochs, local_steps) of the local loop, set by :meth:`wrap_local_trainer`.
         self.schedule: tuple[int, int, int | None] = (1, 1, None)
 
-    def setup(
-        self,
-        *,
-        num_clients: int,
-        sampler: ClientSampler,
-        rounds: int,
-        strategy: Strategy,
-        seed: int,
-        client_num_examples: Sequence[int] | None = None,
-    ) -> None:
+    def setup(self, info: RunInfo) -> None:
+        rounds, strategy, client_num_examples = info.rounds, info.strategy, info.client_num_examples
         require_opacus()
         name = type(strategy).__name__
         if {"client_loss", "on_before_optimizer_step"} & strategy.client_hooks:

@@ -15,7 +15,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from lightfed.messages import ClientUpdate
+from lightfed.messages import ClientUpdate, RunInfo
 from lightfed.privacy.accounting import (
     DEFAULT_PLD_DISCRETIZATION,
     AccountantName,
@@ -28,9 +28,7 @@ from lightfed.privacy.base import NoisePlan, PrivacyMechanism, check_noise_budge
 from lightfed.privacy.central import check_delta, check_dp_strategy
 from lightfed.privacy.clipping import clip_update, gaussian_like
 from lightfed.registry import PRIVACY
-from lightfed.sampling import ClientSampler
 from lightfed.seeding import make_generator
-from lightfed.strategy import Strategy
 
 
 def _report_scheme() -> SamplingScheme:
@@ -78,16 +76,8 @@ class LocalDP(PrivacyMechanism):
         self._eps_cache: dict[int, float] = {}
         self.seed = 0
 
-    def setup(
-        self,
-        *,
-        num_clients: int,
-        sampler: ClientSampler,
-        rounds: int,
-        strategy: Strategy,
-        seed: int,
-        client_num_examples: Sequence[int] | None = None,
-    ) -> None:
+    def setup(self, info: RunInfo) -> None:
+        num_clients, rounds, strategy, seed = info.num_clients, info.rounds, info.strategy, info.seed
         check_dp_strategy(strategy, "LocalDP", weighted_ok=False)
         check_delta(self.delta, num_clients)
         self.seed = seed

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from lightfed.checks import check_int, require
+from lightfed.messages import RunInfo
 from lightfed.privacy.accounting import (
     DEFAULT_PLD_DISCRETIZATION,
     AccountantName,
@@ -44,8 +45,6 @@ from lightfed.privacy.accounting import (
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.privacy.central import DPFixedClipping, check_delta, check_dp_strategy
 from lightfed.registry import PRIVACY
-from lightfed.sampling import ClientSampler
-from lightfed.strategy import Strategy
 
 
 @PRIVACY.register("DPCappedParticipation")
@@ -86,10 +85,10 @@ class DPCappedParticipation(DPFixedClipping):
         #: Set by the clock that enforces the cap (:func:`check_timed_privacy`); else refused.
         self.enforced_by: str | None = None
 
-    def setup(
-        self, *, num_clients: int, sampler: ClientSampler, rounds: int, strategy: Strategy, seed: int,
-        client_num_examples: Sequence[int] | None = None,
-    ) -> None:
+    def setup(self, info: RunInfo) -> None:
+        num_clients, sampler, rounds, strategy, seed = (
+            info.num_clients, info.sampler, info.rounds, info.strategy, info.seed
+        )
         check_dp_strategy(strategy, type(self).__name__, weighted_ok=False)
         check_delta(self.delta, num_clients)
         self.seed, self.rounds, self.num_clients = seed, rounds, num_clients

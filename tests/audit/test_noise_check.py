@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightfed.audit import ReleasedNoiseCheck, check_released_noise
-from lightfed.messages import RoundAggregate
+from lightfed.messages import RoundAggregate, RunInfo
 from lightfed.privacy import DPFixedClipping
 from lightfed.registry import AUDITS
 from lightfed.sampling import PoissonSampler, UniformSampler
@@ -34,7 +34,8 @@ class SkipsNoiseOn(DPFixedClipping):
 def mechanism(cls=DPFixedClipping, exact=None, **kw):
     m = cls(clip_norm=0.5, noise_multiplier=1.0, verbose=False, **kw)
     m.exact = exact
-    m.setup(num_clients=200, sampler=PoissonSampler(0.1), rounds=5, strategy=FedAvg(weighted=False), seed=0)
+    m.setup(RunInfo(num_clients=200, sampler=PoissonSampler(0.1), rounds=5,
+                    strategy=FedAvg(weighted=False), seed=0))
     return m
 
 
@@ -48,7 +49,8 @@ def test_a_correct_mechanism_passes_server_and_distributed():
     assert all(t["ratio"] == pytest.approx(1.0, rel=0.15) for t in report.tensors.values())
     privacy = DPFixedClipping(clip_norm=0.5, noise_multiplier=1.0, clipping="client", noise_placement="distributed",
                               verbose=False)
-    privacy.setup(num_clients=8, sampler=UniformSampler(8), rounds=1, strategy=FedAvg(weighted=False), seed=0)
+    privacy.setup(RunInfo(num_clients=8, sampler=UniformSampler(8), rounds=1,
+                          strategy=FedAvg(weighted=False), seed=0))
     secagg = SecAggPlus(max_dropout=0.0)
     secagg.setup(strategy=FedAvg(weighted=False), privacy=privacy, numel=sum(NUMELS), seed=0)
     report = check(privacy, secure_aggregation=secagg, rounds=3)
@@ -91,5 +93,6 @@ def test_the_callback_stops_a_run_whose_noise_falls_short(tmp_path):
 
 def _no_noise():
     m = DPFixedClipping(clip_norm=0.5, noise_multiplier=0.0, verbose=False)
-    m.setup(num_clients=200, sampler=PoissonSampler(0.1), rounds=5, strategy=FedAvg(weighted=False), seed=0)
+    m.setup(RunInfo(num_clients=200, sampler=PoissonSampler(0.1), rounds=5,
+                    strategy=FedAvg(weighted=False), seed=0))
     return m

@@ -20,6 +20,7 @@ from lightfed.audit.reconstruction import (
     save_png,
 )
 from lightfed.data.client_data import ClientData
+from lightfed.messages import RunInfo
 from lightfed.params import ParamSpec
 from lightfed.privacy import DPFixedClipping
 from lightfed.strategy import FedAvg
@@ -105,7 +106,8 @@ def test_dp_at_epsilon_3_drops_psnr_to_the_noise_level(digits):
     """Measured: analytic 7.5 dB, inversion 6.8 dB, label wrong (z = 1.65 for the digits eps-3 config, C = 0.5)."""
     model, spec, w = mlp()
     dp = DPFixedClipping(clip_norm=0.5, target_epsilon=3.0, pld_discretization=1e-2, verbose=False)
-    dp.setup(num_clients=400, sampler=PoissonSampler(0.2), rounds=50, strategy=FedAvg(weighted=False), seed=0)
+    dp.setup(RunInfo(num_clients=400, sampler=PoissonSampler(0.2), rounds=50,
+                     strategy=FedAvg(weighted=False), seed=0))
     clients = cohort(digits, 1, 1)
     observed = released_update(model, spec, w, clients, privacy=dp)
     for method in ("analytic", "inversion"):

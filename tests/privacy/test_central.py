@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightfed.aggregation import StreamingSum
-from lightfed.messages import ClientUpdate, RoundAggregate
+from lightfed.messages import ClientUpdate, RoundAggregate, RunInfo
 from lightfed.privacy import DPAdaptiveClipping, DPFixedClipping, LocalDP, adaptive_update_noise_multiplier
 from lightfed.privacy.clipping import clip_update, update_norm
 from lightfed.registry import PRIVACY
@@ -24,10 +24,10 @@ def upd(cid: int, delta: list[float], n: int = 4, **extras: list[float]) -> Clie
     )
 
 
-def setup(mech, sampler=None, strategy=None, **kw):
+def setup(mech, sampler=None, strategy=None, num_clients=N, **kw):
     mech.setup(
-        num_clients=N, sampler=sampler or PoissonSampler(0.1), rounds=10, strategy=strategy or FedAvg(weighted=False),
-        seed=3, **kw,
+        RunInfo(num_clients=num_clients, sampler=sampler or PoissonSampler(0.1), rounds=10,
+                strategy=strategy or FedAvg(weighted=False), seed=3, **kw)
     )
     return mech
 
@@ -110,7 +110,8 @@ def test_uniform_weights_ignore_example_counts():
 def test_weighted_estimator_hand_computed():
     mech = setup(
         DPFixedClipping(clip_norm=10.0, noise_multiplier=0.0, weighted_estimator=True, weight_cap=5.0, verbose=False),
-        sampler=PoissonSampler(0.5), strategy=FedAvg(weighted=True), client_num_examples=[2, 5, 10, 20],
+        sampler=PoissonSampler(0.5), strategy=FedAvg(weighted=True), num_clients=4,
+        client_num_examples=[2, 5, 10, 20],
     )
     # w = min(n / 5, 1) = [0.4, 1, 1, 1], W = 3.4, denominator q W = 1.7
     assert mech.denominator == pytest.approx(1.7)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from lightfed.messages import RunInfo
 from lightfed.privacy import DPAdaptiveClipping, DPFixedClipping, LocalDP
 from lightfed.sampling import PoissonSampler
 from lightfed.strategy import FedAvg
 
 
 def setup(mech, n=400):
-    mech.setup(num_clients=n, sampler=PoissonSampler(0.2), rounds=5, strategy=FedAvg(weighted=False), seed=0)
+    mech.setup(RunInfo(num_clients=n, sampler=PoissonSampler(0.2), rounds=5,
+                       strategy=FedAvg(weighted=False), seed=0))
     return mech
 
 

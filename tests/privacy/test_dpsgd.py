@@ -14,6 +14,7 @@ from lightfed.client import LocalTrainer
 from lightfed.data.client_data import ClientData
 from lightfed.data.datasets import DigitsDataModule
 from lightfed.data.partition import IID
+from lightfed.messages import RunInfo
 from lightfed.models import MLPClassifier
 from lightfed.privacy import DPSGD
 from lightfed.privacy.dpsgd import DPSGDLocalTrainer, _rate_grid, dpsgd_schedule
@@ -67,7 +68,7 @@ def test_per_example_clipping_bounds_the_step():
     x, y = torch.randn(32, 64) * 5, torch.randint(0, 10, (32,))
     data = ClientData((x, y), torch.arange(32))
     mech = DPSGD(noise_multiplier=1e-6, max_grad_norm=1e-3, verbose=False)
-    mech.setup(num_clients=1, sampler=FullParticipation(), rounds=1, strategy=FedAvg(), seed=0)
+    mech.setup(RunInfo(num_clients=1, sampler=FullParticipation(), rounds=1, strategy=FedAvg(), seed=0))
     model = MLPClassifier(lr=1.0)
     local = make_local(model, 32, mech)
     start = local.spec.flatten(local.tensors).clone()
@@ -89,7 +90,7 @@ def test_noise_std_of_a_step_is_z_C_over_expected_batch():
     n, batch, z, c = 40, 10, 2.0, 0.5
     data = ClientData((torch.randn(n, 64), torch.zeros(n, dtype=torch.long)), torch.arange(n))
     mech = DPSGD(noise_multiplier=z, max_grad_norm=c, verbose=False)
-    mech.setup(num_clients=1, sampler=FullParticipation(), rounds=1, strategy=FedAvg(), seed=0)
+    mech.setup(RunInfo(num_clients=1, sampler=FullParticipation(), rounds=1, strategy=FedAvg(), seed=0))
     local = make_local(Zero(lr=1.0, hidden=[256]), batch, mech)
     local.local_steps = 1
     start = local.spec.flatten(local.tensors).clone()
@@ -115,13 +116,13 @@ def test_strategies_that_change_local_gradients_are_refused():
 
     with pytest.raises(ValueError, match="client_loss"):
         DPSGD(noise_multiplier=1.0, verbose=False).setup(
-            num_clients=2, sampler=PoissonSampler(0.5), rounds=1, strategy=Prox(), seed=0
+            RunInfo(num_clients=2, sampler=PoissonSampler(0.5), rounds=1, strategy=Prox(), seed=0)
         )
 
 
 def test_target_epsilon_calibrates_each_client_for_all_rounds():
     mech = DPSGD(target_epsilon=4.0, delta=1e-4, verbose=False)
-    mech.setup(num_clients=10, sampler=PoissonSampler(0.5), rounds=3, strategy=FedAvg(), seed=0)
+    mech.setup(RunInfo(num_clients=10, sampler=PoissonSampler(0.5), rounds=3, strategy=FedAvg(), seed=0))
     rate, steps = dpsgd_schedule(100, 20, 1, None)  # p = 0.2, 5 steps per visit
     z = mech.noise_multiplier_for(rate, steps)
     grid = _rate_grid(rate)  # calibrated for the rate rounded up to 10^(-13/20) = 0.2239

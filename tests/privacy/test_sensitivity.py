@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from lightfed.messages import ClientUpdate, RoundAggregate
+from lightfed.messages import ClientUpdate, RoundAggregate, RunInfo
 from lightfed.privacy import DPAdaptiveClipping, DPFixedClipping, LocalDP
 from lightfed.sampling import FullParticipation, PoissonSampler, UniformSampler
 from lightfed.server import RoundServer
@@ -98,7 +98,7 @@ def _base(k: int = 8) -> list[ClientUpdate]:
 
 
 def _set_up(mech, sampler):
-    mech.setup(num_clients=N, sampler=sampler, rounds=10, strategy=FedAvg(weighted=False), seed=0)
+    mech.setup(RunInfo(num_clients=N, sampler=sampler, rounds=10, strategy=FedAvg(weighted=False), seed=0))
     return mech
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightfed.messages import ClientUpdate
+from lightfed.messages import ClientUpdate, RunInfo
 from lightfed.privacy import DPAdaptiveClipping, DPFixedClipping
 from lightfed.sampling import UniformSampler
 from lightfed.secagg import ScheduledDropout, SecAggPlus
@@ -23,7 +23,8 @@ def dp_protocol(n, numel, z=1.0, clip_norm=1.0, **kwargs):
     """DPFixedClipping(clipping=client, noise_placement=distributed) with SecAggPlus, as the trainer sets them up."""
     privacy = DPFixedClipping(clip_norm=clip_norm, noise_multiplier=z, clipping="client", noise_placement="distributed",
                               verbose=False)
-    privacy.setup(num_clients=n, sampler=UniformSampler(n), rounds=1, strategy=FedAvg(weighted=False), seed=0)
+    privacy.setup(RunInfo(num_clients=n, sampler=UniformSampler(n), rounds=1,
+                          strategy=FedAvg(weighted=False), seed=0))
     protocol = SecAggPlus(**kwargs)
     protocol.setup(strategy=FedAvg(weighted=False), privacy=privacy, numel=numel, seed=0)
     return protocol

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightfed.messages import ClientUpdate
+from lightfed.messages import ClientUpdate, RunInfo
 from lightfed.privacy import DPSGD, DPAdaptiveClipping
 from lightfed.sampling import PoissonSampler
 from lightfed.secagg import SecAggPlus
@@ -47,7 +47,8 @@ def _round(mech, updates):
 def _adaptive():
     mech = DPAdaptiveClipping(initial_clip=0.5, noise_multiplier=0.0, clipped_count_stddev=1e-9, clipping="client",
                               verbose=False)
-    mech.setup(num_clients=20, sampler=PoissonSampler(0.3), rounds=3, strategy=FedAvg(weighted=False), seed=0)
+    mech.setup(RunInfo(num_clients=20, sampler=PoissonSampler(0.3), rounds=3,
+                       strategy=FedAvg(weighted=False), seed=0))
     return mech
 
 
@@ -74,8 +75,8 @@ def test_dpsgd_accounting_needs_no_per_client_message_under_secure_aggregation()
     """DP-SGD charges every cohort member from the public schedule: the same ledger whatever the updates say."""
     def ledger(scale: float):
         mech = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, verbose=False)
-        mech.setup(num_clients=6, sampler=PoissonSampler(0.5), rounds=2, strategy=FedAvg(weighted=False), seed=0,
-                   client_num_examples=[8, 8, 16, 16, 32, 32])
+        mech.setup(RunInfo(num_clients=6, sampler=PoissonSampler(0.5), rounds=2,
+                           strategy=FedAvg(weighted=False), seed=0, client_num_examples=[8, 8, 16, 16, 32, 32]))
         mech.schedule = (8, 1, None)  # batch 8, one local epoch (what wrap_local_trainer records)
         updates = [ClientUpdate(c, torch.full((DIM,), scale * (c + 1)), num_examples=4) for c in range(6)]
         _round(mech, updates)
