@@ -65,7 +65,7 @@ class ClientTable(Callback):
         else:
             with self.path.open("a", newline="") as f:
                 csv.DictWriter(f, self.columns, restval="").writerows(rows)
-        losses = [c.metrics["loss"] for c in result.clients if "loss" in c.metrics and math.isfinite(c.metrics["loss"])]
+        losses = [c.metrics["loss"] for c in result.clients if math.isfinite(c.metrics.get("loss", math.nan))]
         experiment = getattr(trainer.logger, "experiment", None)
         if losses and experiment is not None and hasattr(experiment, "add_histogram"):
             import numpy as np

@@ -19,6 +19,8 @@ from lightfed.messages import RoundResult
 if TYPE_CHECKING:
     from lightfed.trainer import FederatedTrainer
 
+#: The metrics whose last value the summary keeps as ``final/<name>``.
+_FINAL = ("central/", "federated/", "privacy/epsilon", "audit/epsilon", "round/bytes_", "secagg/bytes_")
 _CONFIG_HEADER = "# lightfed: resolved config of this run (use it with --config)\n"
 
 
@@ -81,11 +83,11 @@ class Reporting(Callback):
 
 def summary_metrics(history: list[dict[str, float]]) -> dict[str, float]:
     """Final and best central metrics, the last worst-10% client metric, epsilon, bytes per client (the
-    payload's ``round/bytes_*``, and under secure aggregation ``secagg/bytes_*``, key material and shares in)."""
+    payload's ``round/bytes_*``; under secure aggregation also ``secagg/bytes_*``, with the key material)."""
     out: dict[str, float] = {}
     for row in history:
         for k, v in row.items():
-            if k.startswith(("central/", "federated/", "privacy/epsilon", "audit/epsilon", "round/bytes_", "secagg/bytes_")):
+            if k.startswith(_FINAL):
                 out[f"final/{k}"] = v
     for k in {k for row in history for k in row if k.startswith("central/")}:
         values = [row[k] for row in history if k in row and math.isfinite(row[k])]
@@ -111,7 +113,8 @@ def format_summary(
     if audit:
         lines.append("  audit (empirical epsilon): " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(audit.items())))
     up, down = final.get("final/round/bytes_up_per_client"), final.get("final/round/bytes_down_per_client")
-    sec_up, sec_down = final.get("final/secagg/bytes_up_per_client"), final.get("final/secagg/bytes_down_per_client")
+    sec_up = final.get("final/secagg/bytes_up_per_client")
+    sec_down = final.get("final/secagg/bytes_down_per_client")
     if up is not None and down is not None and sec_up is not None and sec_down is not None:
         lines.append(
             f"  bytes per client per round: up {sec_up:,.0f} (payload {up:,.0f} + key material and shares), "

@@ -241,7 +241,7 @@ class RoundServer:
 
     @property
     def sums_only(self) -> bool:
-        """``True``: the server learns only sums (secure aggregation, distributed noise), no client's record."""
+        """``True``: the server learns only sums (secure aggregation, distributed noise), no client record."""
         if self.secure_aggregation is not None:
             return True
         return self.privacy is not None and self.privacy.noise_plan().placement == "distributed"
@@ -407,6 +407,6 @@ def run_server_round(
 
 
 __all__ = [
-    "ClientShard", "Reduce", "RoundOutcome", "RoundServer", "ShardResult", "check_processes", "round_statistics",
-    "run_server_round",
+    "ClientShard", "Reduce", "RoundOutcome", "RoundServer", "ShardResult", "check_processes",
+    "round_statistics", "run_server_round",
 ]

@@ -99,8 +99,9 @@ class FederatedTrainer:
         clock: A virtual clock that decides who trains when (``lightfed.simtime.SyncRounds``: deadlines and
             stragglers; ``lightfed.simtime.BufferedAsync``: FedBuff / FedAsync); each round is then one of its
             server calls (a round or a buffer flush). ``None``: untimed rounds. See docs/time.md.
-        client_table: Write each round's per-client training metrics to ``clients.csv`` in the log dir and a
-            ``client/loss`` histogram (:class:`~lightfed.client_table.ClientTable`; not under secure aggregation).
+        client_table: Write each round's per-client training metrics to ``clients.csv`` in the log dir and
+            a ``client/loss`` histogram (:class:`~lightfed.client_table.ClientTable`; nothing under secure
+            aggregation or distributed noise, where the server learns only sums).
         num_threads: ``torch.set_num_threads`` for the run. Small clients run fastest on one thread per
             process (measured: a tiny client visit took 58 ms with the default threads on a busy 2-core
             machine, 2.8 ms with one); ``None`` leaves torch's default.
@@ -230,7 +231,7 @@ class FederatedTrainer:
 
     @property
     def _all(self) -> list[Callback]:
-        """Built-in evaluation first, then the user's callbacks, the client table, reporting (logs, progress)."""
+        """Built-in evaluation, the user's callbacks, the client table, then reporting (logs, progress)."""
         table = [self.client_table] if self.client_table is not None else []
         return [self.evaluation, *self.callbacks, *table, self.reporting]
 

@@ -15,8 +15,8 @@ from tests.conftest import BoringFederatedData, boring_model
 def trainer(root, **kw):
     kw.setdefault("rounds", 2)
     kw.setdefault("clients_per_round", 3)
-    return FederatedTrainer(logger=kw.pop("logger", False), enable_progress_bar=False, default_root_dir=str(root),
-                            fed_eval_fraction=0, **kw)
+    return FederatedTrainer(logger=kw.pop("logger", False), enable_progress_bar=False,
+                            default_root_dir=str(root), fed_eval_fraction=0, **kw)
 
 
 def data():
@@ -65,7 +65,8 @@ def test_the_loss_histogram_is_logged_per_round_at_the_round_index(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trainer(tmp_path, logger=TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)).fit(boring_model(), data())
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
+    trainer(tmp_path, logger=logger).fit(boring_model(), data())
     acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0})
     acc.Reload()
     events = acc.Histograms("client/loss")

@@ -141,7 +141,8 @@ def test_final_and_best_scalars_are_written_once_at_the_last_round_after_a_resum
     first = trainer(tmp_path, logger=tb(), rounds=2, checkpoint_every=1, eval_every=1)
     first.fit(boring_model(), data())
     # Execute
-    trainer(tmp_path, logger=tb(), rounds=3, eval_every=1).fit(boring_model(), data(), ckpt_path=str(first.last_checkpoint))
+    resumed = trainer(tmp_path, logger=tb(), rounds=3, eval_every=1)
+    resumed.fit(boring_model(), data(), ckpt_path=str(first.last_checkpoint))
     # Assert
     acc = EventAccumulator(str(tmp_path / "tb" / "version_0"))
     acc.Reload()
@@ -165,5 +166,6 @@ def test_the_summary_counts_secure_aggregation_key_material_when_present(tmp_pat
     t = SimpleNamespace(history=[row], exported_model=None, last_checkpoint=None, log_dir=tmp_path)
     text = format_summary(t, final, 1.0)
     assert "up 5,234 (payload 4,000 + key material and shares), down 4,321 (payload 4,000" in text
-    plain = format_summary(t, summary_metrics([{k: v for k, v in row.items() if k.startswith("round/")}]), 1.0)
+    payload_only = {k: v for k, v in row.items() if k.startswith("round/")}
+    plain = format_summary(t, summary_metrics([payload_only]), 1.0)
     assert "bytes per client per round: up 4,000, down 4,000" in plain

@@ -128,11 +128,11 @@ def test_no_client_records_when_the_server_learns_only_sums():
     secure.expect_training = False
     assert secure.run(0, [0, 1, 2, 3], make_updates([0, 1, 2, 3], 20), torch.zeros(20)).result.clients is None
     # distributed noise (it needs secure aggregation; the mark is the privacy plan's placement)
-    privacy = DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, clipping="client", noise_placement="distributed",
-                              verbose=False)
-    assert RoundServer(FedAvg(), privacy=privacy, numel=20).sums_only
-    assert not RoundServer(FedAvg(), privacy=DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, verbose=False),
-                           numel=20).sums_only
+    distributed = DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, clipping="client",
+                                  noise_placement="distributed", verbose=False)
+    central = DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, verbose=False)
+    assert RoundServer(FedAvg(), privacy=distributed, numel=20).sums_only
+    assert not RoundServer(FedAvg(), privacy=central, numel=20).sums_only
 
 
 def test_client_records_of_every_process_are_gathered_like_the_metrics():
