@@ -116,9 +116,10 @@ def format_summary(
     sec_up = final.get("final/secagg/bytes_up_per_client")
     sec_down = final.get("final/secagg/bytes_down_per_client")
     if up is not None and down is not None and sec_up is not None and sec_down is not None:
+        # SecAgg's upload is the whole masked message; its download counts the protocol's messages only
         lines.append(
             f"  bytes per client per round: up {sec_up:,.0f} (payload {up:,.0f} + key material and shares), "
-            f"down {sec_down:,.0f} (payload {down:,.0f} + key material and shares)"
+            f"down {down + sec_down:,.0f} (model {down:,.0f} + keys and shares {sec_down:,.0f})"
         )
     elif up is not None and down is not None:
         lines.append(f"  bytes per client per round: up {up:,.0f}, down {down:,.0f}")
