@@ -3,8 +3,9 @@
 Each rank trains a deterministic, load-balanced shard of the cohort (greedy by client size, see
 :func:`lightfed.sampling.split_evenly`) on its own *unwrapped* worker model -- a DDP-wrapped model would
 hang as soon as ranks run different numbers of batches. The linear sums of all ranks are packed into one
-flat tensor and all-reduced once; the small per-client side information (metrics, rejected ids, client
-state of stateful strategies, full updates for robust strategies) travels in one ``all_gather_object``.
+flat tensor and all-reduced once; the small per-client side information (metrics, the clients' records,
+rejected ids, client state of stateful strategies, full updates for robust strategies) travels in one
+``all_gather_object``.
 Every rank then applies the same strategy step to the same sums, so server state stays identical.
 """
 
@@ -22,6 +23,7 @@ from lightfed.checkpoint import to_cpu, to_device
 from lightfed.exact_sum import NUM_BINS, ExactScalar, ExactSum
 from lightfed.messages import ClientUpdate
 from lightfed.sampling import split_evenly
+from lightfed.server import ClientShard
 
 
 def shard_cohort(cohort: list[int], sizes: Tensor, world_size: int, rank: int) -> list[int]:
@@ -57,7 +59,7 @@ def pack_shard(
     sums: dict[str | None, ExactSum | None] = {None: aggregator.delta_sum, **aggregator.extras_sum}
     info = {
         "metrics": shard.metrics, "rejected": shard.rejected, "states": shard.states, "extra": shard.extra,
-        "steps": shard.steps,
+        "steps": shard.steps, "clients": getattr(shard, "clients", []),
         "extras": {k: v.bins.shape[1] for k, v in aggregator.extras_sum.items()},
         "sums": {k: (v.block, v.terms, v.dtype, tuple(v.shape)) for k, v in sums.items() if v is not None},
         "counts": {k: v.scaled for k, v in aggregator.counts_sum.items()},
@@ -117,9 +119,10 @@ def unpack_shards(
         pairs = sorted((p for g in gathered for p in g["updates"]), key=lambda p: p[0].client_id)
         merged.updates = [_update_to(u, device) for u, _ in pairs]
         merged.weights = [w for _, w in pairs]
-    return ShardResult(
+    return ClientShard(
         merged,
         metrics=[m for g in gathered for m in g["metrics"]],
+        clients=[c for g in gathered for c in g.get("clients", [])],
         rejected=sorted(c for g in gathered for c in g["rejected"]),
         extra=sum(g.get("extra", 0) for g in gathered),
         steps=sum(g.get("steps", 0) for g in gathered),

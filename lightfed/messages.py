@@ -156,9 +156,33 @@ class RoundAggregate:
         return self.extras_sum[name] / self._denominator()
 
 
+@dataclass(frozen=True)
+class ClientRecord:
+    """One client's plaintext facts of a round, for per-client tables (:mod:`lightfed.client_table`).
+
+    Attributes:
+        client_id: Index of the client in the population.
+        num_examples: Training examples the client holds.
+        num_steps: Optimizer steps the client ran.
+        metrics: The client's training metrics (mean over its batches), as it sent them.
+        accepted: ``False``: the update held NaN/Inf and was left out of the sum.
+    """
+
+    client_id: int
+    num_examples: int
+    num_steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    accepted: bool = True
+
+
 @dataclass
 class RoundResult:
-    """What a round produced, for logging and callbacks."""
+    """What a round produced, for logging and callbacks.
+
+    ``clients`` holds one :class:`ClientRecord` per client update the server saw (accepted or rejected,
+    sorted by client id, gathered from every process); it is ``None`` when the server learns only sums:
+    under secure aggregation, and under distributed noise (which needs it).
+    """
 
     round_idx: int
     cohort: list[int]
@@ -168,3 +192,5 @@ class RoundResult:
     skipped: bool = False
     #: Updates a callback added (an audit's canaries): in the sum, never counted as clients.
     extra_updates: int = 0
+    #: Per-client records (``None`` when the server only learns sums); see the class docstring.
+    clients: list[ClientRecord] | None = None

@@ -5,6 +5,7 @@ The round history is the trainer's (``trainer.history``, appended after every ro
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from lightfed.messages import RoundResult
 if TYPE_CHECKING:
     from lightfed.trainer import FederatedTrainer
 
+#: The metrics whose last value the summary keeps as ``final/<name>``.
+_FINAL = ("central/", "federated/", "privacy/epsilon", "audit/epsilon", "round/bytes_", "secagg/bytes_")
 _CONFIG_HEADER = "# lightfed: resolved config of this run (use it with --config)\n"
 
 
@@ -73,17 +76,18 @@ class Reporting(Callback):
             return
         final = summary_metrics(trainer.history)
         if trainer.logger is not None:
-            trainer.logger.log_hyperparams(_hparams(trainer), final)
+            log_summary(trainer.logger, _hparams(trainer), final, step=max(trainer.round_idx - 1, 0))
         if trainer.enable_progress_bar:
             print(format_summary(trainer, final, time.perf_counter() - self.start), flush=True)
 
 
 def summary_metrics(history: list[dict[str, float]]) -> dict[str, float]:
-    """Final and best central metrics, the last worst-10% client metric, epsilon, bytes per client."""
+    """Final and best central metrics, the last worst-10% client metric, epsilon, bytes per client (the
+    payload's ``round/bytes_*``; under secure aggregation also ``secagg/bytes_*``, with the key material)."""
     out: dict[str, float] = {}
     for row in history:
         for k, v in row.items():
-            if k.startswith(("central/", "federated/", "privacy/epsilon", "audit/epsilon")) or k.startswith("round/bytes_"):
+            if k.startswith(_FINAL):
                 out[f"final/{k}"] = v
     for k in {k for row in history for k in row if k.startswith("central/")}:
         values = [row[k] for row in history if k in row and math.isfinite(row[k])]
@@ -109,12 +113,33 @@ def format_summary(
     if audit:
         lines.append("  audit (empirical epsilon): " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(audit.items())))
     up, down = final.get("final/round/bytes_up_per_client"), final.get("final/round/bytes_down_per_client")
-    if up is not None and down is not None:
+    sec_up = final.get("final/secagg/bytes_up_per_client")
+    sec_down = final.get("final/secagg/bytes_down_per_client")
+    if up is not None and down is not None and sec_up is not None and sec_down is not None:
+        # SecAgg's upload is the whole masked message; its download counts the protocol's messages only
+        lines.append(
+            f"  bytes per client per round: up {sec_up:,.0f} (payload {up:,.0f} + key material and shares), "
+            f"down {down + sec_down:,.0f} (model {down:,.0f} + keys and shares {sec_down:,.0f})"
+        )
+    elif up is not None and down is not None:
         lines.append(f"  bytes per client per round: up {up:,.0f}, down {down:,.0f}")
     lines.append(f"  global model: {trainer.exported_model}")
     lines.append(f"  checkpoint:   {trainer.last_checkpoint}")
     lines.append(f"  logs:         {run_dir or trainer.log_dir}")
     return "\n".join(lines)
+
+
+def log_summary(logger: Any, params: dict[str, Any], final: dict[str, float], step: int) -> None:
+    """The hparams with the ``final/*`` and ``best/*`` metrics, the scalars at ``step`` (the last round's
+    0-based index), so a resumed run's summary lands after its curves, not a second time at step 0."""
+    try:
+        accepts_step = "step" in inspect.signature(logger.log_hyperparams).parameters
+    except (TypeError, ValueError):
+        accepts_step = False
+    if accepts_step:
+        logger.log_hyperparams(params, final, step=step)
+    else:  # a logger whose log_hyperparams takes no step: it places the metrics itself
+        logger.log_hyperparams(params, final)
 
 
 def write_config(trainer: FederatedTrainer) -> None:
@@ -150,4 +175,4 @@ def _as_markdown(text: str) -> str:
     return "    " + text.replace("\n", "\n    ")  # TensorBoard renders text as markdown: keep it verbatim
 
 
-__all__ = ["Reporting", "format_summary", "summary_metrics", "write_config"]
+__all__ = ["Reporting", "format_summary", "log_summary", "summary_metrics", "write_config"]

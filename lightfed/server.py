@@ -33,14 +33,14 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightfed.aggregation import Aggregator, CollectAll, ShardResult, StreamingSum
-from lightfed.messages import ClientUpdate, RoundAggregate, RoundResult, RunInfo, all_finite
+from lightfed.messages import ClientRecord, ClientUpdate, RoundAggregate, RoundResult, RunInfo, all_finite
 from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.secagg.base import SecureAggregation
@@ -67,6 +67,14 @@ class RoundOutcome:
     global_params: Tensor
     aggregate: RoundAggregate | None
     result: RoundResult
+
+
+@dataclass
+class ClientShard(ShardResult):
+    """A process's :class:`ShardResult` with its clients' plaintext records (side information, gathered
+    across processes like ``metrics``; never summed)."""
+
+    clients: list[ClientRecord] = field(default_factory=list)
 
 
 def check_processes(secure_aggregation: SecureAggregation | None, world_size: int) -> None:
@@ -201,6 +209,8 @@ class RoundServer:
         self.client_states.update(shard.states)
         result = RoundResult(round_idx=round_idx, cohort=cohort, num_updates=len(shard.metrics),
                              rejected=shard.rejected, extra_updates=shard.extra)
+        if not self.sums_only:
+            result.clients = sorted(getattr(shard, "clients", []), key=lambda c: c.client_id)
         untrained = shard.steps == 0 or not any("loss" in m for m in shard.metrics)
         if self.expect_training and shard.metrics and untrained:
             warnings.warn(
@@ -231,6 +241,13 @@ class RoundServer:
         result.metrics.update(round_statistics(result, client_metrics, self.num_bytes, payload, seconds))
         return RoundOutcome(new, aggregate, result)
 
+    @property
+    def sums_only(self) -> bool:
+        """``True``: the server learns only sums (secure aggregation, distributed noise), no client record."""
+        if self.secure_aggregation is not None:
+            return True
+        return self.privacy is not None and self.privacy.noise_plan().placement == "distributed"
+
     # ------------------------------------------------------------------ the steps of a round
     def new_aggregator(self, round_idx: int, cohort: list[int]) -> Aggregator:
         """The round's sum: secure, every update (robust strategies), or streamed."""
@@ -250,7 +267,7 @@ class RoundServer:
         ``extra`` updates (a callback's, e.g. canaries) take the same path but are counted in
         :attr:`ShardResult.extra`, not as clients, and stay out of the client statistics.
         """
-        shard = ShardResult(aggregator)
+        shard = ClientShard(aggregator)
         privacy = self.privacy
         extra_ids: set[int] = set()
         for update in itertools.chain(updates, _marked(extra, extra_ids)):
@@ -263,6 +280,8 @@ class RoundServer:
                     RuntimeWarning, stacklevel=2,
                 )
                 shard.rejected.append(update.client_id)
+                if update.client_id not in extra_ids:
+                    shard.clients.append(_record(update, accepted=False))
                 continue
             self._commit(update.client_id, shard)
             weight = self.strategy.client_weight(update)
@@ -275,6 +294,7 @@ class RoundServer:
             else:
                 shard.metrics.append(update.metrics)
                 shard.steps += int(update.num_steps)
+                shard.clients.append(_record(update))
         self._pending.clear()  # rejected clients' working copies are dropped
         return shard
 
@@ -325,6 +345,11 @@ class RoundServer:
         if self.privacy is None:
             return {}
         return {f"privacy/{k}": v for k, v in self.privacy.after_round(round_idx, cohort).items()}
+
+
+def _record(update: ClientUpdate, accepted: bool = True) -> ClientRecord:
+    metrics = {k: float(v) for k, v in update.metrics.items()}
+    return ClientRecord(update.client_id, int(update.num_examples), int(update.num_steps), metrics, accepted)
 
 
 def _marked(updates: Iterable[ClientUpdate], ids: set[int]) -> Iterator[ClientUpdate]:
@@ -384,6 +409,6 @@ def run_server_round(
 
 
 __all__ = [
-    "Reduce", "RoundOutcome", "RoundServer", "ShardResult", "check_processes", "round_statistics",
-    "run_server_round",
+    "ClientShard", "Reduce", "RoundOutcome", "RoundServer", "ShardResult", "check_processes",
+    "round_statistics", "run_server_round",
 ]

@@ -34,6 +34,11 @@ def test_two_processes_equal_one_process_and_resume_across_rank_counts(tmp_path,
              "--trainer.devices", "2", "--trainer.fabric_strategy", "ddp"])
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert a.keys() == b.keys()
+    # every client's record is gathered to rank 0: the same table as one process writes
+    table_one, table_two = (tmp_path / d / "clients.csv" for d in ("one", "two"))
+    rows_one, rows_two = (table.read_text().splitlines() for table in (table_one, table_two))
+    assert len(rows_one) == 1 + 4 * 7 and rows_two[0] == rows_one[0]
+    assert [r.split(",")[:5] for r in rows_two] == [r.split(",")[:5] for r in rows_one]
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     # rounds 0-1 on two processes, then resume rounds 2-3 on one process
@@ -60,6 +65,11 @@ def test_two_process_example_config_equals_the_quickstart(tmp_path):
              "--trainer.default_root_dir", str(tmp_path / "two")])
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert a.keys() == b.keys()
+    # every client's record is gathered to rank 0: the same table as one process writes
+    table_one, table_two = (tmp_path / d / "clients.csv" for d in ("one", "two"))
+    rows_one, rows_two = (table.read_text().splitlines() for table in (table_one, table_two))
+    assert len(rows_one) == 1 + 4 * 7 and rows_two[0] == rows_one[0]
+    assert [r.split(",")[:5] for r in rows_two] == [r.split(",")[:5] for r in rows_one]
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 

@@ -110,7 +110,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lightfed.privacy", "lightfed.secagg"),
     # 4. the server side of a round and the trainer's parts
     ("lightfed.server", "lightfed.distributed", "lightfed.evaluation", "lightfed.reporting", "lightfed.resume",
-     "lightfed.simtime", "lightfed.noise_hint"),
+     "lightfed.simtime", "lightfed.noise_hint", "lightfed.client_table"),
     # 5. the loop, and what runs on top of it (the plugin kit, the centralised baseline, audits)
     ("lightfed.trainer", "lightfed.testing", "lightfed.baseline", "lightfed.audit"),
     # 6. entry points

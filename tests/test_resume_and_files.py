@@ -92,7 +92,7 @@ class RecordingLogger(Logger):
     def __init__(self, root):
         super().__init__()
         self.root = root
-        self.hparams, self.final, self.metrics = None, None, []
+        self.hparams, self.final, self.final_step, self.metrics = None, None, None, []
 
     @property
     def name(self):
@@ -106,8 +106,8 @@ class RecordingLogger(Logger):
     def log_dir(self):
         return str(self.root)
 
-    def log_hyperparams(self, params, metrics=None):
-        self.hparams, self.final = params, metrics
+    def log_hyperparams(self, params, metrics=None, step=None):
+        self.hparams, self.final, self.final_step = params, metrics, step
 
     def log_metrics(self, metrics, step=None):
         self.metrics.append((step, dict(metrics)))
@@ -122,6 +122,51 @@ def test_hparams_with_final_metrics_summary_and_eval_seconds(tmp_path, capsys):
     assert log.final["final/central/test_acc"] == history[-1]["central/test_acc"]
     assert log.final["best/central/test_acc"] == max(h["central/test_acc"] for h in history if "central/test_acc" in h)
     assert [s for s, _ in log.metrics] == [0, 1, 2]
+    assert log.final_step == 2  # the summary sits at the last round's step, after the curves
     assert "round/eval_seconds" in history[1] and "round/eval_seconds" not in history[0]
     out = capsys.readouterr().out
     assert "lightfed: 3 rounds in" in out and "test_acc: final" in out and "global model:" in out
+
+
+def test_final_and_best_scalars_are_written_once_at_the_last_round_after_a_resume(tmp_path):
+    """The summary scalars are logged at the last round's 0-based step: a resumed run's summary follows its
+    curves (steps 1 then 2), instead of landing a second time at step 0."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # Prepare: 2 rounds, then resume the same version to 3
+    def tb():
+        return TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
+
+    first = trainer(tmp_path, logger=tb(), rounds=2, checkpoint_every=1, eval_every=1)
+    first.fit(boring_model(), data())
+    # Execute
+    resumed = trainer(tmp_path, logger=tb(), rounds=3, eval_every=1)
+    resumed.fit(boring_model(), data(), ckpt_path=str(first.last_checkpoint))
+    # Assert
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"))
+    acc.Reload()
+    summary = [t for t in acc.Tags()["scalars"] if t.startswith(("final/", "best/"))]
+    assert "final/central/test_acc" in summary and "best/central/test_acc" in summary
+    for tag in summary:
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2], tag
+
+
+def test_the_summary_counts_secure_aggregation_key_material_when_present(tmp_path):
+    """Under SecAgg the summary prints the bytes with key material and shares, the payload beside them."""
+    from types import SimpleNamespace
+
+    from lightfed.reporting import format_summary, summary_metrics
+
+    row = {"round/bytes_up_per_client": 4000.0, "round/bytes_down_per_client": 4000.0,
+           "secagg/bytes_up_per_client": 5234.0, "secagg/bytes_down_per_client": 4321.0}
+    final = summary_metrics([row])
+    assert final["final/secagg/bytes_up_per_client"] == 5234.0
+    assert final["final/secagg/bytes_down_per_client"] == 4321.0
+    t = SimpleNamespace(history=[row], exported_model=None, last_checkpoint=None, log_dir=tmp_path)
+    text = format_summary(t, final, 1.0)
+    assert "up 5,234 (payload 4,000 + key material and shares)" in text
+    assert "down 8,321 (model 4,000 + keys and shares 4,321)" in text
+    payload_only = {k: v for k, v in row.items() if k.startswith("round/")}
+    plain = format_summary(t, summary_metrics([payload_only]), 1.0)
+    assert "bytes per client per round: up 4,000, down 4,000" in plain

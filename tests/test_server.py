@@ -102,3 +102,47 @@ def test_dp_epsilon_after_n_rounds_equals_dp_accounting():
     acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), rounds))
     assert outcome.result.metrics["privacy/epsilon"] == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
     assert outcome.result.metrics["privacy/delta"] == delta
+
+
+def test_each_client_update_is_recorded_with_its_facts_rejected_ones_marked():
+    # Prepare: three clients, the NaN one (2) is rejected; an audit's extra update is not a client
+    ups = _updates()
+    ups[0].num_steps, ups[0].metrics = 4, {"loss": 0.5, "acc": 0.75}
+    ups[1].num_steps, ups[1].metrics = 2, {"loss": 1.25}
+    canary = make_update(100, [0.0, 0.0])
+    # Execute
+    server = RoundServer(FedAvg(), numel=2)
+    server.expect_training = False
+    result = server.run(0, [1, 0, 2], [ups[1], ups[0], ups[2]], torch.ones(2), extra=[canary]).result
+    # Assert: sorted by client id, the canary absent, client 2 kept as rejected
+    assert [(c.client_id, c.num_examples, c.num_steps, c.metrics, c.accepted) for c in result.clients] == [
+        (0, 3, 4, {"loss": 0.5, "acc": 0.75}, True), (1, 1, 2, {"loss": 1.25}, True), (2, 5, 0, {}, False)]
+
+
+def test_no_client_records_when_the_server_learns_only_sums():
+    from tests.secagg.helpers import make_protocol, make_updates
+
+    # secure aggregation: the server sees sums only
+    protocol = make_protocol(numel=20)
+    secure = RoundServer(FedAvg(), secure_aggregation=protocol, numel=20)
+    secure.expect_training = False
+    assert secure.run(0, [0, 1, 2, 3], make_updates([0, 1, 2, 3], 20), torch.zeros(20)).result.clients is None
+    # distributed noise (it needs secure aggregation; the mark is the privacy plan's placement)
+    distributed = DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, clipping="client",
+                                  noise_placement="distributed", verbose=False)
+    central = DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, verbose=False)
+    assert RoundServer(FedAvg(), privacy=distributed, numel=20).sums_only
+    assert not RoundServer(FedAvg(), privacy=central, numel=20).sums_only
+
+
+def test_client_records_of_every_process_are_gathered_like_the_metrics():
+    from lightfed.distributed import merge_in_process
+
+    # Prepare: "rank 0" trains clients 3 and 0, "rank 1" trains client 1
+    server = RoundServer(FedAvg(), numel=2)
+    a = server.collect(0, StreamingSum(), [make_update(3, [1.0, 0.0]), make_update(0, [0.0, 1.0])])
+    b = server.collect(0, StreamingSum(), [make_update(1, [1.0, 1.0], num_examples=2)])
+    # Execute
+    merged = merge_in_process([a, b], 2, torch.device("cpu"))
+    # Assert
+    assert sorted((c.client_id, c.num_examples) for c in merged.clients) == [(0, 1), (1, 2), (3, 1)]

@@ -369,32 +369,35 @@ class OneShotCanaryAudit(Callback):
                 "the canaries make up %.0f%% of the model's change: the estimate is capped near sqrt(d / k) standard "
                 "deviations and understates the leakage. Use fewer canaries or a larger payload.", 100 * share,
             )
-        report: dict[str, Any] = {
-            "audit": "OneShotCanaryAudit",
-            "paper": "Andrew et al., One-shot Empirical Privacy Estimation for Federated Learning, ICLR 2024",
-            "seed": self._seed, "rounds": self.rounds_seen, "dimension": self.dimension,
-            "num_canaries": k, "num_held_out": self.num_held_out, "participation": self.participation,
-            "kind": self.kind, "participation_rate": self.rate, "mean_appearances": float(self.appearances.double().mean()),
-            "canary_norm": self.canary_norm, "clip_multiple": self.clip_multiple, "delta": delta,
-            "confidence": self.confidence, "canary_share_of_update": share, "claimed_epsilon": claimed, "accountant_epsilon": self.accountant_epsilon,
-        }
         metrics = {"audit/epsilon_claimed": claimed}
         if self.accountant_epsilon is not None:
             metrics["audit/epsilon_accountant"] = self.accountant_epsilon
+        estimates: dict[str, Any] = {}
         for name, stat in (("final_model", final), ("all_iterates", iterates)):
             part = self._estimate(stat[:k], stat[k:], delta, derive_seed(self._seed, "bootstrap", name))
-            report[name] = part
+            estimates[name] = part
             tag = "final" if name == "final_model" else "all_iterates"
             metrics[f"audit/epsilon_{tag}"] = part["epsilon"]
             metrics[f"audit/epsilon_{tag}_low"] = part["interval"][0]
             metrics[f"audit/epsilon_{tag}_high"] = part["interval"][1]
         if self.kind != "random":
-            report["groups"] = self._group_estimates(final, iterates, delta)
-            finite = [g["final_model"]["epsilon"] for g in report["groups"].values()]
-            finite += [g["all_iterates"]["epsilon"] for g in report["groups"].values()]
-            report["max_group_epsilon"] = max(finite) if finite else None
+            estimates["groups"] = self._group_estimates(final, iterates, delta)
+            finite = [g["final_model"]["epsilon"] for g in estimates["groups"].values()]
+            finite += [g["all_iterates"]["epsilon"] for g in estimates["groups"].values()]
+            estimates["max_group_epsilon"] = max(finite) if finite else None
             if finite:
                 metrics["audit/epsilon_max_group"] = max(finite)
+        # The report in reading order: what was audited, the claim against the estimate, then the set-up.
+        report: dict[str, Any] = {
+            "audit": "OneShotCanaryAudit",
+            "paper": "Andrew et al., One-shot Empirical Privacy Estimation for Federated Learning, ICLR 2024",
+            "claimed_epsilon": claimed, "accountant_epsilon": self.accountant_epsilon, **estimates,
+            "rounds": self.rounds_seen, "num_canaries": k, "num_held_out": self.num_held_out,
+            "kind": self.kind, "participation": self.participation, "participation_rate": self.rate,
+            "mean_appearances": float(self.appearances.double().mean()), "dimension": self.dimension,
+            "canary_norm": self.canary_norm, "clip_multiple": self.clip_multiple, "delta": delta,
+            "confidence": self.confidence, "canary_share_of_update": share, "seed": self._seed,
+        }
         path = trainer.log_dir / self.report_name
         report["path"] = str(path)
         report["metrics"] = metrics

@@ -34,6 +34,9 @@ def test_correct_mechanism_is_not_accused(tmp_path):
     assert trainer.history[-1]["audit/epsilon_final"] == r["final_model"]["epsilon"]
     saved = json.loads((tmp_path / "audit_one_shot.json").read_text())
     assert saved["final_model"]["epsilon"] == pytest.approx(r["final_model"]["epsilon"])
+    # The report reads top-down: what was audited, the claim against the estimates, then the set-up.
+    head = ["audit", "paper", "claimed_epsilon", "accountant_epsilon", "final_model", "all_iterates"]
+    assert list(saved)[: len(head)] == head and list(saved)[-2:] == ["path", "metrics"]
 
 
 @pytest.mark.parametrize("mechanism", [DPFixedClipping, QuarterNoise], ids=["correct", "quarter-noise"])
