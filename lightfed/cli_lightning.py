@@ -19,7 +19,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightfed.callbacks import Callback
 from lightfed.cli_errors import unreadable_checkpoint, watch_run
 from lightfed.data.datamodule import FederatedDataModule
-from lightfed.noise_hint import NoiseHint
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.registry import PLUGIN_SECTIONS, load_all_plugins
 from lightfed.secagg.base import SecureAggregation
@@ -155,7 +154,7 @@ class LightFedCLI(LightningCLI):
         config = self._config()
         extra = {key: init.get(key) for key in PLUGIN_SECTIONS}
         trainer = super().instantiate_trainer(**extra, seed=int(config.get("seed_everything") or 0), **kwargs)
-        trainer.add_callbacks([*(init.get("audit") or []), NoiseHint()])
+        trainer.add_callbacks(list(init.get("audit") or []))
         trainer.config_yaml = _without_ckpt_path(self._parser(self.subcommand).dump(config))
         if self.subcommand == "fit" and config.get("ckpt_path"):
             continue_in_run_folder(trainer, str(config.ckpt_path))

@@ -27,16 +27,17 @@ from torch import Tensor, nn
 
 from lightfed import checkpoint as ckpt_io
 from lightfed import resume
+from lightfed.aggregation import ShardResult
 from lightfed.callbacks import Callback
-from lightfed.client_table import ClientTable
 from lightfed.checks import require
 from lightfed.client import LocalTrainer
-from lightfed.aggregation import ShardResult
+from lightfed.client_table import ClientTable
 from lightfed.data.datamodule import FederatedDataModule, check_model_classes
 from lightfed.distributed import merge_round, shard_cohort
 from lightfed.evaluation import Evaluation, evaluate_central
 from lightfed.executors.base import Executor, resolve_executor
 from lightfed.messages import RoundResult, RunInfo
+from lightfed.noise_hint import NoiseHint
 from lightfed.params import ParamSpec
 from lightfed.privacy.base import PrivacyMechanism
 from lightfed.reporting import Reporting, format_summary, summary_metrics
@@ -220,6 +221,8 @@ class FederatedTrainer:
         self.evaluation: Evaluation = Evaluation()
         self.reporting = Reporting()
         self.client_table: ClientTable | None = ClientTable() if client_table else None
+        #: Before a DP run's first round: one line on how loud the noise is against the mean update.
+        self.noise_hint = NoiseHint()
         self._lock: Path | None = None
 
     def add_callbacks(self, callbacks: list[Callback]) -> None:
@@ -231,9 +234,9 @@ class FederatedTrainer:
 
     @property
     def _all(self) -> list[Callback]:
-        """Built-in evaluation, the user's callbacks, the client table, then reporting (logs, progress)."""
+        """The noise hint, built-in evaluation, the user's callbacks, the client table, then reporting."""
         table = [self.client_table] if self.client_table is not None else []
-        return [self.evaluation, *self.callbacks, *table, self.reporting]
+        return [self.noise_hint, self.evaluation, *self.callbacks, *table, self.reporting]
 
     # ------------------------------------------------------------------ set-up
     @property

@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 
 import lightfed.models
-from lightfed.models import CharLSTM, CNNClassifier, HFSequenceClassifier, LoRACNNClassifier, MLPClassifier
+from lightfed.models import (
+    CausalLM,
+    CharLSTM,
+    CNNClassifier,
+    HFSequenceClassifier,
+    LoRACNNClassifier,
+    MLPClassifier,
+)
 
 # The arguments each model needs to get as far as its checks; a model_dir that does not exist makes a missing
 # check show as FileNotFoundError rather than passing by accident.
@@ -23,6 +30,7 @@ REQUIRED: dict[type, dict[str, Any]] = {
     CharLSTM: {},
     LoRACNNClassifier: {"lora": {"r": 2, "target_modules": ["head.1"]}},
     HFSequenceClassifier: {"num_classes": 3, "model_dir": "/nonexistent/model"},
+    CausalLM: {"model": "/nonexistent/model"},
 }
 
 OPTIMIZER_CASES = [
