@@ -16,8 +16,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-CHECKPOINT_FORMAT = 1
-
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """Weights from a Lightning ``.ckpt``, a lightfed checkpoint, a torch state dict or a ``.safetensors`` file.

@@ -344,7 +344,10 @@ class ShakespeareLinesDataModule(_PlaysDataModule):
         batch_size: int = 64,
         seed: int = 0,
     ) -> None:
-        super().__init__(partitioner, plays_root, plays, test_fraction, test_subset, val_fraction, batch_size, seed)
+        super().__init__(
+            partitioner, plays_root=plays_root, plays=plays, test_fraction=test_fraction, test_subset=test_subset,
+            val_fraction=val_fraction, batch_size=batch_size, seed=seed,
+        )
         if max_length < 3:
             raise ValueError(f"data.max_length must be >= 3 ([CLS], one token, [SEP]), got {max_length}.")
         self.tokenizer, self.max_length, self.cache_dir = tokenizer, max_length, cache_dir
@@ -416,7 +419,10 @@ class ShakespeareCharDataModule(_PlaysDataModule):
         batch_size: int = 64,
         seed: int = 0,
     ) -> None:
-        super().__init__(partitioner, plays_root, plays, test_fraction, test_subset, val_fraction, batch_size, seed)
+        super().__init__(
+            partitioner, plays_root=plays_root, plays=plays, test_fraction=test_fraction, test_subset=test_subset,
+            val_fraction=val_fraction, batch_size=batch_size, seed=seed,
+        )
         if seq_len < 1 or test_stride < 1:
             raise ValueError(f"data.seq_len and data.test_stride must be >= 1, got {seq_len} and {test_stride}.")
         self.seq_len, self.test_stride = seq_len, test_stride
@@ -557,7 +563,10 @@ class ShakespeareCausalDataModule(_PlaysDataModule):
         batch_size: int = 8,
         seed: int = 0,
     ) -> None:
-        super().__init__(partitioner, plays_root, plays, test_fraction, test_subset, val_fraction, batch_size, seed)
+        super().__init__(
+            partitioner, plays_root=plays_root, plays=plays, test_fraction=test_fraction, test_subset=test_subset,
+            val_fraction=val_fraction, batch_size=batch_size, seed=seed,
+        )
         if block_size < 2:
             raise ValueError(f"data.block_size must be >= 2 (a token and its successor), got {block_size}.")
         if held_out_speakers < 1:

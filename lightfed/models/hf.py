@@ -473,5 +473,8 @@ class LoRACNNClassifier(CNNClassifier):
         optimizer: str = "sgd",
         weight_decay: float = 0.0,
     ) -> None:
-        super().__init__(in_channels, image_size, num_classes, width, hidden, lr, momentum, optimizer, weight_decay)
+        super().__init__(
+            in_channels=in_channels, image_size=image_size, num_classes=num_classes, width=width, hidden=hidden,
+            lr=lr, momentum=momentum, optimizer=optimizer, weight_decay=weight_decay,
+        )
         add_lora(self, lora)
