@@ -2,8 +2,10 @@
 
 One row per client update the server saw in a round (:attr:`~lightfed.messages.RoundResult.clients`):
 ``round`` (0-based, the TensorBoard step), ``client``, ``examples``, ``steps``, ``accepted``, then the
-client's training metrics (``loss`` first). Under secure aggregation or distributed noise the server
-learns only sums, so nothing is written.
+client's training metrics (``loss`` first), then, on rounds with federated evaluation, each evaluated
+client's validation metrics (``val_acc``, ...: on its training row, or on a row of its own, with
+``examples``, ``steps`` and ``accepted`` empty, for a client evaluated but not trained that round). Under
+secure aggregation or distributed noise the server learns only sums, so nothing is written.
 
 Resume-safe without state of its own: at the start of a fit the table keeps only the rows of the rounds
 before the checkpoint's (``round < trainer.round_idx``), so rounds played after the checkpoint by a run
@@ -56,7 +58,16 @@ class ClientTable(Callback):
         if not trainer.is_global_zero or not result.clients or self.path is None:
             return
         rows = [_row(result.round_idx, c) for c in result.clients]
-        names = sorted({k for c in result.clients for k in c.metrics}, key=lambda k: (k != "loss", k))
+        by_client = {row["client"]: row for row in rows}
+        for cid, metrics in sorted(result.client_eval.items()):
+            row = by_client.get(cid)
+            if row is None:  # evaluated, not trained this round
+                row = by_client[cid] = {"round": result.round_idx, "client": cid}
+                rows.append(row)
+            row.update({k: repr(float(v)) for k, v in metrics.items()})
+        trained = sorted({k for c in result.clients for k in c.metrics}, key=lambda k: (k != "loss", k))
+        evaluated = sorted({k for m in result.client_eval.values() for k in m} - set(trained))
+        names = trained + evaluated
         new = [k for k in names if k not in self.columns[len(FIXED):]]
         if not self.columns or new:  # the first round, or a metric that appears later: widen the table
             _, old = _read(self.path) if self.path.exists() else ([], [])

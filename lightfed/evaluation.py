@@ -29,8 +29,13 @@ def evaluate_central(trainer: FederatedTrainer) -> dict[str, float]:
     return {f"central/{k}": v for k, v in metrics.items()}
 
 
-def evaluate_federated(trainer: FederatedTrainer, round_idx: int) -> dict[str, float]:
-    """The global (or personalised) model on a seeded fraction of the clients' own validation splits."""
+def evaluate_federated(
+    trainer: FederatedTrainer, round_idx: int, per_client: dict[int, dict[str, float]] | None = None
+) -> dict[str, float]:
+    """The global (or personalised) model on a seeded fraction of the clients' own validation splits.
+
+    ``per_client``, when given, receives each evaluated client's metrics (the per-client table writes them).
+    """
     assert trainer.datamodule is not None and trainer.global_params is not None
     n = trainer.num_clients
     k = max(1, math.ceil(trainer.fed_eval_fraction * n))
@@ -47,6 +52,8 @@ def evaluate_federated(trainer: FederatedTrainer, round_idx: int) -> dict[str, f
             continue
         key = key or metric_key(metrics, trainer.fed_eval_metric)
         values.append(metrics[key])
+        if per_client is not None:
+            per_client[cid] = dict(metrics)
     if not values or key is None:
         return {}
     return {
@@ -56,12 +63,14 @@ def evaluate_federated(trainer: FederatedTrainer, round_idx: int) -> dict[str, f
     }
 
 
-def evaluate_round(trainer: FederatedTrainer, round_idx: int) -> dict[str, float]:
+def evaluate_round(
+    trainer: FederatedTrainer, round_idx: int, per_client: dict[int, dict[str, float]] | None = None
+) -> dict[str, float]:
     """Central and (if ``fed_eval_fraction > 0``) federated evaluation, plus ``round/eval_seconds``."""
     start = time.perf_counter()
     metrics = evaluate_central(trainer)
     if trainer.fed_eval_fraction > 0:
-        metrics.update(evaluate_federated(trainer, round_idx))
+        metrics.update(evaluate_federated(trainer, round_idx, per_client))
     metrics["round/eval_seconds"] = time.perf_counter() - start
     return metrics
 
@@ -86,14 +95,20 @@ class Evaluation(Callback):
     subclass that overrides it, set as ``trainer.evaluation``, changes what every evaluation round runs.
     """
 
+    def __init__(self) -> None:
+        #: Each evaluated client's metrics from the latest evaluation (copied into ``RoundResult.client_eval``).
+        self.client_metrics: dict[int, dict[str, float]] = {}
+
     def on_round_end(self, trainer: FederatedTrainer, result: RoundResult) -> None:
         done = result.round_idx + 1
         if done % trainer.eval_every == 0 or done == trainer.rounds:
+            self.client_metrics = {}
             result.metrics.update(self.evaluate(trainer, result.round_idx))
+            result.client_eval = dict(self.client_metrics)
 
     def evaluate(self, trainer: FederatedTrainer, round_idx: int) -> dict[str, float]:
         """The metrics of one evaluation round (``central/``, ``federated/``, ``round/eval_seconds``)."""
-        return evaluate_round(trainer, round_idx)
+        return evaluate_round(trainer, round_idx, self.client_metrics)
 
 
 __all__ = ["Evaluation", "evaluate_central", "evaluate_federated", "evaluate_round", "metric_key"]

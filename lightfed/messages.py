@@ -194,3 +194,6 @@ class RoundResult:
     extra_updates: int = 0
     #: Per-client records (``None`` when the server only learns sums); see the class docstring.
     clients: list[ClientRecord] | None = None
+    #: Each evaluated client's own validation metrics, on rounds with federated evaluation (client id ->
+    #: the metrics its ``validation_step`` logged, e.g. ``val_acc``); empty on other rounds.
+    client_eval: dict[int, dict[str, float]] = field(default_factory=dict)

@@ -77,3 +77,23 @@ def test_the_loss_histogram_is_logged_per_round_at_the_round_index(tmp_path):
 def test_off_writes_no_table(tmp_path):
     trainer(tmp_path, client_table=False).fit(boring_model(), data())
     assert not (tmp_path / "clients.csv").exists()
+
+
+def test_evaluated_clients_get_their_own_validation_metrics(tmp_path):
+    """On an evaluation round every evaluated client's val metrics are in the table (issue 24: the Flower view)."""
+    # Prepare
+    t = FederatedTrainer(logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path), rounds=2,
+                         clients_per_round=3, eval_every=2, fed_eval_fraction=1.0)
+    # Execute
+    history = t.fit(boring_model(), data())
+    # Assert: round 0 evaluates nobody; round 1 evaluates all 6 clients, trained or not, and their mean is logged
+    table = rows(tmp_path / "clients.csv")
+    assert "val_acc" in table[0]
+    assert all(row["val_acc"] == "" for row in table if row["round"] == "0")
+    last = [row for row in table if row["round"] == "1"]
+    assert sorted(int(row["client"]) for row in last if row["val_acc"]) == list(range(6))
+    trained = set(t.sample(1))
+    for row in last:
+        assert (row["steps"] != "") == (int(row["client"]) in trained)
+    mean = math.fsum(float(row["val_acc"]) for row in last if row["val_acc"]) / 6
+    assert mean == pytest.approx(history[1]["federated/val_acc_mean"], rel=1e-12)
