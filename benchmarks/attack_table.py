@@ -4,7 +4,7 @@
     python benchmarks/attack_table.py --rounds 3 --no-write --strategies FedAvg Krum --attacks sign_flip
 
 Every strategy (FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) is trained against every behaviour
-of ``plugins/attacks.py`` (sign flip, Gaussian updates, label flipping, backdoor model replacement, ALIE,
+of ``plugins/lightfed_zoo/attacks.py`` (sign flip, Gaussian updates, label flipping, backdoor model replacement, ALIE,
 min-max) with 10% and 20% of the population Byzantine, plus a clean run. The task is the attack configs'
 (experiments/attack_*.yaml): digits over 50 IID clients, an MLP (64-64-10, SGD lr 0.1, momentum 0.9), 2 local
 epochs of batch 16; here 15 clients a round (so Bulyan's ``n >= 4f + 3`` holds at 20%) and ``--rounds`` rounds
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # plugins/ is a top-level package of the checkout
+sys.path.insert(0, str(ROOT / "plugins"))  # the zoo, importable from a checkout without an install
 
 import lightning as L  # noqa: E402
 from lightfed_zoo import attacks  # noqa: E402

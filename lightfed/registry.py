@@ -9,7 +9,7 @@ A plugin reaches lightfed in one of three ways:
    registered is registered under its own name);
 3. a dotted ``class_path`` in a YAML config, which jsonargparse imports directly.
 
-lightfed's own ``plugins/`` package takes route 2, exactly as a third-party package does.
+lightfed's own zoo (``plugins/lightfed_zoo``) takes route 2, exactly as a third-party package does.
 
 An entry point that fails to import is remembered (:class:`FailedEntryPoint`): selecting a name it could
 provide then reports the import error instead of "unknown strategy".

@@ -168,15 +168,15 @@ def test_the_layout_checks_can_fail(tmp_path, monkeypatch):
 
 
 def test_every_package_is_installed_and_the_zoo_has_a_distinctive_import_name():
-    """pyproject lists packages explicitly (the folder plugins/ installs as lightfed_zoo): keep the list complete."""
+    """pyproject lists packages explicitly (the zoo lives in plugins/lightfed_zoo: folder name = import name): keep the list complete."""
     import tomllib
 
     config = tomllib.loads((PKG.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
     found = {_module_name(p.parent / "__init__.py") for p in PKG.rglob("__init__.py")}
-    zoo = {".".join(["lightfed_zoo", *p.parent.relative_to(PKG.parent / "plugins").parts])
-           for p in (PKG.parent / "plugins").rglob("__init__.py")}
+    zoo = {".".join(["lightfed_zoo", *p.parent.relative_to(PKG.parent / "plugins" / "lightfed_zoo").parts])
+           for p in (PKG.parent / "plugins" / "lightfed_zoo").rglob("__init__.py")}
     assert set(config["packages"]) == found | zoo
-    assert config["package-dir"] == {"lightfed_zoo": "plugins"}
+    assert config["package-dir"] == {"lightfed_zoo": "plugins/lightfed_zoo"}
     import importlib
 
-    assert importlib.import_module("lightfed_zoo.strategies").__file__.startswith(str(PKG.parent / "plugins"))
+    assert importlib.import_module("lightfed_zoo.strategies").__file__.startswith(str(PKG.parent / "plugins" / "lightfed_zoo"))
