@@ -34,13 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))  # the zoo, importable from a checkout without an install
 
 import lightning as L  # noqa: E402
-from lightfed_zoo import attacks  # noqa: E402
 
 from lightfed import FederatedTrainer  # noqa: E402
 from lightfed.data.datasets import DigitsDataModule  # noqa: E402
 from lightfed.data.partition import IID  # noqa: E402
 from lightfed.models import MLPClassifier  # noqa: E402
 from lightfed.registry import STRATEGIES  # noqa: E402
+from lightfed_zoo import attacks  # noqa: E402
 
 DOC = ROOT / "docs" / "strategies.md"
 BEGIN, END = "<!-- attack-table:begin -->", "<!-- attack-table:end -->"

@@ -33,8 +33,14 @@ from typing import Any
 import torch
 
 from lightfed import FederatedTrainer, FullParticipation
-from lightfed.audit.exposure import Canary, digit_secret_scores, exposure_from_scores, greedy_extracts, make_canaries
-from lightfed.audit.exposure import planted_lines
+from lightfed.audit.exposure import (
+    Canary,
+    digit_secret_scores,
+    exposure_from_scores,
+    greedy_extracts,
+    make_canaries,
+    planted_lines,
+)
 from lightfed.data.partition import Natural
 from lightfed.data.text import ShakespeareCausalDataModule
 from lightfed.models.causal_lm import CausalLM
@@ -144,7 +150,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             "bytes up/client/round | s/round |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
-        fmt = lambda key, f="{:.1f}": "-" if key not in r or r[key] != r[key] else f.format(r[key])  # noqa: E731
+        fmt = lambda key, f="{:.1f}", r=r: "-" if key not in r or r[key] != r[key] else f.format(r[key])  # noqa: E731
         lines.append(
             f"| {r['setting']} | {fmt('ppl_seen')} | {fmt('ppl_unseen')} | {fmt('exposure_0')} | {fmt('exposure_1')} | "
             f"{int(r.get('extracted_0', 0))}/{int(r.get('extracted_1', 0))} | {fmt('epsilon')} | "

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             LightFedCLI(args=args, parser_kwargs=raising_parser_kwargs(LightFedCLI))
 
 
-__all__ = ["COMMANDS", "TRACEBACK_ENV", "VERBOSE_ENV", "config_from_checkpoint", "is_config_error", "main",
+__all__ = ["COMMANDS", "TRACEBACK_ENV", "VERBOSE_ENV", "config_from_checkpoint", "is_config_error", "main",  # noqa: F822
            "plain_errors",
            "quiet",
            "raising_parser_kwargs"]

@@ -107,9 +107,9 @@ def run_two_ranks(ranks: list[FederatedTrainer]) -> list[dict[str, float]]:
         hub = InProcessReduce(2, ranks[0].spec.numel, ranks[0].global_params.device)
         results: list = [None, None]
 
-        def play(rank: int, hub=hub, results=results, r=r) -> None:
+        def play(rank: int, hub=hub, results=results, r=r, cohort=cohorts[0]) -> None:
             with hub.turn:
-                results[rank] = ranks[rank].play_round(r, cohorts[0], rank, 2, hub.for_rank(rank))
+                results[rank] = ranks[rank].play_round(r, cohort, rank, 2, hub.for_rank(rank))
 
         threads = [threading.Thread(target=play, args=(rank,)) for rank in range(2)]
         for t in threads:

@@ -20,7 +20,6 @@ gives an estimate or a lower bound for one attack, never a proof of privacy: see
 """
 
 from lightfed.audit.canary import OneShotCanaryAudit
-from lightfed.audit.noise_check import NoiseCheckReport, ReleasedNoiseCheck, check_released_noise
 from lightfed.audit.estimators import (
     GaussianFit,
     best_one_run_bound,
@@ -30,6 +29,7 @@ from lightfed.audit.estimators import (
     one_run_epsilon_lower_bound,
     one_run_p_value,
 )
+from lightfed.audit.noise_check import NoiseCheckReport, ReleasedNoiseCheck, check_released_noise
 
 __all__ = [
     "GaussianFit", "NoiseCheckReport", "OneShotCanaryAudit", "ReleasedNoiseCheck", "check_released_noise", "best_one_run_bound", "bootstrap_interval", "epsilon_two_gaussians",

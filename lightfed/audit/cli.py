@@ -275,7 +275,11 @@ def reconstruction_report(
     import math as _math
 
     from lightfed.audit.reconstruction import (
-        AnalyticNotApplicable, attack_update, log_reconstructions, released_update, save_png,
+        AnalyticNotApplicable,
+        attack_update,
+        log_reconstructions,
+        released_update,
+        save_png,
     )
     from lightfed.privacy import DPFixedClipping
     from lightfed.strategy import FedAvg

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from lightfed.audit import ReleasedNoiseCheck, check_released_noise
 from lightfed.messages import RoundAggregate, RunInfo

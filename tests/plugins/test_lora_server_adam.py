@@ -15,7 +15,7 @@ from lightfed.registry import STRATEGIES
 from lightfed.server import run_server_round
 from lightfed_zoo.strategies.lora import FedITLoRA
 from tests.conftest import BoringFederatedData
-from tests.plugins.test_lora_strategies import A, TRAINABLE, clients, lora_mlp, set_up
+from tests.plugins.test_lora_strategies import TRAINABLE, A, clients, lora_mlp, set_up
 from tests.plugins.zoo_testing import train_clients
 
 ADAM = {"server_optimizer": "adam", "server_lr": 0.01, "beta1": 0.8, "beta2": 0.95, "tau": 1e-3}
