@@ -7,7 +7,13 @@ One row per setting, all on the same clients, test sets and canaries:
                   many optimiser steps as the federated run takes in all (rounds x clients x local steps);
 * ``fedit``    -- FedIT (LoRA factors averaged) through lightfed's trainer;
 * ``fedit_dp`` -- the same under client-level DP (fixed clip, Gaussian noise) at ``--epsilon``;
-* ``fedit_secagg`` -- FedIT under SecAgg+ (the server sees only the masked sum).
+* ``fedit_secagg`` -- FedIT under SecAgg+ (the server sees only the masked sum);
+* ``ffa``, ``ffa_dp`` -- FFA-LoRA (Sun et al., ICLR 2024: A frozen, only B trained and averaged), without and
+                  with client-level DP.
+
+``--clients 0 --plays all --sampling-rate q`` samples each round's cohort by Poisson sampling with rate ``q``
+from every speaker of the packaged plays (739 with >= 4 blocks): the population at which client-level DP has
+enough clients per round to be usable, with the privacy amplification that Poisson sampling gives.
 
 Columns: perplexity on held-out lines of training speakers (seen) and on wholly held-out speakers (unseen);
 exposure (bits, exact over the 10^n secrets, n = ``--digits``) of a canary planted ``--repeats`` times in 1 client and of one
@@ -32,7 +38,7 @@ from typing import Any
 
 import torch
 
-from lightfed import FederatedTrainer, FullParticipation
+from lightfed import FederatedTrainer, FullParticipation, PoissonSampler
 from lightfed.audit.exposure import (
     Canary,
     digit_secret_scores,
@@ -51,7 +57,8 @@ LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_pro
 
 def data(args: argparse.Namespace, planted: dict[str, list[str]] | None = None) -> ShakespeareCausalDataModule:
     dm = ShakespeareCausalDataModule(
-        Natural(min_size=args.min_blocks, max_clients=args.clients), block_size=args.block, plays=args.plays,
+        Natural(min_size=args.min_blocks, max_clients=args.clients or None), block_size=args.block,
+        plays=None if args.plays == ["all"] else args.plays,
         held_out_speakers=args.held_out, held_out_min_lines=40, planted=planted, test_subset=args.test_blocks,
         val_fraction=0.0, batch_size=args.batch, seed=args.seed,
     )
@@ -114,10 +121,11 @@ def run_central(args: argparse.Namespace, dm: ShakespeareCausalDataModule, cs: l
 
 
 def run_federated(
-    args: argparse.Namespace, dm: ShakespeareCausalDataModule, cs: list[Canary], dp: bool, secagg: bool = False
+    args: argparse.Namespace, dm: ShakespeareCausalDataModule, cs: list[Canary], dp: bool, secagg: bool = False,
+    strategy: str = "FedITLoRA",
 ) -> dict[str, Any]:
     torch.manual_seed(args.seed)
-    model = CausalLM(lora=LORA, lr=args.lr)
+    model = CausalLM(lora=LORA, lr=args.lr, optimizer=args.optimizer)
     privacy = secure = None
     if dp:
         from lightfed.privacy import DPFixedClipping
@@ -128,7 +136,8 @@ def run_federated(
 
         secure = SecAggPlus(clip=1.0, max_weight=1024.0)
     trainer = FederatedTrainer(
-        rounds=args.rounds, sampler=FullParticipation(), strategy=STRATEGIES.create("FedITLoRA", weighted=not dp),
+        rounds=args.rounds, strategy=STRATEGIES.create(strategy, weighted=not (dp or args.uniform)),
+        sampler=PoissonSampler(args.sampling_rate) if args.sampling_rate < 1 else FullParticipation(),
         privacy=privacy, secure_aggregation=secure, local_steps=args.local_steps, batch_size=args.batch, eval_every=args.rounds,
         eval_batch_size=16, fed_eval_fraction=0.0, checkpoint_every=0, logger=False, enable_progress_bar=False,
         default_root_dir=tempfile.mkdtemp(prefix="llm-table-"), accelerator="cpu", num_threads=1, seed=args.seed,
@@ -141,6 +150,8 @@ def run_federated(
         "sec_round": statistics.median(h["round/seconds"] for h in history),
         "bytes_up": statistics.mean(h["round/bytes_up_per_client"] for h in history),
         "epsilon": last.get("privacy/epsilon", float("nan")),
+        "clients_per_round": statistics.mean(h.get("round/clients", float("nan")) for h in history),
+        "noise_std": last.get("privacy/noise_std", float("nan")),
         "central_ppl_trainer": last.get("central/test_ppl", float("nan")),
     }
 
@@ -162,8 +173,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", nargs="+", default=["base", "central", "fedit", "fedit_dp"])
-    p.add_argument("--plays", nargs="+", default=["hamlet"])
-    p.add_argument("--clients", type=int, default=6)
+    p.add_argument("--plays", nargs="+", default=["hamlet"], help="play names, or 'all'")
+    p.add_argument("--clients", type=int, default=6, help="at most this many speakers (0: all)")
+    p.add_argument("--sampling-rate", type=float, default=1.0, help="Poisson rate per round (1: everyone)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="the clients' optimiser")
+    p.add_argument("--uniform", action="store_true", help="uniform client weights without DP too")
     p.add_argument("--min-blocks", type=int, default=12)
     p.add_argument("--held-out", type=int, default=3)
     p.add_argument("--test-blocks", type=int, default=48)
@@ -195,8 +209,9 @@ def main(argv: list[str] | None = None) -> None:
             row = run_base(args, dm, cs)
         elif setting == "central":
             row = run_central(args, dm, cs)
-        elif setting in ("fedit", "fedit_dp", "fedit_secagg"):
-            row = run_federated(args, dm, cs, dp=setting == "fedit_dp", secagg=setting == "fedit_secagg")
+        elif setting in ("fedit", "fedit_dp", "fedit_secagg", "ffa", "ffa_dp"):
+            row = run_federated(args, dm, cs, dp=setting.endswith("_dp"), secagg=setting == "fedit_secagg",
+                                strategy="FFALoRA" if setting.startswith("ffa") else "FedITLoRA")
         else:
             raise SystemExit(f"llm_table: unknown setting {setting!r}")
         row = {"setting": setting, **row, "wall_seconds": time.perf_counter() - start, "args": vars(args)}

@@ -156,6 +156,7 @@ def run_cli(args: list[str]) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+@pytest.mark.slow  # ~60 s; CI keeps the 1-vs-2-process bit equality in tests/test_distributed.py's quickstart test
 @pytest.mark.distributed
 def test_a_cnn_on_one_two_and_three_processes_gives_the_same_bits(tmp_path):
     """Issue 24, item 7: on a CNN, float32 sums in another order used to drift apart after two rounds."""
