@@ -179,10 +179,15 @@ class DPCappedParticipation(DPFixedClipping):
         Raises:
             ValueError: no state, another mechanism, or an accountant inconsistent with the counts.
         """
-        if state.get("mechanism") != type(self).__name__ or "composed" not in state:
+        if state.get("mechanism") != type(self).__name__:
             raise ValueError(
                 f"the checkpoint was written by privacy mechanism {state.get('mechanism')!r}, this run uses "
                 f"{type(self).__name__!r}; resume with the same `privacy:` section."
+            )
+        if "composed" not in state:
+            raise ValueError(
+                "the checkpoint's DPCappedParticipation state predates resumable timed runs (no per-client "
+                "flush counts); start the timed run from round 0."
             )
         assert self.accountant is not None
         self.accountant.load_state_dict(state["composed"])
