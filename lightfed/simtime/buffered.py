@@ -287,24 +287,27 @@ class BufferedAsync(RoundClock):
             "last_flush": self.last_flush, "in_flight": sorted(self.in_flight),
             "counts": dict(sorted(self.counts.items())),
             "buffer": [[v.client_id, v.version, v.index, tau] for v, tau in self.buffer],
-            "snapshots": {
-                int(v): {"params": s.params, "payload": s.payload, "users": s.users}
+            "snapshots": {  # the current version's weights are the checkpoint's global model: not twice
+                int(v): {"params": None if v == self.version else s.params, "payload": s.payload, "users": s.users}
                 for v, s in sorted(self.snapshots.items())
             },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, after the global model (the current version's weights) is restored."""
         assert self.backend is not None
         super().load_state_dict(state)
-        device = self.backend.global_params.device
+        current = self.backend.global_params
+        device = current.device
         self.version, self.visits = int(state["version"]), int(state["visits"])
         self.started, self.last_flush = bool(state["started"]), float(state["last_flush"])
         self.in_flight = {int(c) for c in state["in_flight"]}
         self.counts = Counter({str(k): int(n) for k, n in state["counts"].items()})
         self.buffer = [(Visit(int(c), int(v), int(i)), int(t)) for c, v, i, t in state["buffer"]]
         self.snapshots = {
-            int(v): Snapshot(s["params"].to(device), {k: p.to(device) if isinstance(p, Tensor) else p
-                                                      for k, p in s["payload"].items()}, int(s["users"]))
+            int(v): Snapshot(current if s["params"] is None else s["params"].to(device),
+                             {k: p.to(device) if isinstance(p, Tensor) else p for k, p in s["payload"].items()},
+                             int(s["users"]))
             for v, s in state["snapshots"].items()
         }
 

@@ -50,9 +50,15 @@ def assert_one_equals_two(tmp_path: Path, config: str, *args: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fedbuff_on_two_processes_equals_one(tmp_path):
-    """FedBuff with visits training from stale versions on both ranks (57 s on the shared 2 cores: slow)."""
-    assert_one_equals_two(tmp_path, "time_fedbuff.yaml", "--trainer.rounds", "6", "--trainer.eval_every", "6")
+def test_fedbuff_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
+    """FedBuff with visits training from stale versions on both ranks; a 2-process checkpoint (visits in
+    flight) resumed on 1 process gives the same bits too."""
+    args = ["--trainer.rounds", "6", "--trainer.eval_every", "6", "--trainer.checkpoint_every", "3"]
+    assert_one_equals_two(tmp_path, "time_fedbuff.yaml", *args)
+    fit("time_fedbuff.yaml", tmp_path / "mixed", *args, "--ckpt_path",
+        str(tmp_path / "two" / "checkpoints" / "round-00003.ckpt"))
+    a, c = (load_file(str(tmp_path / d / "global_model.safetensors")) for d in ("one", "mixed"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 @pytest.mark.slow
