@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from lightfed.checkpoint import to_device
 from lightfed.checks import check_int, check_positive, require
 from lightfed.messages import RoundResult
 from lightfed.seeding import derive_seed
@@ -72,7 +73,7 @@ class Snapshot:
     """A global version some visit in flight or in the buffer downloaded: its weights and payload."""
 
     params: Tensor
-    payload: dict[str, Any]
+    payload: dict[str, Any] | None
     users: int = 0
 
 
@@ -212,9 +213,10 @@ class BufferedAsync(RoundClock):
         assert self.backend is not None
         snap = self.snapshots.get(version)
         if snap is None:
-            payload_of = getattr(self.backend, "payload", None)
-            payload = dict(payload_of(version)) if payload_of is not None else {}
-            payload = {k: v.clone() if isinstance(v, Tensor) else v for k, v in payload.items()}
+            payload_of = getattr(self.backend, "payload", None)  # optional: a backend without one sends none
+            payload = None
+            if payload_of is not None:
+                payload = {k: v.clone() if isinstance(v, Tensor) else v for k, v in payload_of(version).items()}
             snap = self.snapshots[version] = Snapshot(self.backend.global_params, payload)
         snap.users += 1
 
@@ -306,8 +308,7 @@ class BufferedAsync(RoundClock):
         self.buffer = [(Visit(int(c), int(v), int(i)), int(t)) for c, v, i, t in state["buffer"]]
         self.snapshots = {
             int(v): Snapshot(current if s["params"] is None else s["params"].to(device),
-                             {k: p.to(device) if isinstance(p, Tensor) else p for k, p in s["payload"].items()},
-                             int(s["users"]))
+                             None if s["payload"] is None else to_device(s["payload"], device), int(s["users"]))
             for v, s in state["snapshots"].items()
         }
 

@@ -109,10 +109,6 @@ class TrainerBackend:
         assert self.trainer.global_params is not None
         return self.trainer.global_params
 
-    @property
-    def device(self) -> Any:
-        return self.global_params.device
-
     def planned_steps(self, client_id: int) -> int:
         return int(self.trainer.local.visit_steps(self.trainer.datamodule.client_train(client_id)))
 
@@ -256,7 +252,10 @@ class RoundClock:
         updates = []
         for job in jobs[self.rank :: self.world_size]:
             args = (job.client_id, job.visit_idx, job.params, job.steps)
-            update = self.backend.train(*args, payload=job.payload) if job.payload else self.backend.train(*args)
+            if job.payload is None:
+                update = self.backend.train(*args)
+            else:  # the payload of the version the client downloaded (asynchronous visits)
+                update = self.backend.train(*args, payload=job.payload)  # type: ignore[call-arg]
             if job.staleness is not None:
                 update.metrics[STALENESS] = float(job.staleness)
             updates.append(update)
