@@ -143,22 +143,30 @@ def run_ranks(world_size: int, flushes: int = 8) -> tuple[list[RankBackend], lis
 
     from lightfed.simtime import BufferedAsync, SyntheticTrace
 
-    exchange = {"slots": [None] * world_size, "barrier": threading.Barrier(world_size), "lock": threading.Lock()}
+    exchange = {"slots": [None] * world_size, "barrier": threading.Barrier(world_size, timeout=30),
+                "lock": threading.Lock()}
     backends = [RankBackend(r, world_size, exchange) for r in range(world_size)]
     metrics: list[list[dict[str, float]]] = [[] for _ in range(world_size)]
 
-    def rank(r: int) -> None:
-        engine = BufferedAsync(trace=SyntheticTrace(seed=0, online_fraction=0.7), concurrency=5)
-        engine.start(backends[r], buffer_size=3)
-        for f in range(flushes):
-            result = engine.run_round(None, f)
-            metrics[r].append({k: v for k, v in result.metrics.items() if k.startswith("time/")})
+    errors: list[BaseException] = []
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
+    def rank(r: int) -> None:
+        try:
+            engine = BufferedAsync(trace=SyntheticTrace(seed=0, online_fraction=0.7), concurrency=5)
+            engine.start(backends[r], buffer_size=3)
+            for f in range(flushes):
+                result = engine.run_round(None, f)
+                metrics[r].append({k: v for k, v in result.metrics.items() if k.startswith("time/")})
+        except BaseException as err:  # noqa: BLE001 - reported by the test, never a hung thread
+            errors.append(err)
+            exchange["barrier"].abort()
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(world_size)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
+    assert not errors, errors
     return backends, metrics
 
 
