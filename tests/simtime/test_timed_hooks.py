@@ -85,3 +85,19 @@ def test_buffered_async_refuses_per_client_state_naming_why(tmp_path, strategy):
     trainer = make_trainer(tmp_path, strategy=strategy(), clock=BufferedAsync(concurrency=4))
     with pytest.raises(ValueError, match="derive its state from a stale model"):
         trainer.fit(boring_model(), BoringFederatedData())
+
+
+def test_the_canary_audit_runs_inside_a_private_fedbuff_run(tmp_path):
+    """The real audit plugin's canaries ride every flush (extra updates, clipped and noised with the clients')."""
+    from lightfed.audit import OneShotCanaryAudit
+    from lightfed.simtime import DPCappedParticipation
+
+    audit = OneShotCanaryAudit(num_canaries=4, bootstrap=10, participation="every_round")
+    privacy = DPCappedParticipation(clip_norm=0.5, noise_multiplier=1.0, max_participations=3, verbose=False)
+    trainer = make_trainer(tmp_path, strategy=FedBuff(), privacy=privacy, callbacks=[audit],
+                           clock=BufferedAsync(concurrency=4))
+    trainer.fit(boring_model(), BoringFederatedData())
+
+    assert [h["round/extra_updates"] for h in trainer.history] == [4.0] * 4
+    assert [h["audit/canaries_inserted"] for h in trainer.history] == [4.0] * 4
+    assert audit.report["accountant_epsilon"] == pytest.approx(trainer.history[-1]["privacy/epsilon"])
