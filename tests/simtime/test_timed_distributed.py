@@ -50,15 +50,19 @@ def assert_one_equals_two(tmp_path: Path, config: str, *args: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fedbuff_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
-    """FedBuff with visits training from stale versions on both ranks; a 2-process checkpoint (visits in
-    flight) resumed on 1 process gives the same bits too."""
+def test_fedbuff_on_two_processes_equals_one_and_resumes_across_process_counts(tmp_path):
+    """FedBuff with visits training from stale versions on both ranks; a checkpoint with visits in flight
+    written on 2 processes resumes on 1, and one written on 1 resumes on 2, with the same bits."""
     args = ["--trainer.rounds", "6", "--trainer.eval_every", "6", "--trainer.checkpoint_every", "3"]
     assert_one_equals_two(tmp_path, "time_fedbuff.yaml", *args)
-    fit("time_fedbuff.yaml", tmp_path / "mixed", *args, "--ckpt_path",
+    fit("time_fedbuff.yaml", tmp_path / "two_then_one", *args, "--ckpt_path",
         str(tmp_path / "two" / "checkpoints" / "round-00003.ckpt"))
-    a, c = (load_file(str(tmp_path / d / "global_model.safetensors")) for d in ("one", "mixed"))
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    fit("time_fedbuff.yaml", tmp_path / "one_then_two", *args, *TWO, "--ckpt_path",
+        str(tmp_path / "one" / "checkpoints" / "round-00003.ckpt"))
+    a = load_file(str(tmp_path / "one" / "global_model.safetensors"))
+    for mixed in ("two_then_one", "one_then_two"):
+        c = load_file(str(tmp_path / mixed / "global_model.safetensors"))
+        assert all(torch.equal(a[k], c[k]) for k in a), mixed
 
 
 @pytest.mark.slow
