@@ -5,6 +5,7 @@ Measured, not a unit test. One torch thread; every number of a table comes from 
 
     python benchmarks/time_table.py --table            # docs/time.md's tables
     python benchmarks/time_table.py --overhead         # 10,000 clients, 1,000 flushes, and the memory sweep
+    python benchmarks/time_table.py --clock-checkpoint # what checkpointing the clock costs (bytes, seconds)
 
 The table's setting: digits, 400 IID clients (~3.6 examples each), logistic regression (lr 0.3), 4 local
 steps of batch 8 per visit, the synthetic trace ``SyntheticTrace(seed=0, median_ms_per_sample=50,
@@ -236,10 +237,50 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def clock_checkpoint(population: int = 10_000, flushes: int = 200, k: int = 10, concurrency: int = 100) -> dict:
+    """Bytes and seconds of the clock's part of a checkpoint: FedBuff K=10, C=100, a 650-parameter model."""
+    import io
+
+    from lightfed import integrity
+    from lightfed.simtime import BufferedAsync
+
+    engine = BufferedAsync(trace=NoTraining(population).trace, concurrency=concurrency)
+    engine.start(NoTraining(population), buffer_size=k)
+    for r in range(flushes):
+        engine.run_round(None, r)
+    reps = 20
+    start = time.perf_counter()
+    for _ in range(reps):
+        state = engine.state_dict()
+    collect = (time.perf_counter() - start) / reps
+    start = time.perf_counter()
+    for _ in range(reps):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+    save = (time.perf_counter() - start) / reps
+    start = time.perf_counter()
+    for _ in range(reps):
+        integrity.digest({"clock": state})
+    digest = (time.perf_counter() - start) / reps
+    again = BufferedAsync(trace=NoTraining(population).trace, concurrency=concurrency)
+    again.start(NoTraining(population), buffer_size=k)
+    start = time.perf_counter()
+    again.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    load = time.perf_counter() - start
+    return {
+        "population": population, "flushes": flushes, "concurrency": concurrency, "model_floats": 650,
+        "clock_bytes": buf.tell(), "events_pending": len(state["clock"]["events"]),
+        "versions_held": len(state["snapshots"]), "participations_entries": len(state["participations"]),
+        "state_dict_ms": round(collect * 1e3, 3), "torch_save_ms": round(save * 1e3, 3),
+        "integrity_digest_ms": round(digest * 1e3, 3), "load_ms": round(load * 1e3, 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--overhead", action="store_true")
+    parser.add_argument("--clock-checkpoint", action="store_true")
     parser.add_argument("--population", type=int, default=10_000)
     parser.add_argument("--overhead-flushes", type=int, default=1000)
     parser.add_argument("--populations", type=int, nargs="*", default=[1_000, 10_000, 100_000])
@@ -251,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
         result["table"] = table(args)
     if args.overhead:
         result["overhead"] = overhead(args)
+    if args.clock_checkpoint:
+        result["clock_checkpoint"] = clock_checkpoint()
+        print(json.dumps(result["clock_checkpoint"]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 

@@ -7,7 +7,8 @@ Format 2 (format 1 checkpoints are refused; lightfed has no users to migrate yet
      "progress": {round, seed, num_clients, history, config},
      "model": {payload_names, global_params, state, frozen},
      "strategy": {name, state}, "privacy": {...}, "secure_aggregation": {...},
-     "client_states": {cid: {...}}, "callbacks": {state_key: {...}}}
+     "client_states": {cid: {...}}, "callbacks": {state_key: {...}},
+     "clock": {...} (a timed run's whole clock, :meth:`lightfed.simtime.RoundClock.state_dict`; {} untimed)}
 
 ``model.state`` holds every tensor of the module except frozen parameters, which a fine-tuning run never
 changes: they are replaced by ``model.frozen``, a SHA-256 fingerprint over their names and bytes, and a
@@ -93,6 +94,7 @@ def collect(trainer: FederatedTrainer) -> dict[str, Any]:
         "secure_aggregation": trainer.secure_aggregation.state_dict() if trainer.secure_aggregation is not None else {},
         "client_states": trainer.client_states,
         "callbacks": callback_states(trainer.callbacks),
+        "clock": trainer.clock.state_dict() if trainer.clock is not None else {},
     })
     return integrity.sign(state)
 
@@ -238,11 +240,34 @@ def restore(trainer: FederatedTrainer, path: str | Path) -> None:
     for key, cb in zip(callback_keys(trainer.callbacks), trainer.callbacks):
         if key in state["callbacks"]:
             cb.load_state_dict(state["callbacks"][key])
+    restore_clock(trainer, state.get("clock") or {}, int(state["progress"]["round"]), where)
     trainer.history = list(state["progress"]["history"])
     trainer.round_idx = int(state["progress"]["round"])
+
+
+def restore_clock(trainer: FederatedTrainer, clock: dict[str, Any], round_idx: int, where: str) -> None:
+    """Load a timed run's clock; refuse a timed checkpoint without a clock, or a clock without its state.
+
+    Raises:
+        ValueError: naming what is missing, or (the clock's own check) the first clock setting that differs.
+    """
+    if trainer.clock is None:
+        if clock:
+            name = clock.get("config", {}).get("trainer.clock.class_path")
+            raise ValueError(f"{where} was written by a timed run (trainer.clock {name}); resume with the same trainer.clock.")
+        return
+    if not clock:
+        if round_idx > 0:
+            raise ValueError(
+                f"{where} holds no virtual clock (an untimed run, or a lightfed before timed resume), but this run has "
+                f"trainer.clock {type(trainer.clock).__name__}: start the timed run from round 0."
+            )
+        return
+    trainer.clock.load_state_dict(clock)
 
 
 __all__ = [
     "FORMAT", "callback_keys", "callback_states", "check_compatible", "collect", "config_changes", "digest",
     "fingerprint", "read", "restore",
+    "restore_clock",
 ]

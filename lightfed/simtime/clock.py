@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,11 +60,17 @@ class VirtualClock:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "now": self.now, "seq": self.seq, "events_processed": self.events_processed,
-            "pending": len(self._heap),
-        }
+    def state_dict(self, payload: Callable[[Any], Any] = lambda p: p) -> dict[str, Any]:
+        """Time, counters and every pending event in heap order (``payload`` makes a payload checkpointable)."""
+        events = [[e.time, e.client_id, e.seq, e.kind, payload(e.payload)] for e in sorted(self._heap)]
+        return {"now": self.now, "seq": self.seq, "events_processed": self.events_processed, "events": events}
+
+    def load_state_dict(self, state: dict[str, Any], payload: Callable[[Any], Any] = lambda p: p) -> None:
+        """Restore :meth:`state_dict` (``payload`` rebuilds a payload); the same events pop in the same order."""
+        self.now, self.seq = float(state["now"]), int(state["seq"])
+        self.events_processed = int(state["events_processed"])
+        self._heap = [Event(float(t), int(c), int(s), str(k), payload(p)) for t, c, s, k, p in state["events"]]
+        heapq.heapify(self._heap)
 
 
 __all__ = ["Event", "VirtualClock"]

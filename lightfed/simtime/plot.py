@@ -9,7 +9,7 @@ central metric against virtual hours.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lightfed.callbacks import Callback
 from lightfed.messages import RoundResult
@@ -40,6 +40,13 @@ class VirtualTimePlot(Callback):
         if not self.points or not trainer.is_global_zero or not hasattr(experiment, "add_figure"):
             return
         experiment.add_figure("time/curve", self.figure(), global_step=trainer.round_idx)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The points so far (a resumed run's figure starts at virtual time 0, not at the resume)."""
+        return {"points": [[t, dict(m)] for t, m in self.points]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.points = [(float(t), {k: float(v) for k, v in m.items()}) for t, m in state.get("points", [])]
 
     def figure(self):  # noqa: ANN201 - a matplotlib Figure (matplotlib is imported only here)
         """Every central metric against virtual hours."""

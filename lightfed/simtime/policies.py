@@ -16,19 +16,23 @@ A round at virtual time ``t0`` with target cohort ``m`` (``trainer.clients_per_r
 
 Without a deadline and with ``over_selection = 1`` this is plain synchronous FedAvg, timed: every round
 lasts as long as its slowest client.
+
+The kept clients train from the round's global model, each with its own state when the strategy keeps one
+(SCAFFOLD, Ditto: the server's store, committed when the update is accepted, as in untimed rounds). With
+several processes every rank plans the same round and trains the kept clients at its positions.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from lightfed.checks import check_int, check_positive, require
 from lightfed.messages import RoundResult
 from lightfed.seeding import make_generator
-from lightfed.simtime.engine import RoundClock
+from lightfed.simtime.engine import Job, RoundClock
 from lightfed.simtime.traces import Trace
 
 if TYPE_CHECKING:
@@ -143,19 +147,27 @@ class SyncRounds(RoundClock):
 
     def run_round(self, trainer: FederatedTrainer | None, round_idx: int) -> RoundResult:
         assert self.backend is not None
-        self.check_fresh(round_idx)
         t0 = self.clock.now
         kept, counts = self.plan(round_idx, t0)
         end = counts.pop("_end")
         params = self.backend.global_params
         by_id = sorted(kept, key=lambda x: x[1])
-        updates = [self.backend.train(cid, round_idx, params, steps) for _, cid, steps in by_id]
+        cohort = [cid for _, cid, _ in by_id]
+        updates = self.train_jobs(round_idx, cohort, [Job(cid, round_idx, params, steps) for _, cid, steps in by_id])
         self.clock.advance(end)  # the server aggregates (and secure aggregation runs) at the round's end
-        result = self.backend.flush(round_idx, sorted(cid for _, cid, _ in kept), updates)
+        result = self.backend.flush(round_idx, cohort, updates)
         result.metrics.update(counts)
         result.metrics["time/virtual_seconds"] = self.clock.now
         result.metrics["time/round_seconds"] = self.clock.now - t0
         return result
+
+    def config(self) -> dict[str, Any]:
+        key = "trainer.clock.init_args."
+        return {
+            **super().config(), key + "deadline": self.deadline, key + "over_selection": self.over_selection,
+            key + "stragglers": self.stragglers, key + "idle_seconds": self.idle_seconds,
+            "trainer.clients_per_round": self.cohort_size,
+        }
 
 
 __all__ = ["SyncRounds"]

@@ -162,11 +162,44 @@ class DPCappedParticipation(DPFixedClipping):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "participations": dict(self.participations)}
+        """The accountant (its ``rounds`` are the worst client's flushes, not the run's rounds) and the counts.
+
+        Stored as ``composed`` and ``flush_participations``: the generic resume checks read ``accountant`` as
+        rounds run and ``participations`` as the sampler's draws, neither of which holds in a timed run.
+        """
+        assert self.accountant is not None
+        return {
+            "mechanism": type(self).__name__, "composed": self.accountant.state_dict(),
+            "flush_participations": {int(c): int(n) for c, n in sorted(self.participations.items())},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.participations = Counter({int(k): int(v) for k, v in state.get("participations", {}).items()})
+        """Restore :meth:`state_dict`; refuse counts whose worst client is not what the accountant composed.
+
+        Raises:
+            ValueError: no state, another mechanism, or an accountant inconsistent with the counts.
+        """
+        if state.get("mechanism") != type(self).__name__:
+            raise ValueError(
+                f"the checkpoint was written by privacy mechanism {state.get('mechanism')!r}, this run uses "
+                f"{type(self).__name__!r}; resume with the same `privacy:` section."
+            )
+        if "composed" not in state:
+            raise ValueError(
+                "the checkpoint's DPCappedParticipation state predates resumable timed runs (no per-client "
+                "flush counts); start the timed run from round 0."
+            )
+        assert self.accountant is not None
+        self.accountant.load_state_dict(state["composed"])
+        counts = Counter({int(k): int(v) for k, v in state["flush_participations"].items()})
+        worst = max(counts.values(), default=0)
+        if worst != self.accountant.rounds or worst > self.max_participations:
+            raise ValueError(
+                f"the checkpoint is inconsistent: its accountant composed {self.accountant.rounds} flushes for the "
+                f"worst client, its counts say {worst} (cap {self.max_participations}); resuming would report a "
+                f"wrong epsilon. Resume from another checkpoint."
+            )
+        self.participations = counts
 
 
 def check_timed_privacy(privacy: PrivacyMechanism | None, local_steps: int | None, clock: Any) -> None:

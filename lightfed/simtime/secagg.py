@@ -11,10 +11,12 @@ virtual time never advertises its keys (its update is lost); one whose window cl
 its self mask is reconstructed from its neighbours' shares). Configure it as
 ``secure_aggregation.init_args.dropout``; a ``trainer.clock`` binds it.
 
-What this is not: a buffer that holds *masked* updates across flushes without the clients online (BASecAgg,
-So, Nolet, Yang, Li, Mohassel, Ghosh & Avestimehr 2021, arXiv 2110.02177, which needs a different masking
-scheme). Without a trusted buffer, asynchronous secure aggregation with clients that leave right after
-uploading is not what this engine offers.
+What is missing (docs/time.md, "Secure aggregation with a buffer"): buffered secure aggregation (BASecAgg,
+So, Nolet, Yang, Li, Mohassel, Ghosh & Avestimehr 2021, arXiv 2110.02177), in which a client uploads its
+masked update on arrival and leaves, its masks secret-shared with Lagrange coding so that they can be removed
+from a sum of updates that arrived at different versions, without the client and without a trusted buffer.
+lightfed has neither that masking scheme nor its staleness-aware unmasking: a buffered client that goes
+offline before the flush loses its update.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ one diurnal online window per day). Nothing is downloaded: a FedScale trace is a
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
 import pickle
@@ -114,6 +115,12 @@ class Trace:
     def describe(self) -> str:
         """One line for logs and docs."""
         return type(self).__name__
+
+    def config(self) -> dict[str, Any]:
+        """What defines the trace (its public scalar settings): a resume refuses a trace that differs."""
+        scalars = (int, float, str, bool, type(None))
+        public = {k: v for k, v in sorted(vars(self).items()) if not k.startswith("_") and isinstance(v, scalars)}
+        return {"class": type(self).__name__, "compute_factor": float(self.compute_factor), **public}
 
 
 class SyntheticTrace(Trace):
@@ -257,6 +264,11 @@ class FedScaleTrace(Trace):
     def describe(self) -> str:
         avail = f"{len(self._availability)} availability traces" if self._availability else "always online"
         return f"FedScaleTrace({len(self._capacity)} devices, {avail}, compute x{self.compute_factor})"
+
+    def config(self) -> dict[str, Any]:
+        """The base's settings plus a SHA-256 of the capacity and availability tables as read."""
+        tables = repr((self._capacity, self._availability)).encode()
+        return {**super().config(), "tables_sha256": hashlib.sha256(tables).hexdigest()}
 
 
 def _key(key: Any) -> tuple[int, Any]:

@@ -129,14 +129,6 @@ def test_a_run_longer_than_the_participation_cap_allows_stops_with_a_clear_error
         trainer.fit(boring_model(), BoringFederatedData())
 
 
-def test_resuming_a_timed_run_is_refused_rather_than_restarting_the_clock(tmp_path):
-    first = make_trainer(tmp_path / "a", rounds=2, strategy=FedBuff(), clock=BufferedAsync(concurrency=4))
-    first.fit(boring_model(), BoringFederatedData())
-    again = make_trainer(tmp_path / "b", rounds=4, strategy=FedBuff(), clock=BufferedAsync(concurrency=4))
-    with pytest.raises(ValueError, match="cannot resume at round 2"):
-        again.fit(boring_model(), BoringFederatedData(), ckpt_path=str(first.last_checkpoint))
-
-
 def test_tensorboard_gets_accuracy_against_virtual_seconds_and_the_figure(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
