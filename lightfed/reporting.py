@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lightfed.callbacks import Callback
+from lightfed.evaluation import higher_is_better
 from lightfed.messages import RoundResult
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def summary_metrics(history: list[dict[str, float]]) -> dict[str, float]:
     for k in {k for row in history for k in row if k.startswith("central/")}:
         values = [row[k] for row in history if k in row and math.isfinite(row[k])]
         if values:
-            out[f"best/{k}"] = (min if k.endswith("loss") else max)(values)
+            out[f"best/{k}"] = (max if higher_is_better(k) else min)(values)  # min for loss and perplexity
     return out
 
 
