@@ -217,6 +217,12 @@ class OneShotCanaryAudit(Callback):
         coins = torch.rand(total, generator=make_generator(seed, "canary_inclusion")) < 0.5
         if self.inclusion == "coin":
             self.inserted = int(coins.sum())
+            if min(self.inserted, total - self.inserted) < 2:
+                raise ValueError(
+                    f"OneShotCanaryAudit inclusion='coin': the coins of the {total} candidates inserted {self.inserted}, "
+                    f"and the fits need at least 2 inserted and 2 held out; use more candidates (num_canaries + "
+                    f"num_held_out, 100 or more for a useful bound) or another seed."
+                )
         if self.inserted > n:
             raise ValueError(
                 f"OneShotCanaryAudit num_canaries={self.num_canaries} (inserted {self.inserted}, inclusion "
