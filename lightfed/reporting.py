@@ -107,7 +107,9 @@ def format_summary(
         best = final.get(f"best/{name}")
         lines.append(f"  {name}: final {final[k]:.4f}" + (f", best {best:.4f}" if best is not None else ""))
     for k in sorted(k for k in final if k.startswith("final/federated/") and k.endswith("worst10")):
-        lines.append(f"  {k.split('/', 1)[1]} (worst-10% clients): {final[k]:.4f}")
+        higher = final.get("final/federated/higher_is_better")  # which end of the clients is the worst
+        which = "" if higher is None else ", lowest values" if higher == 1.0 else ", highest values"
+        lines.append(f"  {k.split('/', 1)[1]} (worst-10% clients{which}): {final[k]:.4f}")
     if "final/privacy/epsilon" in final:
         lines.append(f"  privacy: epsilon {final['final/privacy/epsilon']:.4g} at delta {trainer.history[-1].get('privacy/delta', math.nan):.3g}")
     audit = {k.split("/", 2)[2]: v for k, v in final.items() if k.startswith("final/audit/epsilon")}

@@ -67,3 +67,18 @@ def test_the_direction_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
 def test_a_direction_that_is_not_a_bool_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"trainer.fed_eval_higher_is_better must be null, true or false, got 'yes'"):
         FederatedTrainer(fed_eval_higher_is_better="yes", logger=False)  # type: ignore[arg-type]
+
+
+def test_the_summary_says_which_end_and_best_perplexity_is_the_lowest() -> None:
+    from lightfed.reporting import format_summary, summary_metrics
+
+    history = [{"central/test_ppl": 40.0, "central/test_acc": 0.2, "federated/val_ppl_worst10": 60.0,
+                "federated/higher_is_better": 0.0},
+               {"central/test_ppl": 30.0, "central/test_acc": 0.3, "federated/val_ppl_worst10": 50.0,
+                "federated/higher_is_better": 0.0},
+               {"central/test_ppl": 35.0, "central/test_acc": 0.25}]
+    final = summary_metrics(history)
+    assert final["best/central/test_ppl"] == 30.0 and final["best/central/test_acc"] == 0.3
+    trainer = SimpleNamespace(history=history, exported_model=None, last_checkpoint=None, log_dir=".")
+    text = format_summary(trainer, final, 1.0)  # type: ignore[arg-type]
+    assert "val_ppl_worst10 (worst-10% clients, highest values): 50.0000" in text
