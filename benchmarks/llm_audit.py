@@ -1,20 +1,20 @@
-"""The one-shot canary audit on SmolLM2-135M's LoRA adapters: FedIT over Shakespeare speakers, with and without
-client-level DP.
+"""The one-shot canary audit on SmolLM2-135M's LoRA adapters: FedIT over Shakespeare speakers, with and
+without client-level DP.
 
 Each setting is one FedIT run (r 8 on q_proj, v_proj: the audited vector is the 460,800 adapter numbers that
 travel) with :class:`~lightfed.audit.OneShotCanaryAudit` under ``inclusion="coin"``: ``--canaries`` random
 unit directions in the adapter vector, each inserted as a canary client on a fair coin (Steinke, Nasr &
 Jagielski, NeurIPS 2023); every client and canary takes part in every round. Reported per setting:
 
-* the **one-run lower bound** at ``--delta`` and 95% confidence (the larger of the final-model and all-iterates
-  tests, each at 97.5%): the run is not DP for canary clients at any smaller epsilon;
+* the **one-run lower bound** at ``--delta`` and 95% confidence (the larger of the final-model and
+  all-iterates tests, each at 97.5%): the run is not DP for canary clients at any smaller epsilon;
 * the one-shot **estimate** (Andrew et al., ICLR 2024) from the same canaries, final model and all iterates;
 * the **accountant's epsilon** (``fedit_dp``: the clip and noise set for ``--epsilon`` at ``--delta``);
 * canaries (inserted / candidates), rounds, clients, seconds.
 
-Without DP the canaries need a norm: ``--canary-norm`` (default 1, about a client's update norm after one AdamW
-step at lr 2e-3); under DP they are clipped to ``--clip`` like every client. One torch thread. Results are
-appended to ``--out`` as JSON lines, one markdown row per setting is printed::
+Without DP the canaries need a norm: ``--canary-norm`` (default 1, about a client's update norm after one
+AdamW step at lr 2e-3); under DP they are clipped to ``--clip`` like every client. One torch thread. Results
+are appended to ``--out`` as JSON lines, one markdown row per setting is printed::
 
     python benchmarks/llm_audit.py --settings fedit fedit_dp --clients 40 --rounds 3
 
@@ -52,19 +52,21 @@ def run(args: argparse.Namespace, dp: bool) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     dm = data(args)
     model = CausalLM(lora=LORA, lr=args.lr)
-    privacy = DPFixedClipping(clip_norm=args.clip, target_epsilon=args.epsilon, delta=args.delta, clipping="client",
-                              verbose=False) if dp else None
+    privacy = None
+    if dp:
+        privacy = DPFixedClipping(clip_norm=args.clip, target_epsilon=args.epsilon, delta=args.delta,
+                                  clipping="client", verbose=False)
     half = args.canaries // 2
     audit = OneShotCanaryAudit(
         num_canaries=half, num_held_out=args.canaries - half, inclusion="coin", delta=args.delta,
         canary_norm=None if dp else args.canary_norm, bootstrap=100, seed=args.seed,
     )
     trainer = FederatedTrainer(
-        rounds=args.rounds, sampler=FullParticipation(), strategy=STRATEGIES.create("FedITLoRA", weighted=not dp),
-        privacy=privacy, local_steps=args.local_steps, batch_size=args.batch, eval_every=args.rounds,
-        eval_batch_size=16, fed_eval_fraction=0.0, checkpoint_every=0, logger=False, enable_progress_bar=False,
-        default_root_dir=tempfile.mkdtemp(prefix="llm-audit-"), accelerator="cpu", num_threads=1, seed=args.seed,
-        callbacks=[audit],
+        rounds=args.rounds, sampler=FullParticipation(), privacy=privacy, callbacks=[audit],
+        strategy=STRATEGIES.create("FedITLoRA", weighted=not dp), local_steps=args.local_steps,
+        batch_size=args.batch, eval_every=args.rounds, eval_batch_size=16, fed_eval_fraction=0.0,
+        checkpoint_every=0, logger=False, enable_progress_bar=False, accelerator="cpu", num_threads=1,
+        default_root_dir=tempfile.mkdtemp(prefix="llm-audit-"), seed=args.seed,
     )
     start = time.perf_counter()
     history = trainer.fit(model, dm)
@@ -77,9 +79,10 @@ def run(args: argparse.Namespace, dp: bool) -> dict[str, Any]:
         "lower_bound_all_iterates": r["one_run"]["all_iterates"]["epsilon_lower_bound"],
         "guesses_final": [r["one_run"]["final_model"]["correct"], r["one_run"]["final_model"]["guesses"]],
         "estimate_final": r["final_model"]["epsilon"], "estimate_all_iterates": r["all_iterates"]["epsilon"],
-        "accountant_epsilon": r["accountant_epsilon"], "claimed_epsilon": r["claimed_epsilon"], "delta": r["delta"],
-        "canaries_inserted": audit.inserted, "candidates": r["one_run"]["candidates"], "dimension": r["dimension"],
-        "canary_norm": r["canary_norm"], "rounds": len(history), "clients": dm.num_clients, "seconds": seconds,
+        "accountant_epsilon": r["accountant_epsilon"], "claimed_epsilon": r["claimed_epsilon"],
+        "delta": r["delta"], "canaries_inserted": audit.inserted, "candidates": r["one_run"]["candidates"],
+        "dimension": r["dimension"], "canary_norm": r["canary_norm"], "rounds": len(history),
+        "clients": dm.num_clients, "seconds": seconds,
         "sec_round": statistics.median(h["round/seconds"] for h in history),
         "ppl_seen": history[-1].get("central/test_ppl", math.nan),
     }
@@ -90,9 +93,10 @@ def row(r: dict[str, Any]) -> str:
     acc = r["accountant_epsilon"]
     return (
         f"| {r['setting']} | {r['epsilon_lower_bound']:.2f} ({r['lower_bound_final']:.2f} / "
-        f"{r['lower_bound_all_iterates']:.2f}) | {r['estimate_final']:.3g} / {r['estimate_all_iterates']:.3g} | "
-        f"{'-' if acc is None else f'{acc:.2f}'} | {r['canaries_inserted']} / {r['candidates']} | {r['rounds']} | "
-        f"{r['clients']} | {r['seconds']:.0f} |"
+        f"{r['lower_bound_all_iterates']:.2f}) | {r['estimate_final']:.3g} / "
+        f"{r['estimate_all_iterates']:.3g} | {'-' if acc is None else f'{acc:.2f}'} | "
+        f"{r['canaries_inserted']} / {r['candidates']} | {r['rounds']} | {r['clients']} | "
+        f"{r['seconds']:.0f} |"
     )
 
 
@@ -114,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-steps", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--canaries", type=int, default=64, help="candidates, each inserted on a fair coin (<= ~1.5 x clients)")
+    p.add_argument("--canaries", type=int, default=64,
+                   help="candidates, each inserted on a fair coin (at most about 1.5 x clients)")
     p.add_argument("--canary-norm", type=float, default=1.0, help="the canaries' norm without DP")
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--delta", type=float, default=1e-5)

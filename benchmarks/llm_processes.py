@@ -1,13 +1,13 @@
-"""One process against two (one per core) for the same FedIT round on SmolLM2-135M: how close to the 2/1 bound.
+"""One process against two (one per core) for the same FedIT round on SmolLM2-135M, against the 2/1 bound.
 
 Runs ``experiments/shakespeare_causal_lora.yaml`` through ``lightfed fit`` twice, changed only in the
 round's size and in ``trainer.devices``: ``--clients`` Hamlet speakers, every one of them in every round
-(``clients_per_round`` = ``--clients``), ``--local-steps`` steps of ``--batch`` blocks of 64 tokens each, one torch
-thread per process, no evaluation until the last round and no generation samples. With ``devices: 2``
+(``clients_per_round`` = ``--clients``), ``--local-steps`` steps of ``--batch`` blocks of 64 tokens each, one
+torch thread per process, no evaluation until the last round and no generation samples. With ``devices: 2``
 (``fabric_strategy: ddp``, gloo) each process trains a balanced shard of the cohort and the shards meet in one
 all-reduce; the global model is the same as one process's (tests/test_distributed.py). The time of a round is
-rank 0's ``round/seconds`` (its shard's training, the all-reduce and the server step), read back from TensorBoard;
-the first round (warm-up) is left out, the median of the others is reported, and the ratio
+rank 0's ``round/seconds`` (its shard's training, the all-reduce and the server step), read back from
+TensorBoard; the first round (warm-up) is left out, the median of the others is reported, and the ratio
 
     speedup = seconds per round (1 process) / seconds per round (2 processes)  (bound: 2)
 
@@ -47,7 +47,7 @@ def round_seconds(root: Path) -> list[float]:
 
 
 def run(args: argparse.Namespace, devices: int) -> dict[str, float]:
-    """One ``lightfed fit`` with ``devices`` processes; its seconds per round (median after the first) and wall."""
+    """One ``lightfed fit`` on ``devices`` processes: seconds per round (median after the first), wall."""
     root = Path(tempfile.mkdtemp(prefix=f"llm-processes-{devices}-"))
     overrides = [
         "--data.init_args.partitioner.init_args.max_clients", str(args.clients),
@@ -56,7 +56,8 @@ def run(args: argparse.Namespace, devices: int) -> dict[str, float]:
         "--trainer.clients_per_round", str(args.clients), "--trainer.rounds", str(args.rounds + 1),
         "--trainer.local_steps", str(args.local_steps), "--trainer.batch_size", str(args.batch),
         "--trainer.eval_every", "1000000", "--trainer.checkpoint_every", "0", "--trainer.callbacks=[]",
-        "--trainer.num_threads", "1", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+        "--trainer.num_threads", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.accelerator", "cpu",
         "--trainer.default_root_dir", str(root), "--trainer.devices", str(devices),
     ]
     if devices > 1:
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace, devices: int) -> dict[str, float]:
         raise RuntimeError(f"devices={devices} failed:\n{out.stderr[-3000:]}")
     seconds = round_seconds(root)
     if len(seconds) != args.rounds + 1:
-        raise RuntimeError(f"devices={devices}: expected {args.rounds + 1} rounds in TensorBoard, got {len(seconds)}.")
+        raise RuntimeError(
+            f"devices={devices}: expected {args.rounds + 1} rounds in TensorBoard, got {len(seconds)}.")
     return {"sec_round": statistics.median(seconds[1:]), "rounds_seconds": seconds, "wall_seconds": wall}
 
 
@@ -82,9 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (one warm-up round more is run)")
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--min-blocks", type=int, default=4, help="fewest 64-token blocks a speaker needs (Hamlet: 17 at 4)")
+    p.add_argument("--min-blocks", type=int, default=4,
+                   help="fewest 64-token blocks a speaker needs (Hamlet: 17 speakers at 4)")
     p.add_argument("--test-blocks", type=int, default=8)
-    p.add_argument("--model", default=None, help="a model folder or .gguf file (default: the packaged SmolLM2)")
+    p.add_argument("--model", default=None, help="a model folder or .gguf file (default: packaged SmolLM2)")
     p.add_argument("--timeout", type=int, default=7200)
     p.add_argument("--out", default="benchmarks/results/llm_processes.jsonl")
     args = p.parse_args(argv)
@@ -96,10 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.write(json.dumps(row) + "\n")
-    print(f"| processes | s/round | wall s |\n|---|---|---|\n| 1 | {one['sec_round']:.1f} | {one['wall_seconds']:.0f} |\n"
+    print(f"| processes | s/round | wall s |\n|---|---|---|\n"
+          f"| 1 | {one['sec_round']:.1f} | {one['wall_seconds']:.0f} |\n"
           f"| 2 | {two['sec_round']:.1f} | {two['wall_seconds']:.0f} |\n"
           f"speedup {speedup:.2f}x of the 2x bound ({100 * speedup / 2:.0f}%); {args.clients} clients x "
-          f"{args.local_steps} steps x {args.batch} x 64 tokens per round; load average {os.getloadavg()[0]:.2f}")
+          f"{args.local_steps} steps x {args.batch} x 64 tokens per round; "
+          f"load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ mean and the mean of the worst 10% (fairness) are reported.
 .. math::
 
     \text{worst10} = \frac{1}{k} \sum_{i=1}^{k} v_{(i)}, \qquad
-    v_{(1)} \le \dots \le v_{(n)} \text{ if higher is better, } v_{(1)} \ge \dots \ge v_{(n)} \text{ otherwise.}
+    v_{(1)} \le \dots \le v_{(n)} \text{ if higher is better,} \quad
+    v_{(1)} \ge \dots \ge v_{(n)} \text{ otherwise.}
 
 :func:`higher_is_better` decides from the metric's name (``loss``, ``ppl`` or ``perplexity`` in it: lower
 is better) unless ``trainer.fed_eval_higher_is_better`` says so explicitly; the direction used is logged
@@ -168,6 +169,6 @@ class Evaluation(Callback):
 
 
 __all__ = [
-    "Evaluation", "LOWER_IS_BETTER", "evaluate_central", "evaluate_federated", "evaluate_round", "higher_is_better",
-    "metric_key", "worst_clients_mean",
+    "Evaluation", "LOWER_IS_BETTER", "evaluate_central", "evaluate_federated", "evaluate_round",
+    "higher_is_better", "metric_key", "worst_clients_mean",
 ]

@@ -1,4 +1,5 @@
-"""The worst-10% clients of federated evaluation: the lowest accuracies, the highest losses and perplexities."""
+"""The worst-10% clients of federated evaluation: the lowest accuracies, the highest losses and
+perplexities."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from lightfed.messages import RoundResult
 
 
 @pytest.mark.parametrize(("key", "override", "expected"), [
-    ("val_acc", None, True), ("val_ppl", None, False), ("val_loss", None, False), ("test_Perplexity", None, False),
-    ("val_f1", None, True), ("val_ppl", True, True), ("val_acc", False, False),
+    ("val_acc", None, True), ("val_ppl", None, False), ("val_loss", None, False),
+    ("test_Perplexity", None, False), ("val_f1", None, True), ("val_ppl", True, True),
+    ("val_acc", False, False),
 ])
 def test_direction_from_the_name_or_the_override(key: str, override: bool | None, expected: bool) -> None:
     assert higher_is_better(key, override) is expected
@@ -59,13 +61,15 @@ def test_the_direction_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     evaluation.evaluate = lambda tr, r: evaluate_federated(tr, r)  # type: ignore[method-assign]
     with caplog.at_level(logging.INFO, logger="lightfed"):
         for r in range(2):
-            evaluation.on_round_end(trainer, RoundResult(round_idx=r, cohort=[], num_updates=0))  # type: ignore[arg-type]
+            result = RoundResult(round_idx=r, cohort=[], num_updates=0)
+            evaluation.on_round_end(trainer, result)  # type: ignore[arg-type]
     said = [m for m in caplog.messages if "val_ppl_worst10" in m]
     assert len(said) == 1 and "highest 10%" in said[0] and "lower is better" in said[0]
 
 
 def test_a_direction_that_is_not_a_bool_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match=r"trainer.fed_eval_higher_is_better must be null, true or false, got 'yes'"):
+    match = r"trainer.fed_eval_higher_is_better must be null, true or false, got 'yes'"
+    with pytest.raises(ValueError, match=match):
         FederatedTrainer(fed_eval_higher_is_better="yes", logger=False)  # type: ignore[arg-type]
 
 

@@ -58,7 +58,7 @@ noise (:class:`~lightfed.audit.noise_check.ReleasedNoiseCheck`) is what catches 
 "Privacy Auditing with One (1) Training Run", need each canary inserted *independently with probability 1/2*
 (a fixed split of ``k`` inserted and ``k`` held out does not qualify: given the others, a canary's role is
 known). With ``inclusion="coin"`` each of the ``num_canaries + num_held_out`` candidates is inserted on a fair
-coin drawn from ``(seed, i)``; the audit then guesses "inserted" for the highest statistics and "held out" for
+coin (seeded by ``(seed, "canary_inclusion")``); the audit then guesses "inserted" for the highest statistics and "held out" for
 the lowest (:func:`~lightfed.audit.estimators.best_one_run_bound`) and reports, for the final model and for all
 iterates (each at confidence ``1 - (1 - confidence) / 2``, so the larger of the two keeps ``confidence``),
 the epsilon at the audit's delta below which the run is *not* DP for canary clients (``one_run``,
@@ -214,8 +214,9 @@ class OneShotCanaryAudit(Callback):
         self._reset()
         n, d, total = trainer.num_clients, trainer.spec.numel, self.num_canaries + self.num_held_out
         seed = trainer.seed if self.seed is None else self.seed
-        coins = torch.rand(total, generator=make_generator(seed, "canary_inclusion")) < 0.5
+        coins = torch.zeros(total, dtype=torch.bool)
         if self.inclusion == "coin":
+            coins = torch.rand(total, generator=make_generator(seed, "canary_inclusion")) < 0.5
             self.inserted = int(coins.sum())
             if min(self.inserted, total - self.inserted) < 2:
                 raise ValueError(
@@ -226,8 +227,8 @@ class OneShotCanaryAudit(Callback):
         if self.inserted > n:
             raise ValueError(
                 f"OneShotCanaryAudit num_canaries={self.num_canaries} (inserted {self.inserted}, inclusion "
-                f"{self.inclusion!r}) exceeds the population of {n} clients: the canaries would outnumber the real clients and dominate the model. Use at most {n} (the paper "
-                f"inserts far fewer canaries than clients)."
+                f"{self.inclusion!r}) exceeds the population of {n} clients: the canaries would outnumber the real "
+                f"clients and dominate the model. Use at most {n} (the paper inserts far fewer canaries than clients)."
             )
         if self.kind == "random" and 2 * total > d:
             raise ValueError(

@@ -1,8 +1,8 @@
 r"""Batched multi-LoRA: ``K`` clients' adapters over one shared frozen base, in one forward/backward.
 
 A round's cohort shares the frozen base model; only the LoRA factors differ between clients. Stacking the
-clients' batches (client ``k``'s ``b`` rows at rows ``k b .. (k + 1) b - 1``) lets one forward pass serve all of
-them, with each adapted linear layer applying client ``k``'s factors to client ``k``'s rows only:
+clients' batches (client ``k``'s ``b`` rows at rows ``k b .. (k + 1) b - 1``) lets one forward pass serve
+all of them, with each adapted linear layer applying client ``k``'s factors to client ``k``'s rows only:
 
 .. math::
 
@@ -12,13 +12,13 @@ them, with each adapted linear layer applying client ``k``'s factors to client `
 
 the base product as one large matmul over all ``K b T`` rows and the adapters as a grouped (batched) matmul
 ``x.view(K, b T, d_in) @ A^T`` (LoRA: Hu et al., ICLR 2022; serving many adapters over one base: S-LoRA,
-Sheng et al., MLSys 2024, and Punica, Chen et al., MLSys 2024). With the loss taken as the *sum* of the clients'
-own mean losses, client ``k``'s factors get exactly the gradient of its own loss: no row of another client
-reaches ``A_k`` or ``B_k``. tests/models/test_multilora.py checks it against per-client peft.
+Sheng et al., MLSys 2024, and Punica, Chen et al., MLSys 2024). With the loss taken as the *sum* of the
+clients' own mean losses, client ``k``'s factors get exactly the gradient of its own loss: no row of another
+client reaches ``A_k`` or ``B_k``. tests/models/test_multilora.py checks it against per-client peft.
 
 Whether it pays is a matter of hardware: benchmarks/multilora.py measures it against training the clients
-one after another (benchmarks/README.md has the numbers). On the 2-core CPU it does not pay, so the client loop
-trains clients sequentially; this layer is the GPU path.
+one after another (benchmarks/README.md has the numbers). On the 2-core CPU it does not pay, so the client
+loop trains clients sequentially; this layer is the GPU path.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``(K b, ..., d_in)``, client ``k``'s rows contiguous; returns ``(K b, ..., d_out)``."""
         if x.shape[0] % self.clients:
-            raise ValueError(f"MultiLoRALinear: {x.shape[0]} rows do not split into {self.clients} clients' blocks.")
+            raise ValueError(
+                f"MultiLoRALinear: {x.shape[0]} rows do not split into {self.clients} clients' blocks.")
         grouped = x.reshape(self.clients, -1, x.shape[-1])  # (K, b T, d_in): client k's rows
         delta = torch.bmm(torch.bmm(grouped, self.lora_A.transpose(1, 2)), self.lora_B.transpose(1, 2))
         return self.base(x) + self.scaling * delta.reshape(*x.shape[:-1], -1)
@@ -93,5 +94,6 @@ def add_multi_lora(
                 found[f"{name}.{child_name}" if name else child_name] = layer
     missing = [t for t in target_modules if not any(n.rsplit(".", 1)[-1] == t for n in found)]
     if missing:
-        raise ValueError(f"add_multi_lora: target_modules {missing} match no nn.Linear of {type(model).__name__}.")
+        raise ValueError(
+            f"add_multi_lora: target_modules {missing} match no nn.Linear of {type(model).__name__}.")
     return found

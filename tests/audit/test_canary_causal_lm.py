@@ -26,14 +26,18 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
-def _audit_run(tiny: Path, root: Path, audit: OneShotCanaryAudit, privacy: DPFixedClipping | None) -> FederatedTrainer:
+def _audit_run(
+    tiny: Path, root: Path, audit: OneShotCanaryAudit, privacy: DPFixedClipping | None
+) -> FederatedTrainer:
     """40 Macbeth speakers (blocks of 16 tokens), every client in every round, 2 FedIT rounds of one step."""
     dm = ShakespeareCausalDataModule(Natural(min_size=2, max_clients=40), model=str(tiny), block_size=16,
                                      plays=["macbeth"], held_out_speakers=2, test_subset=8, val_fraction=0.0)
     trainer = FederatedTrainer(
-        rounds=2, sampler=FullParticipation(), strategy=STRATEGIES.create("FedITLoRA", weighted=privacy is None),
-        privacy=privacy, local_steps=1, batch_size=4, logger=False, enable_progress_bar=False,
-        default_root_dir=str(root), fed_eval_fraction=0.0, checkpoint_every=0, eval_batch_size=8, callbacks=[audit],
+        rounds=2, sampler=FullParticipation(), privacy=privacy, local_steps=1, batch_size=4,
+        strategy=STRATEGIES.create("FedITLoRA", weighted=privacy is None), logger=False,
+        enable_progress_bar=False,
+        default_root_dir=str(root), fed_eval_fraction=0.0, checkpoint_every=0, eval_batch_size=8,
+        callbacks=[audit],
     )
     trainer.fit(CausalLM(model=str(tiny), lora=LORA, lr=1e-2), dm)
     return trainer
@@ -46,20 +50,23 @@ def test_without_dp_large_canaries_give_a_clear_lower_bound(tiny_llama: Path, tm
     adapters = sum(p.numel() for n, p in trainer.module.named_parameters() if "lora_" in n)
     assert r["dimension"] == adapters == 224  # the audited vector is the adapters that travel, not the base
     assert r["one_run"]["candidates"] == 40 and 0 < audit.inserted < 40
-    assert r["one_run"]["final_model"]["correct"] == r["one_run"]["final_model"]["guesses"]  # every guess right
+    final = r["one_run"]["final_model"]
+    assert final["correct"] == final["guesses"]  # every guess right
     assert r["one_run"]["epsilon_lower_bound"] > 1.0  # perfect guesses on 40 coins at delta 1e-6: about 1.4
     assert trainer.history[-1]["audit/epsilon_lower_bound"] == r["one_run"]["epsilon_lower_bound"]
     assert r["final_model"]["epsilon"] > 5.0 and r["claimed_epsilon"] == float("inf")
 
 
 def test_under_client_level_dp_the_bound_stays_below_the_accountant(tiny_llama: Path, tmp_path: Path) -> None:
-    privacy = DPFixedClipping(clip_norm=0.1, noise_multiplier=1.0, clipping="client", delta=DELTA, verbose=False)
+    privacy = DPFixedClipping(clip_norm=0.1, noise_multiplier=1.0, clipping="client", delta=DELTA,
+                              verbose=False)
     audit = OneShotCanaryAudit(num_canaries=20, inclusion="coin", bootstrap=20)
     trainer = _audit_run(tiny_llama, tmp_path, audit, privacy)
     r = audit.report
     accountant = trainer.history[-1]["privacy/epsilon"]
     assert r["delta"] == DELTA and r["accountant_epsilon"] == accountant
-    assert r["claimed_epsilon"] == pytest.approx(accountant, rel=1e-6)  # every client and canary in every round
+    # every client and canary in every round: the claim for a canary is the accountant's epsilon
+    assert r["claimed_epsilon"] == pytest.approx(accountant, rel=1e-6)
     assert r["one_run"]["epsilon_lower_bound"] < accountant
 
 

@@ -24,9 +24,9 @@ def test_two_processes_train_the_same_adapters_as_one(tiny_llama: Path, tmp_path
               "--trainer.callbacks=[]", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, extra in (("one", []), ("two", ["--trainer.devices", "2", "--trainer.fabric_strategy", "ddp"])):
-        out = subprocess.run([sys.executable, "-m", "lightfed.cli", "fit", "--config", str(CONFIG), *common, *extra,
-                              "--trainer.default_root_dir", str(tmp_path / name)],
-                             capture_output=True, text=True, env=env, timeout=600)
+        command = [sys.executable, "-m", "lightfed.cli", "fit", "--config", str(CONFIG), *common, *extra,
+                   "--trainer.default_root_dir", str(tmp_path / name)]
+        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
     one, two = (load_file(str(tmp_path / d / "global_model.safetensors")) for d in ("one", "two"))
     assert one.keys() == two.keys() and any("lora_B" in k for k in one)

@@ -42,7 +42,7 @@ def test_batched_forward_backward_equals_per_client_peft(tiny_llama: Path) -> No
     assert [n for n, p in batched.named_parameters() if p.requires_grad] == [
         f"{name}.{f}" for name in layers for f in ("lora_A", "lora_B")]
 
-    # Execute: (a) one client after another through peft; (b) one batched step, the sum of the clients' losses.
+    # Execute: (a) one client after another through peft; (b) one batched step, the sum of the clients' losses
     seq_loss, seq_grads = [], []
     for k, adapters in enumerate(clients):
         with torch.no_grad():
