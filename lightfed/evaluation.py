@@ -1,12 +1,26 @@
-"""Central and federated evaluation of the global model, and the built-in callback that runs them.
+r"""Central and federated evaluation of the global model, and the built-in callback that runs them.
 
 Central: the module's ``test_step`` on the held-out test set. Federated: a seeded fraction of the clients
 evaluate the global (or, for personalised strategies, their own) model on their validation split; the
 mean and the mean of the worst 10% (fairness) are reported.
+
+"Worst" depends on the metric: the lowest accuracies, but the *highest* losses and perplexities. With
+``n`` evaluated clients and ``k = ceil(0.1 n)``,
+
+.. math::
+
+    \text{worst10} = \frac{1}{k} \sum_{i=1}^{k} v_{(i)}, \qquad
+    v_{(1)} \le \dots \le v_{(n)} \text{ if higher is better,} \quad
+    v_{(1)} \ge \dots \ge v_{(n)} \text{ otherwise.}
+
+:func:`higher_is_better` decides from the metric's name (``loss``, ``ppl`` or ``perplexity`` in it: lower
+is better) unless ``trainer.fed_eval_higher_is_better`` says so explicitly; the direction used is logged
+once per run and reported as ``federated/higher_is_better`` (1 or 0).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import TYPE_CHECKING
@@ -20,6 +34,11 @@ from lightfed.seeding import make_generator
 
 if TYPE_CHECKING:
     from lightfed.trainer import FederatedTrainer
+
+log = logging.getLogger("lightfed")
+
+#: Words in a metric's name that make lower values better (``val_loss``, ``val_ppl``, ``test_perplexity``).
+LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
 
 
 def evaluate_central(trainer: FederatedTrainer) -> dict[str, float]:
@@ -56,11 +75,37 @@ def evaluate_federated(
             per_client[cid] = dict(metrics)
     if not values or key is None:
         return {}
+    higher = higher_is_better(key, trainer.fed_eval_higher_is_better)
     return {
         f"federated/{key}_mean": sum(values) / len(values),
-        f"federated/{key}_worst10": worst_fraction_mean(values, 0.1),
+        f"federated/{key}_worst10": worst_clients_mean(values, higher, 0.1),
+        "federated/higher_is_better": float(higher),
         "federated/clients": float(len(values)),
     }
+
+
+def higher_is_better(key: str, override: bool | None = None) -> bool:
+    """Whether larger values of the metric ``key`` are better.
+
+    Args:
+        key: The logged metric's name (``val_acc``, ``val_ppl``).
+        override: ``trainer.fed_eval_higher_is_better``; ``None`` decides from the name.
+
+    Returns:
+        ``override`` if given, else ``False`` when the name holds ``loss``, ``ppl`` or ``perplexity``
+        (any case), ``True`` otherwise.
+    """
+    if override is not None:
+        return override
+    name = key.lower()
+    return not any(word in name for word in LOWER_IS_BETTER)
+
+
+def worst_clients_mean(values: list[float], higher_better: bool, fraction: float = 0.1) -> float:
+    """Mean of the worst ``ceil(fraction * n)`` values: the lowest if higher is better, else the highest."""
+    if higher_better:
+        return worst_fraction_mean(values, fraction)
+    return -worst_fraction_mean([-v for v in values], fraction)
 
 
 def evaluate_round(
@@ -98,6 +143,7 @@ class Evaluation(Callback):
     def __init__(self) -> None:
         #: Each evaluated client's metrics from the latest evaluation (copied into ``RoundResult.client_eval``).
         self.client_metrics: dict[int, dict[str, float]] = {}
+        self._direction_said: str | None = None
 
     def on_round_end(self, trainer: FederatedTrainer, result: RoundResult) -> None:
         done = result.round_idx + 1
@@ -105,10 +151,24 @@ class Evaluation(Callback):
             self.client_metrics = {}
             result.metrics.update(self.evaluate(trainer, result.round_idx))
             result.client_eval = dict(self.client_metrics)
+            self._say_direction(result.metrics)
+
+    def _say_direction(self, metrics: dict[str, float]) -> None:
+        """Log once per run (and on a change) which clients the ``federated/*_worst10`` figure averages."""
+        worst = [k for k in metrics if k.startswith("federated/") and k.endswith("_worst10")]
+        if not worst or "federated/higher_is_better" not in metrics or worst[0] == self._direction_said:
+            return
+        self._direction_said = worst[0]
+        higher = metrics["federated/higher_is_better"] == 1.0
+        log.info("%s: the mean of the %s 10%% of the evaluated clients' values (%s is better)", worst[0],
+                 "lowest" if higher else "highest", "higher" if higher else "lower")
 
     def evaluate(self, trainer: FederatedTrainer, round_idx: int) -> dict[str, float]:
         """The metrics of one evaluation round (``central/``, ``federated/``, ``round/eval_seconds``)."""
         return evaluate_round(trainer, round_idx, self.client_metrics)
 
 
-__all__ = ["Evaluation", "evaluate_central", "evaluate_federated", "evaluate_round", "metric_key"]
+__all__ = [
+    "Evaluation", "LOWER_IS_BETTER", "evaluate_central", "evaluate_federated", "evaluate_round",
+    "higher_is_better", "metric_key", "worst_clients_mean",
+]

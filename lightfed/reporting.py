@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lightfed.callbacks import Callback
+from lightfed.evaluation import higher_is_better
 from lightfed.messages import RoundResult
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def summary_metrics(history: list[dict[str, float]]) -> dict[str, float]:
     for k in {k for row in history for k in row if k.startswith("central/")}:
         values = [row[k] for row in history if k in row and math.isfinite(row[k])]
         if values:
-            out[f"best/{k}"] = (min if k.endswith("loss") else max)(values)
+            out[f"best/{k}"] = (max if higher_is_better(k) else min)(values)  # min for loss and perplexity
     return out
 
 
@@ -106,7 +107,9 @@ def format_summary(
         best = final.get(f"best/{name}")
         lines.append(f"  {name}: final {final[k]:.4f}" + (f", best {best:.4f}" if best is not None else ""))
     for k in sorted(k for k in final if k.startswith("final/federated/") and k.endswith("worst10")):
-        lines.append(f"  {k.split('/', 1)[1]} (worst-10% clients): {final[k]:.4f}")
+        higher = final.get("final/federated/higher_is_better")  # which end of the clients is the worst
+        which = "" if higher is None else ", lowest values" if higher == 1.0 else ", highest values"
+        lines.append(f"  {k.split('/', 1)[1]} (worst-10% clients{which}): {final[k]:.4f}")
     if "final/privacy/epsilon" in final:
         lines.append(f"  privacy: epsilon {final['final/privacy/epsilon']:.4g} at delta {trainer.history[-1].get('privacy/delta', math.nan):.3g}")
     audit = {k.split("/", 2)[2]: v for k, v in final.items() if k.startswith("final/audit/epsilon")}

@@ -41,7 +41,8 @@ SAFE_TO_CHANGE = (
     "ckpt_path", "config", "trainer.rounds", "trainer.eval_every", "trainer.eval_batch_size", "trainer.checkpoint_every",
     "trainer.keep_checkpoints", "trainer.logger", "trainer.enable_progress_bar", "trainer.default_root_dir",
     "trainer.name", "trainer.num_threads", "trainer.max_failed_rounds", "trainer.stop_on_failed_round",
-    "trainer.fed_eval_fraction", "trainer.fed_eval_metric", "trainer.callbacks", "trainer.accelerator",
+    "trainer.fed_eval_fraction", "trainer.fed_eval_metric", "trainer.fed_eval_higher_is_better",
+    "trainer.callbacks", "trainer.accelerator",
     "trainer.devices", "trainer.num_nodes", "trainer.fabric_strategy", "privacy.init_args.verbose",
     "privacy.init_args.max_epsilon",
 )

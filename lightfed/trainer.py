@@ -76,6 +76,9 @@ class FederatedTrainer:
         fed_eval_fraction: Fraction of clients whose own validation split is evaluated (0 disables).
         fed_eval_metric: Logged metric (or its suffix, e.g. ``acc`` matches ``val_acc``) used for the
             federated evaluation mean and worst-10% figure.
+        fed_eval_higher_is_better: Whether larger values of ``fed_eval_metric`` are better, which decides the
+            worst 10% (the lowest or the highest values); ``None``: lower is better for names holding
+            ``loss``, ``ppl`` or ``perplexity``, higher otherwise (``lightfed.evaluation.higher_is_better``).
         checkpoint_every: Save a checkpoint every this many rounds (and after the last); 0: only last.
         keep_checkpoints: Keep only the newest this many ``round-*.ckpt`` files (default 3; ``None``: all).
             ``last.ckpt`` is a link to the newest, not a copy.
@@ -130,6 +133,7 @@ class FederatedTrainer:
         eval_batch_size: int = 512,
         fed_eval_fraction: float = 0.2,
         fed_eval_metric: str = "acc",
+        fed_eval_higher_is_better: bool | None = None,
         checkpoint_every: int = 5,
         keep_checkpoints: int | None = 3,
         default_root_dir: str = ".",
@@ -162,6 +166,8 @@ class FederatedTrainer:
         require(eval_every >= 1, f"trainer.eval_every must be >= 1, got {eval_every}.")
         require(checkpoint_every >= 0, f"trainer.checkpoint_every must be >= 0, got {checkpoint_every}.")
         require(0 <= fed_eval_fraction <= 1, f"trainer.fed_eval_fraction must be in [0, 1], got {fed_eval_fraction}.")
+        require(fed_eval_higher_is_better is None or isinstance(fed_eval_higher_is_better, bool),
+                f"trainer.fed_eval_higher_is_better must be null, true or false, got {fed_eval_higher_is_better!r}.")
         self.rounds = rounds
         self.sampler = sampler if sampler is not None else UniformSampler(clients_per_round)
         self.strategy = resolve_strategy(strategy)
@@ -178,6 +184,7 @@ class FederatedTrainer:
         self.eval_batch_size = eval_batch_size
         self.fed_eval_fraction = fed_eval_fraction
         self.fed_eval_metric = fed_eval_metric
+        self.fed_eval_higher_is_better = fed_eval_higher_is_better
         self.checkpoint_every = checkpoint_every
         require(keep_checkpoints is None or keep_checkpoints >= 1, f"trainer.keep_checkpoints must be >= 1 or null, got {keep_checkpoints}.")
         self.keep_checkpoints = keep_checkpoints

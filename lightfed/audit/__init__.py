@@ -2,6 +2,7 @@
 
 * :class:`OneShotCanaryAudit` - one-shot empirical epsilon for client-level DP from random canary clients
   (Andrew et al., ICLR 2024), a :class:`~lightfed.callbacks.Callback` configured under ``trainer.callbacks``;
+  with ``inclusion="coin"`` also the client-level one-run lower bound (Steinke et al. 2023) from the same canaries;
 * :mod:`lightfed.audit.membership` - membership inference on a released model (loss threshold and offline
   LiRA with shadow re-runs of the config, example- and client-level; AUC, TPR at low FPR, ROC plot), run by
   ``lightfed audit`` (:mod:`lightfed.audit.cli`);

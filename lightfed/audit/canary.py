@@ -54,6 +54,18 @@ released without noise shows up as its own, far larger, estimate. A pattern insi
 coordinate noised) still mixes noised and exact coordinates in every group; the direct check of the released
 noise (:class:`~lightfed.audit.noise_check.ReleasedNoiseCheck`) is what catches it.
 
+**A lower bound beside the estimate** (``inclusion="coin"``). Steinke, Nasr & Jagielski (NeurIPS 2023),
+"Privacy Auditing with One (1) Training Run", need each canary inserted *independently with probability 1/2*
+(a fixed split of ``k`` inserted and ``k`` held out does not qualify: given the others, a canary's role is
+known). With ``inclusion="coin"`` each of the ``num_canaries + num_held_out`` candidates is inserted on a fair
+coin (seeded by ``(seed, "canary_inclusion")``); the audit then guesses "inserted" for the highest statistics and "held out" for
+the lowest (:func:`~lightfed.audit.estimators.best_one_run_bound`) and reports, for the final model and for all
+iterates (each at confidence ``1 - (1 - confidence) / 2``, so the larger of the two keeps ``confidence``),
+the epsilon at the audit's delta below which the run is *not* DP for canary clients (``one_run``,
+``audit/epsilon_lower_bound``). Above the accountant's epsilon it proves a bug; below it proves nothing.
+With few canaries the bound is small (perfect guesses on 40 candidates refute only about epsilon 1.6 at delta
+0) and the ``2 m delta`` term of the theorem zeroes it once ``m delta`` nears 1/2: audit with a small delta.
+
 **What the number means.** An *estimate* of what this attack (cosine with a known direction) learns; not a
 lower bound with a guarantee and never a proof of privacy. An estimate clearly above the claimed epsilon means
 the pipeline adds less noise, or clips less, than it claims only if it is also above what the estimator gives on
@@ -73,7 +85,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightfed.audit.estimators import GaussianFit, bootstrap_interval, epsilon_two_gaussians
+from lightfed.audit.estimators import (
+    GaussianFit,
+    best_one_run_bound,
+    bootstrap_interval,
+    epsilon_two_gaussians,
+)
 from lightfed.callbacks import Callback
 from lightfed.messages import ClientUpdate, RoundResult
 from lightfed.privacy.accounting import SamplingScheme, default_delta, epsilon_for
@@ -86,6 +103,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lightfed")
 Participation = Literal["sampled", "every_round"]
 CanaryKind = Literal["random", "per_tensor", "dirac"]
+Inclusion = Literal["split", "coin"]
 #: Directions are kept in memory; refuse set-ups whose canary matrix would exceed this.
 MAX_CANARY_BYTES = 1 << 30
 
@@ -116,6 +134,9 @@ class OneShotCanaryAudit(Callback):
         bootstrap: Bootstrap draws (0: no interval).
         seed: Seed of directions and participation; default the trainer's seed.
         report_name: JSON report written in ``trainer.log_dir``.
+        inclusion: ``"split"``: the first ``num_canaries`` candidates are inserted, the rest held out (the paper).
+            ``"coin"``: each of the ``num_canaries + num_held_out`` candidates is inserted on a fair coin, which
+            adds the one-run lower bound of Steinke et al. (``kind="random"`` only; see the module docstring).
 
     Raises:
         ValueError: at construction for fewer than 2 canaries of either kind, and at set-up (before any
@@ -136,10 +157,16 @@ class OneShotCanaryAudit(Callback):
         seed: int | None = None,
         report_name: str = "audit_one_shot.json",
         kind: CanaryKind = "random",
+        inclusion: Inclusion = "split",
     ) -> None:
         if kind not in ("random", "per_tensor", "dirac"):
             raise ValueError(f"OneShotCanaryAudit kind must be 'random', 'per_tensor' or 'dirac', got {kind!r}.")
         self.kind: CanaryKind = kind
+        if inclusion not in ("split", "coin"):
+            raise ValueError(f"OneShotCanaryAudit inclusion must be 'split' or 'coin', got {inclusion!r}.")
+        if inclusion == "coin" and kind != "random":
+            raise ValueError(f"OneShotCanaryAudit inclusion='coin' needs kind='random', got kind={kind!r}.")
+        self.inclusion: Inclusion = inclusion
         held_out = num_canaries if num_held_out is None else num_held_out
         if num_canaries < 2 or held_out < 2:
             raise ValueError(
@@ -179,17 +206,29 @@ class OneShotCanaryAudit(Callback):
         self.run_delta: float | None = None
         self._before: Tensor | None = None
         self._present: list[int] = []
+        self.inserted = self.num_canaries  # candidates inserted (the first rows); drawn by coins under "coin"
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: FederatedTrainer) -> None:
         assert trainer.spec is not None and trainer.global_params is not None
         self._reset()
         n, d, total = trainer.num_clients, trainer.spec.numel, self.num_canaries + self.num_held_out
-        if self.num_canaries > n:
+        seed = trainer.seed if self.seed is None else self.seed
+        coins = torch.zeros(total, dtype=torch.bool)
+        if self.inclusion == "coin":
+            coins = torch.rand(total, generator=make_generator(seed, "canary_inclusion")) < 0.5
+            self.inserted = int(coins.sum())
+            if min(self.inserted, total - self.inserted) < 2:
+                raise ValueError(
+                    f"OneShotCanaryAudit inclusion='coin': the coins of the {total} candidates inserted {self.inserted}, "
+                    f"and the fits need at least 2 inserted and 2 held out; use more candidates (num_canaries + "
+                    f"num_held_out, 100 or more for a useful bound) or another seed."
+                )
+        if self.inserted > n:
             raise ValueError(
-                f"OneShotCanaryAudit num_canaries={self.num_canaries} exceeds the population of {n} clients: the "
-                f"canaries would outnumber the real clients and dominate the model. Use at most {n} (the paper "
-                f"inserts far fewer canaries than clients)."
+                f"OneShotCanaryAudit num_canaries={self.num_canaries} (inserted {self.inserted}, inclusion "
+                f"{self.inclusion!r}) exceeds the population of {n} clients: the canaries would outnumber the real "
+                f"clients and dominate the model. Use at most {n} (the paper inserts far fewer canaries than clients)."
             )
         if self.kind == "random" and 2 * total > d:
             raise ValueError(
@@ -216,7 +255,6 @@ class OneShotCanaryAudit(Callback):
                 f"(e.g. the typical norm of a client's update) to audit a run without client-level DP."
             )
         self.rate = 1.0 if self.participation == "every_round" else float(trainer.sampler.rate(n))
-        seed = trainer.seed if self.seed is None else self.seed
         self._seed = seed
         device = trainer.global_params.device
         self.groups: list[tuple[str, int, int]] = []  # (tensor, start, stop) of each canary's tensor
@@ -225,11 +263,13 @@ class OneShotCanaryAudit(Callback):
             for i in range(total):
                 v = torch.randn(d, generator=make_generator(seed, "canary", i), dtype=torch.float32)
                 rows.append(v / v.norm())
+            if self.inclusion == "coin":  # the inserted candidates first, each in its drawn role
+                rows = [rows[i] for i in torch.cat([coins.nonzero(), (~coins).nonzero()]).flatten().tolist()]
             self.directions = torch.stack(rows).to(device)
         else:
             self.directions = self._confined_directions(trainer, seed, total).to(device)
         self.max_cos = torch.full((total,), -1.0, dtype=torch.float64)
-        self.appearances = torch.zeros(self.num_canaries, dtype=torch.int64)
+        self.appearances = torch.zeros(self.inserted, dtype=torch.int64)
         sizes = trainer.datamodule.client_num_examples() if trainer.datamodule is not None else None
         self.canary_examples = int(sizes.float().median().round()) if sizes is not None and len(sizes) else 1
         self.num_clients = n
@@ -290,8 +330,8 @@ class OneShotCanaryAudit(Callback):
     def present(self, round_idx: int) -> list[int]:
         """The inserted canaries that take part in ``round_idx`` (the same on every process)."""
         if self.participation == "every_round":
-            return list(range(self.num_canaries))
-        draws = torch.rand(self.num_canaries, generator=make_generator(self._seed, "canary_participation", round_idx))
+            return list(range(self.inserted))
+        draws = torch.rand(self.inserted, generator=make_generator(self._seed, "canary_participation", round_idx))
         return torch.nonzero(draws < self.rate).flatten().tolist()
 
     def on_round_start(self, trainer: FederatedTrainer, round_idx: int, cohort: list[int]) -> None:
@@ -343,7 +383,9 @@ class OneShotCanaryAudit(Callback):
             print(
                 f"[lightfed audit] one-shot empirical epsilon (delta {r['delta']:.3g}): final model "
                 f"{_fmt(r['final_model'])}, all iterates {_fmt(r['all_iterates'])}; claimed for a canary "
-                f"{r['claimed_epsilon']:.4g}, accountant {_num(r['accountant_epsilon'])}  -> {r['path']}",
+                f"{r['claimed_epsilon']:.4g}, accountant {_num(r['accountant_epsilon'])}"
+                + (f"; one-run lower bound {r['one_run']['epsilon_lower_bound']:.4g}" if "one_run" in r else "")
+                + f"  -> {r['path']}",
                 flush=True,
             )
 
@@ -360,7 +402,7 @@ class OneShotCanaryAudit(Callback):
         final, iterates = self.statistics(trainer)
         delta = self.delta or self.run_delta or default_delta(self.num_clients)
         claimed = self.claimed_epsilon(trainer, delta)
-        k = self.num_canaries
+        k = self.inserted
         # Share of the model's change that the inserted canaries themselves make up (their directions are
         # nearly orthonormal, so it is the sum of their squared cosines, less what random directions get).
         share = max(0.0, float(np.sum(final[:k] ** 2)) - k / self.dimension)
@@ -387,13 +429,18 @@ class OneShotCanaryAudit(Callback):
             estimates["max_group_epsilon"] = max(finite) if finite else None
             if finite:
                 metrics["audit/epsilon_max_group"] = max(finite)
+        if self.inclusion == "coin":
+            estimates["one_run"] = self._one_run_bounds(final, iterates, delta)
+            for name, tag in (("final_model", "final"), ("all_iterates", "all_iterates")):
+                metrics[f"audit/epsilon_lower_bound_{tag}"] = estimates["one_run"][name]["epsilon_lower_bound"]
+            metrics["audit/epsilon_lower_bound"] = estimates["one_run"]["epsilon_lower_bound"]
         # The report in reading order: what was audited, the claim against the estimate, then the set-up.
         report: dict[str, Any] = {
             "audit": "OneShotCanaryAudit",
             "paper": "Andrew et al., One-shot Empirical Privacy Estimation for Federated Learning, ICLR 2024",
             "claimed_epsilon": claimed, "accountant_epsilon": self.accountant_epsilon, **estimates,
             "rounds": self.rounds_seen, "num_canaries": k, "num_held_out": self.num_held_out,
-            "kind": self.kind, "participation": self.participation, "participation_rate": self.rate,
+            "kind": self.kind, "inclusion": self.inclusion, "participation": self.participation, "participation_rate": self.rate,
             "mean_appearances": float(self.appearances.double().mean()), "dimension": self.dimension,
             "canary_norm": self.canary_norm, "clip_multiple": self.clip_multiple, "delta": delta,
             "confidence": self.confidence, "canary_share_of_update": share, "seed": self._seed,
@@ -409,7 +456,7 @@ class OneShotCanaryAudit(Callback):
 
     def _group_estimates(self, final: np.ndarray, iterates: np.ndarray, delta: float) -> dict[str, Any]:
         """The estimate of each tensor's canaries (at least 2 inserted and 2 held out)."""
-        k, out = self.num_canaries, {}
+        k, out = self.inserted, {}
         names = [name for name, _, _ in self.groups]
         for name in dict.fromkeys(names):
             seen = [i for i in range(k) if names[i] == name]
@@ -419,6 +466,19 @@ class OneShotCanaryAudit(Callback):
             out[name] = {"num_canaries": len(seen), "dimension": next(stop - lo for n, lo, stop in self.groups if n == name)}
             for part, stat in (("final_model", final), ("all_iterates", iterates)):
                 out[name][part] = self._estimate(stat[seen], stat[unseen], delta, derive_seed(self._seed, "bootstrap", name, part))
+        return out
+
+    def _one_run_bounds(self, final: np.ndarray, iterates: np.ndarray, delta: float) -> dict[str, Any]:
+        """Steinke et al.'s lower bound from each statistic, at ``beta / 2`` each (Bonferroni over the two)."""
+        included = [True] * self.inserted + [False] * (len(final) - self.inserted)
+        beta = (1 - self.confidence) / 2
+        out: dict[str, Any] = {
+            name: best_one_run_bound(stat.tolist(), included, delta=delta, beta=beta)
+            for name, stat in (("final_model", final), ("all_iterates", iterates))
+        }
+        out["epsilon_lower_bound"] = max(out["final_model"]["epsilon_lower_bound"],
+                                         out["all_iterates"]["epsilon_lower_bound"])
+        out.update({"candidates": len(final), "delta": delta, "confidence": self.confidence})
         return out
 
     def _estimate(self, seen: np.ndarray, unseen: np.ndarray, delta: float, seed: int) -> dict[str, Any]:
@@ -456,15 +516,16 @@ class OneShotCanaryAudit(Callback):
         return {
             "initial": self.initial, "max_cos": self.max_cos, "appearances": self.appearances,
             "rounds_seen": self.rounds_seen, "num_canaries": self.num_canaries, "num_held_out": self.num_held_out,
-            "participation": self.participation, "kind": self.kind,
+            "participation": self.participation, "kind": self.kind, "inclusion": self.inclusion,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = (self.num_canaries, self.num_held_out, self.participation, self.kind)
-        theirs = (state["num_canaries"], state["num_held_out"], state["participation"], state.get("kind", "random"))
+        mine = (self.num_canaries, self.num_held_out, self.participation, self.kind, self.inclusion)
+        theirs = (state["num_canaries"], state["num_held_out"], state["participation"], state.get("kind", "random"),
+                  state.get("inclusion", "split"))
         if mine != theirs:
             raise ValueError(
-                f"the checkpoint's canary audit had (num_canaries, num_held_out, participation, kind) = {theirs}, this run "
+                f"the checkpoint's canary audit had (num_canaries, num_held_out, participation, kind, inclusion) = {theirs}, this run "
                 f"{mine}: resume with the same audit settings, or the estimate mixes two experiments."
             )
         device = self.directions.device if self.directions is not None else "cpu"

@@ -14,8 +14,10 @@ so prompt/response data trains on the completion only: give its prompt tokens th
 (:func:`~lightfed.data.text.prompt_completion`). Evaluation accumulates the summed negative log-likelihood,
 the scored-token count and the correct greedy predictions over the whole split and logs
 ``{stage}_loss`` (token-mean NLL), ``{stage}_ppl = exp(loss)`` and ``{stage}_acc`` (next-token accuracy).
-Under federated evaluation each client's values are its own; the worst-10% statistic takes the lowest values,
-so use ``trainer.fed_eval_metric: acc`` (lower perplexity is better, and would select the best clients).
+Under federated evaluation each client's values are its own; ``trainer.fed_eval_metric: ppl`` (or ``loss``)
+reports the mean perplexity and the worst-10% clients' (the *highest* perplexities: lower is better for a
+metric named loss/ppl/perplexity, see :func:`lightfed.evaluation.higher_is_better`); ``acc`` the lowest
+accuracies.
 
 LoRA (Hu et al., ICLR 2022) goes through :func:`~lightfed.models.hf.add_lora`: the frozen base never
 travels, the parameter names are peft's (``...q_proj.lora_A.default.weight``), so the LoRA strategies of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from unittest import mock
@@ -36,3 +37,11 @@ def test_central_config_runs_two_steps(tiny_llama: Path, tmp_path: Path) -> None
     main(["central", "fit", "--config", str(EXPERIMENTS / "shakespeare_causal_central.yaml"), *tiny(tiny_llama),
           "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(tmp_path),
           "--trainer.enable_progress_bar", "false"])
+
+
+def test_audit_config_runs_one_round_and_reports_the_one_run_bound(tiny_llama: Path, tmp_path: Path) -> None:
+    main(["fit", "--config", str(EXPERIMENTS / "shakespeare_causal_lora_dp_audit.yaml"), *tiny(tiny_llama),
+          "--trainer.rounds", "1", "--trainer.local_steps", "1", "--trainer.default_root_dir", str(tmp_path)])
+    report = json.loads(next(tmp_path.rglob("audit_one_shot.json")).read_text())
+    assert report["inclusion"] == "coin" and report["one_run"]["candidates"] == 80 and report["delta"] == 1e-5
+    assert report["one_run"]["epsilon_lower_bound"] <= report["accountant_epsilon"]

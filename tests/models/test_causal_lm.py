@@ -198,3 +198,18 @@ def test_dict_batches_travel_through_dp_secure_aggregation_and_the_lora_strategi
     last = trainer.fit(model, dm)[-1]
     assert last["round/updates"] == 3.0 and math.isfinite(last["central/test_ppl"])
     assert not torch.equal(trainer.global_params, before)
+
+
+def test_federated_perplexity_worst_ten_percent_is_the_highest_clients(tiny_llama: Path, tmp_path: Path) -> None:
+    dm = ShakespeareCausalDataModule(Natural(min_size=4, max_clients=3), model=str(tiny_llama), block_size=32,
+                                     plays=["macbeth"], held_out_speakers=2, test_subset=8)
+    model = CausalLM(model=str(tiny_llama), lora=LORA, lr=1e-2)
+    trainer = FederatedTrainer(rounds=1, sampler=FullParticipation(), strategy="FedITLoRA", local_steps=1, batch_size=4,
+                               logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+                               fed_eval_fraction=1.0, fed_eval_metric="ppl", checkpoint_every=0, eval_batch_size=8)
+    last = trainer.fit(model, dm)[-1]
+    ppl = [m["val_ppl"] for m in trainer.evaluation.client_metrics.values()]
+    assert len(ppl) == 3 and len(set(ppl)) == 3  # 3 clients: the worst 10% is ceil(0.3) = 1 client, the highest
+    assert last["federated/val_ppl_worst10"] == pytest.approx(max(ppl))
+    assert last["federated/val_ppl_mean"] == pytest.approx(sum(ppl) / 3)
+    assert last["federated/higher_is_better"] == 0.0
