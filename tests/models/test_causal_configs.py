@@ -18,12 +18,12 @@ def tiny(folder: Path) -> list[str]:
     return ["--model.init_args.model", str(folder), "--data.init_args.model", str(folder)]
 
 
-@pytest.mark.parametrize("name", ["shakespeare_causal_lora", "shakespeare_causal_lora_dp"])
-def test_federated_configs_parse_and_build(name: str, tiny_llama: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "rounds"), [("shakespeare_causal_lora", 8), ("shakespeare_causal_lora_dp", 10)])
+def test_federated_configs_parse_and_build(name: str, rounds: int, tiny_llama: Path, tmp_path: Path) -> None:
     with mock.patch.object(sys, "argv", sys.argv[:1]):
         cli = LightFedCLI(args=["--config", str(EXPERIMENTS / f"{name}.yaml"), *tiny(tiny_llama),
                                 "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)], run=False)
-    assert type(cli.model).__name__ == "CausalLM" and cli.trainer.rounds == 8
+    assert type(cli.model).__name__ == "CausalLM" and cli.trainer.rounds == rounds
     assert (cli.trainer.privacy is not None) == name.endswith("_dp")
 
 
