@@ -45,3 +45,13 @@ def test_audit_config_runs_one_round_and_reports_the_one_run_bound(tiny_llama: P
     report = json.loads(next(tmp_path.rglob("audit_one_shot.json")).read_text())
     assert report["inclusion"] == "coin" and report["one_run"]["candidates"] == 80 and report["delta"] == 1e-5
     assert report["one_run"]["epsilon_lower_bound"] <= report["accountant_epsilon"]
+
+
+def test_the_dp_config_without_privacy_is_the_documented_non_dp_row(tiny_llama: Path, tmp_path: Path) -> None:
+    """docs/llm.md: `--privacy null` on shakespeare_causal_lora_dp.yaml gives the table's non-DP row."""
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        cli = LightFedCLI(args=["--config", str(EXPERIMENTS / "shakespeare_causal_lora_dp.yaml"), *tiny(tiny_llama),
+                                "--privacy", "null", "--trainer.logger", "false",
+                                "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert cli.trainer.privacy is None and cli.trainer.rounds == 10
+    assert cli.trainer.sampler.sampling_rate == 0.05 and cli.model.optimizer_name == "sgd" and cli.model.lr == 1.0
