@@ -139,6 +139,7 @@ def run_federated(
         rounds=args.rounds, strategy=STRATEGIES.create(strategy, weighted=not (dp or args.uniform)),
         sampler=PoissonSampler(args.sampling_rate) if args.sampling_rate < 1 else FullParticipation(),
         privacy=privacy, secure_aggregation=secure, local_steps=args.local_steps, batch_size=args.batch, eval_every=args.rounds,
+        trainable=["*lora_B*"] if strategy == "FFALoRA" else None,  # FFA-LoRA: A frozen, only B travels
         eval_batch_size=16, fed_eval_fraction=0.0, checkpoint_every=0, logger=False, enable_progress_bar=False,
         default_root_dir=tempfile.mkdtemp(prefix="llm-table-"), accelerator="cpu", num_threads=1, seed=args.seed,
     )
