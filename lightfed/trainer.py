@@ -240,8 +240,8 @@ class FederatedTrainer:
         self.callbacks += list(callbacks)
 
     @property
-    def _all(self) -> list[Callback]:
-        """The noise hint, built-in evaluation, the user's callbacks, the client table, then reporting."""
+    def all_callbacks(self) -> list[Callback]:
+        """Every callback in the order hooks run: noise hint, evaluation, the user's, client table, reporting."""
         table = [self.client_table] if self.client_table is not None else []
         return [self.noise_hint, self.evaluation, *self.callbacks, *table, self.reporting]
 
@@ -291,7 +291,7 @@ class FederatedTrainer:
         if self.privacy is not None:
             self.local = self.privacy.wrap_local_trainer(self.local)
         self.executor.setup(self.local)
-        for cb in self._all:
+        for cb in self.all_callbacks:
             cb.setup(self)
         if self.clock is not None:
             self.clock.setup(self)
@@ -318,7 +318,7 @@ class FederatedTrainer:
                 f"the checkpoint is at round {self.round_idx} but trainer.rounds={self.rounds}: nothing to train. "
                 f"Raise trainer.rounds above {self.round_idx} to continue, or use `lightfed test` to evaluate it."
             )
-        for cb in self._all:
+        for cb in self.all_callbacks:
             cb.on_fit_start(self)
         failed, streak, result = 0, 0, None
         while self.round_idx < self.rounds:
@@ -328,7 +328,7 @@ class FederatedTrainer:
                 break
             result = self.run_round(r)
             self.round_idx = r + 1
-            for cb in self._all:
+            for cb in self.all_callbacks:
                 cb.on_round_end(self, result)
             self.history.append({"round": float(result.round_idx), **result.metrics})
             if self.checkpoint_every and self.round_idx % self.checkpoint_every == 0 and self.round_idx != self.rounds:
@@ -343,7 +343,7 @@ class FederatedTrainer:
             self._fail(f"every round ({failed}) released no client update ({_why_failed(result)})")
         self.save_checkpoint()
         self._write_outputs(self.log_dir)
-        for cb in self._all:
+        for cb in self.all_callbacks:
             cb.on_fit_end(self)
         if self.logger is not None:
             self.logger.finalize("success")
@@ -407,7 +407,7 @@ class FederatedTrainer:
         if self.clock is not None:  # a timed run: the clock decides who trains when (lightfed.simtime)
             return self.clock.run_round(self, round_idx)
         cohort = self.sample(round_idx)
-        for cb in self._all:
+        for cb in self.all_callbacks:
             cb.on_round_start(self, round_idx, cohort)
         rank, world_size = self.fabric.global_rank, self.fabric.world_size
         reduce = self._all_reduce if world_size > 1 else None

@@ -157,7 +157,7 @@ def test_an_audit_section_in_the_config_runs_inside_the_fit(tmp_path):
     path = tmp_path / "with_audit.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = LightFedCLI(args=["--config", str(path), "--trainer.default_root_dir", str(tmp_path / "r")], run=False)
-    names = [type(cb).__name__ for cb in cli.trainer._all]
+    names = [type(cb).__name__ for cb in cli.trainer.all_callbacks]
     assert names == ["NoiseHint", "Evaluation", "Recorder", "Recorder", "ClientTable", "Reporting"]
     cli.trainer.fit(cli.model, cli.datamodule)
     assert all(cb.calls[-1] == "fit_end" for cb in cli.trainer.callbacks)

@@ -126,7 +126,7 @@ class TrainerBackend:
 
     def start_round(self, round_idx: int, cohort: list[int]) -> None:
         """The callbacks' ``on_round_start`` (a round, or a flush: before its clients train)."""
-        for cb in self.trainer._all:
+        for cb in self.trainer.all_callbacks:
             cb.on_round_start(self.trainer, round_idx, cohort)
 
     def train(
