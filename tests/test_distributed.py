@@ -26,7 +26,9 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "global_model.safetensors"))
 
 
-@pytest.mark.parametrize("strategy", ["FedAvg"])
+# ~50 s: slow. CI keeps two real 2-process runs (the quickstart's bits, private rounds) and the in-process
+# rank compositions of tests/test_composition.py.
+@pytest.mark.parametrize("strategy", [pytest.param("FedAvg", marks=pytest.mark.slow)])
 def test_two_processes_equal_one_process_and_resume_across_rank_counts(tmp_path, strategy):
     cfg = write_config(tmp_path, logger=False, rounds=4, clients_per_round=7, checkpoint_every=2)
     run_cli(["--config", cfg, "--strategy", strategy, "--trainer.default_root_dir", str(tmp_path / "one")])
